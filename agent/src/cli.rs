@@ -1,0 +1,63 @@
+//! Entry point: parse, validate, run; map failures to exit codes.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::{Cli, Command, EXIT_CONFIG};
+
+/// Runs the `credlet` command line.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = error.print();
+            return ExitCode::from(code);
+        }
+    };
+    // The demo talks to a person: keep its log quiet unless asked.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Demo(_), "info") => "warn",
+        (_, level) => level,
+    };
+    crate::logging::init(cli.log_format, level);
+    match cli.command {
+        Command::Agent(args) => {
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("credlet: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            run_async(crate::agent::run(config, crate::agent::shutdown_signal()))
+        }
+        Command::Demo(args) => run_async(crate::demo::run(args)),
+    }
+}
+
+fn run_async(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("credlet: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                "credlet stopped with an error"
+            );
+            eprintln!("credlet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Command-line and environment configuration, validated before anything
+//! starts. Invalid configuration exits with code 64 (`EX_USAGE`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Exit code for invalid configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// credlet: pod certificates and pull-credential verification for
+/// Kubernetes nodes.
+#[derive(Debug, Parser)]
+#[command(name = "credlet", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, env = "CREDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter when RUST_LOG is unset (e.g. `info`, `credlet_csi=debug`).
+    #[arg(long, env = "CREDLET_LOG_LEVEL", default_value = "info", global = true)]
+    pub log_level: String,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Run modes.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The node agent (DaemonSet): CSI Identity + Node services.
+    Agent(AgentArgs),
+    /// Everything in one process, no cluster: an embedded CA, the agent, and
+    /// a simulated kubelet publishing a volume into a local folder.
+    Demo(DemoArgs),
+}
+
+/// `credlet agent` flags.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Unix socket the CSI services listen on (a `unix://` prefix is
+    /// accepted).
+    #[arg(long, env = "CREDLET_CSI_ENDPOINT")]
+    pub csi_endpoint: String,
+    /// This node's name, reported by NodeGetInfo.
+    #[arg(long, env = "CREDLET_NODE_ID")]
+    pub node_id: String,
+    /// Directory for volume records (no keys are ever stored here).
+    #[arg(long, env = "CREDLET_STATE_DIR", default_value = "/var/lib/credlet")]
+    pub state_dir: PathBuf,
+    /// The kubelet's root directory; every target path must be below it.
+    #[arg(long, env = "CREDLET_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// CSI driver name (domain style, at most 63 characters).
+    #[arg(long, env = "CREDLET_DRIVER_NAME", default_value = credlet_csi::server::DEFAULT_DRIVER_NAME)]
+    pub driver_name: String,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "CREDLET_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Audience of the service account token the CSIDriver requests for the
+    /// CA.
+    #[arg(long, env = "CREDLET_TOKEN_AUDIENCE", default_value = "credlet")]
+    pub token_audience: String,
+    /// Sign with an embedded development CA that trusts the pod identity in
+    /// the volume context WITHOUT checking a token. Local testing only.
+    #[arg(long, env = "CREDLET_DEV_CA")]
+    pub dev_ca: bool,
+    /// Write volumes into plain directories instead of tmpfs mounts, so the
+    /// agent runs without root. Development only: keys then live on the
+    /// directory's filesystem.
+    #[arg(long, env = "CREDLET_PLAIN_DIRECTORIES")]
+    pub plain_directories: bool,
+    /// Size limit of each volume's tmpfs, in KiB.
+    #[arg(long, env = "CREDLET_TMPFS_SIZE_KIB", default_value_t = 1024)]
+    pub tmpfs_size_kib: u64,
+    /// First retry delay after a failed renewal, in milliseconds.
+    #[arg(long, env = "CREDLET_BACKOFF_BASE_MS", default_value_t = 1000)]
+    pub backoff_base_ms: u64,
+    /// Longest retry delay after failed renewals, in milliseconds.
+    #[arg(long, env = "CREDLET_BACKOFF_CAP_MS", default_value_t = 300_000)]
+    pub backoff_cap_ms: u64,
+    /// Most renewals in flight at once.
+    #[arg(long, env = "CREDLET_MAX_CONCURRENT_RENEWALS", default_value_t = 32)]
+    pub max_concurrent_renewals: usize,
+    /// Shortest certificate lifetime the development CA issues, in seconds.
+    #[arg(long, env = "CREDLET_DEV_CA_MIN_DURATION_S", default_value_t = 1)]
+    pub dev_ca_min_duration_s: u64,
+}
+
+/// `credlet demo` flags.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Folder to publish the demo volume into (default: a fresh temporary
+    /// folder, removed at the end).
+    #[arg(long, env = "CREDLET_DEMO_DIR")]
+    pub dir: Option<PathBuf>,
+    /// Certificate lifetime in the demo, in seconds.
+    #[arg(long, default_value_t = 4)]
+    pub lifetime_s: u64,
+    /// Rotations to wait for before unpublishing.
+    #[arg(long, default_value_t = 2)]
+    pub rotations: u32,
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// CSI socket path.
+    pub csi_socket: PathBuf,
+    /// Node name.
+    pub node_id: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Canonical kubelet root.
+    pub kubelet_root: PathBuf,
+    /// CSI driver name.
+    pub driver_name: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Token audience.
+    pub token_audience: String,
+    /// Use plain directories instead of tmpfs.
+    pub plain_directories: bool,
+    /// Per-volume tmpfs size.
+    pub tmpfs_size_bytes: u64,
+    /// Renewal backoff start.
+    pub backoff_base: Duration,
+    /// Renewal backoff cap.
+    pub backoff_cap: Duration,
+    /// Renewal concurrency.
+    pub max_concurrent_renewals: usize,
+    /// Shortest lifetime the dev CA issues.
+    pub dev_ca_min_duration: Duration,
+}
+
+/// A configuration problem, reported before start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn err(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+impl AgentArgs {
+    /// Checks every flag and resolves paths.
+    pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
+        let socket = self
+            .csi_endpoint
+            .strip_prefix("unix://")
+            .unwrap_or(&self.csi_endpoint);
+        let csi_socket = PathBuf::from(socket);
+        if !csi_socket.is_absolute() {
+            return Err(err(format!(
+                "--csi-endpoint {:?} must be an absolute socket path",
+                self.csi_endpoint
+            )));
+        }
+        if self.node_id.trim().is_empty() || self.node_id.len() > 253 {
+            return Err(err("--node-id must be 1-253 characters"));
+        }
+        credlet_csi::server::validate_driver_name(&self.driver_name)
+            .map_err(|e| err(format!("--driver-name: {e}")))?;
+        if !is_trust_domain(&self.trust_domain) {
+            return Err(err(format!(
+                "--trust-domain {:?} must be lowercase letters, digits, '.', '-' and '_'",
+                self.trust_domain
+            )));
+        }
+        if self.token_audience.trim().is_empty() {
+            return Err(err("--token-audience must not be empty"));
+        }
+        if !self.dev_ca {
+            return Err(err(
+                "no CA configured: the remote CA client is not available yet; pass --dev-ca for local testing",
+            ));
+        }
+        let kubelet_root = canonical_dir("--kubelet-root", &self.kubelet_root)?;
+        if !self.state_dir.is_absolute() {
+            return Err(err("--state-dir must be an absolute path"));
+        }
+        if self.tmpfs_size_kib < 64 || self.tmpfs_size_kib > 64 * 1024 {
+            return Err(err("--tmpfs-size-kib must be between 64 and 65536"));
+        }
+        if self.backoff_base_ms == 0 || self.backoff_base_ms > self.backoff_cap_ms {
+            return Err(err(
+                "--backoff-base-ms must be positive and not above --backoff-cap-ms",
+            ));
+        }
+        if self.max_concurrent_renewals == 0 || self.max_concurrent_renewals > 4096 {
+            return Err(err("--max-concurrent-renewals must be between 1 and 4096"));
+        }
+        if self.dev_ca_min_duration_s == 0 {
+            return Err(err("--dev-ca-min-duration-s must be at least 1"));
+        }
+        if !self.plain_directories && !rustix::process::geteuid().is_root() {
+            return Err(err(
+                "mounting tmpfs volumes needs root (CAP_SYS_ADMIN); run as root or pass --plain-directories for development",
+            ));
+        }
+        Ok(AgentConfig {
+            csi_socket,
+            node_id: self.node_id.clone(),
+            state_dir: self.state_dir.clone(),
+            kubelet_root,
+            driver_name: self.driver_name.clone(),
+            trust_domain: self.trust_domain.clone(),
+            token_audience: self.token_audience.clone(),
+            plain_directories: self.plain_directories,
+            tmpfs_size_bytes: self.tmpfs_size_kib * 1024,
+            backoff_base: Duration::from_millis(self.backoff_base_ms),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms),
+            max_concurrent_renewals: self.max_concurrent_renewals,
+            dev_ca_min_duration: Duration::from_secs(self.dev_ca_min_duration_s),
+        })
+    }
+}
+
+fn canonical_dir(flag: &str, path: &Path) -> Result<PathBuf, ConfigError> {
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| err(format!("{flag} {}: {e}", path.display())))?;
+    if !canonical.is_dir() {
+        return Err(err(format!("{flag} {} is not a directory", path.display())));
+    }
+    Ok(canonical)
+}
+
+fn is_trust_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+}

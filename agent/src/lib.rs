@@ -1,0 +1,12 @@
+//! The `credlet` binary's wiring: command line, configuration checks,
+//! logging, the agent's start-up and graceful shutdown, and the demo.
+//!
+//! The logic lives in the library crates (`credlet-csi`, `credlet-ca`); this
+//! crate only puts them together.
+
+pub mod agent;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod logging;

@@ -1,0 +1,664 @@
+//! Filesystem work on a volume: the syscall seam ([`NodeSyscalls`]), the
+//! symlink-refusing walk to a target directory ([`TargetDir`]), and the
+//! kubelet's AtomicWriter pattern ([`write_atomically`]).
+//!
+//! Everything below the kubelet root is reached through directory file
+//! descriptors and `*at` syscalls with `O_NOFOLLOW`, so a symlink planted in
+//! a target path (or inside a volume) can never redirect a write.
+
+use std::ffi::{CString, OsStr};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::error::Error;
+use crate::paths::{TargetPath, os_bytes};
+
+/// `statfs` magic of tmpfs.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// Name of the symlink that points at the current payload directory.
+pub const DATA_DIR: &str = "..data";
+const DATA_TMP: &str = "..data_tmp";
+
+/// Options for the tmpfs mounted at a target path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TmpfsOptions {
+    /// Size limit in bytes.
+    pub size_bytes: u64,
+    /// Group that may enter the volume root (mode 0750) or none (0755).
+    pub gid: Option<u32>,
+}
+
+/// The syscalls that need privilege, behind a seam so unit tests and the
+/// demo run without root. [`LinuxSyscalls`] is the real thing.
+pub trait NodeSyscalls: Send + Sync + fmt::Debug + 'static {
+    /// Mounts a size-limited `nodev,nosuid,noexec` tmpfs on the directory
+    /// `dir` refers to.
+    fn mount_tmpfs(&self, dir: BorrowedFd<'_>, options: TmpfsOptions) -> io::Result<()>;
+    /// Detaches the mount whose root `dir` refers to.
+    fn unmount(&self, dir: BorrowedFd<'_>) -> io::Result<()>;
+    /// Changes the group of an open file (no-op for `None`).
+    fn fchown(&self, fd: BorrowedFd<'_>, gid: Option<u32>) -> io::Result<()>;
+    /// Sets the mode of an open file, regardless of the umask.
+    fn fchmod(&self, fd: BorrowedFd<'_>, mode: u32) -> io::Result<()>;
+    /// Whether volumes are real tmpfs mounts (false: plain directories).
+    fn mounts(&self) -> bool;
+}
+
+/// Real mounts and ownership changes; needs `CAP_SYS_ADMIN` and
+/// `CAP_CHOWN`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscalls;
+
+fn proc_fd_path(fd: BorrowedFd<'_>) -> String {
+    use std::os::fd::AsRawFd;
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+impl NodeSyscalls for LinuxSyscalls {
+    fn mount_tmpfs(&self, dir: BorrowedFd<'_>, options: TmpfsOptions) -> io::Result<()> {
+        use rustix::mount::{MountFlags, mount};
+        let mut data = format!("size={}", options.size_bytes);
+        match options.gid {
+            Some(gid) => data.push_str(&format!(",mode=0750,uid=0,gid={gid}")),
+            None => data.push_str(",mode=0755,uid=0,gid=0"),
+        }
+        let data = CString::new(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // Mounting through the descriptor's magic link mounts on exactly the
+        // directory we opened with O_NOFOLLOW, whatever the path says now.
+        mount(
+            "credlet",
+            proc_fd_path(dir).as_str(),
+            "tmpfs",
+            MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC,
+            data.as_c_str(),
+        )?;
+        Ok(())
+    }
+
+    fn unmount(&self, dir: BorrowedFd<'_>) -> io::Result<()> {
+        use rustix::mount::{UnmountFlags, unmount};
+        unmount(proc_fd_path(dir).as_str(), UnmountFlags::DETACH)?;
+        Ok(())
+    }
+
+    fn fchown(&self, fd: BorrowedFd<'_>, gid: Option<u32>) -> io::Result<()> {
+        if let Some(gid) = gid {
+            rustix::fs::fchown(fd, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        }
+        Ok(())
+    }
+
+    fn fchmod(&self, fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
+    fn mounts(&self) -> bool {
+        true
+    }
+}
+
+/// No mounts, no ownership changes: volumes are plain directories. For the
+/// demo and for tests that run without root.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PlainDirectories;
+
+impl NodeSyscalls for PlainDirectories {
+    fn mount_tmpfs(&self, dir: BorrowedFd<'_>, options: TmpfsOptions) -> io::Result<()> {
+        let mode = if options.gid.is_some() { 0o750 } else { 0o755 };
+        rustix::fs::fchmod(dir, Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
+    fn unmount(&self, _dir: BorrowedFd<'_>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fchown(&self, _fd: BorrowedFd<'_>, _gid: Option<u32>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fchmod(&self, fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
+    fn mounts(&self) -> bool {
+        false
+    }
+}
+
+/// Opens the kubelet root directory (absolute, already canonical).
+pub fn open_root(root: &Path) -> Result<OwnedFd, Error> {
+    rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open kubelet root", root, e.into()))
+}
+
+/// A target path's parent, reached without following symlinks, and the
+/// mount point's name in it.
+#[derive(Debug)]
+pub struct TargetDir {
+    parent: OwnedFd,
+    name: Box<OsStr>,
+    path: PathBuf,
+}
+
+fn is_symlink_error(e: rustix::io::Errno) -> bool {
+    e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR
+}
+
+impl TargetDir {
+    /// Walks from the kubelet root to the target's parent; every component
+    /// must be a real directory. `Ok(None)` if the parent does not exist.
+    pub fn open_parent(root: &OwnedFd, target: &TargetPath) -> Result<Option<Self>, Error> {
+        let parts = target.components_below_root();
+        let (name, dirs) = parts.split_last().ok_or_else(|| Error::UnsafeTarget {
+            path: target.as_path().to_owned(),
+            component: String::new(),
+        })?;
+        let mut current: Option<OwnedFd> = None;
+        for part in dirs {
+            let at = current.as_ref().map_or(root.as_fd(), AsFd::as_fd);
+            match rustix::fs::openat(
+                at,
+                os_bytes(part),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => current = Some(fd),
+                Err(e) if e == rustix::io::Errno::NOENT => return Ok(None),
+                Err(e) if is_symlink_error(e) => {
+                    return Err(Error::UnsafeTarget {
+                        path: target.as_path().to_owned(),
+                        component: part.to_string_lossy().into_owned(),
+                    });
+                }
+                Err(e) => return Err(Error::io("open", target.as_path(), e.into())),
+            }
+        }
+        let parent = match current {
+            Some(fd) => fd,
+            None => rustix::fs::openat(
+                root,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open", target.as_path(), e.into()))?,
+        };
+        Ok(Some(Self {
+            parent,
+            name: name.clone(),
+            path: target.as_path().to_owned(),
+        }))
+    }
+
+    /// The target path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the mount point directory if needed (mode 0750).
+    pub fn create(&self) -> Result<(), Error> {
+        match rustix::fs::mkdirat(
+            &self.parent,
+            os_bytes(&self.name),
+            Mode::from_raw_mode(0o750),
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::EXIST => Ok(()),
+            Err(e) => Err(Error::io("create target directory", &self.path, e.into())),
+        }
+    }
+
+    /// Opens the target directory for reading and `*at` writes. `Ok(None)`
+    /// if it does not exist; an error if it is a symlink or not a directory.
+    pub fn open(&self) -> Result<Option<OwnedFd>, Error> {
+        match rustix::fs::openat(
+            &self.parent,
+            os_bytes(&self.name),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(None),
+            Err(e) if is_symlink_error(e) => Err(Error::UnsafeTarget {
+                path: self.path.clone(),
+                component: self.name.to_string_lossy().into_owned(),
+            }),
+            Err(e) => Err(Error::io("open target directory", &self.path, e.into())),
+        }
+    }
+
+    /// Whether `dir` (this target, opened) is a tmpfs mounted on it.
+    pub fn is_tmpfs_mount(&self, dir: &OwnedFd) -> Result<bool, Error> {
+        let err = |e: rustix::io::Errno| Error::io("stat target", &self.path, e.into());
+        let own = rustix::fs::fstat(dir).map_err(err)?;
+        let parent = rustix::fs::fstat(&self.parent).map_err(err)?;
+        if own.st_dev == parent.st_dev {
+            return Ok(false);
+        }
+        let fs = rustix::fs::fstatfs(dir).map_err(err)?;
+        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+        let magic = fs.f_type as u64;
+        Ok(magic == TMPFS_MAGIC)
+    }
+
+    /// Whether anything is mounted on the target (device differs from the
+    /// parent's).
+    pub fn is_mount_point(&self, dir: &OwnedFd) -> Result<bool, Error> {
+        let err = |e: rustix::io::Errno| Error::io("stat target", &self.path, e.into());
+        let own = rustix::fs::fstat(dir).map_err(err)?;
+        let parent = rustix::fs::fstat(&self.parent).map_err(err)?;
+        Ok(own.st_dev != parent.st_dev)
+    }
+
+    /// Removes the (unmounted) target directory and anything left in it.
+    pub fn remove(&self) -> Result<(), Error> {
+        if let Some(dir) = self.open()? {
+            clear_directory(&dir)
+                .map_err(|e| Error::io("empty target directory", &self.path, e))?;
+        }
+        match rustix::fs::unlinkat(&self.parent, os_bytes(&self.name), AtFlags::REMOVEDIR) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+            Err(e) => Err(Error::io("remove target directory", &self.path, e.into())),
+        }
+    }
+}
+
+/// Removes everything inside `dir` without following symlinks.
+fn clear_directory(dir: &OwnedFd) -> io::Result<()> {
+    for name in list(dir)? {
+        match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {
+                let sub = rustix::fs::openat(
+                    dir,
+                    name.as_c_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )?;
+                clear_directory(&sub)?;
+                rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR)?;
+            }
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Names in a directory, without `.` and `..`.
+fn list(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    let reader = rustix::fs::Dir::read_from(dir)?;
+    for entry in reader {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    }
+    Ok(names)
+}
+
+/// One file to write into a volume.
+#[derive(Debug)]
+pub struct Payload<'a> {
+    /// Visible file name.
+    pub name: &'a str,
+    /// Contents.
+    pub contents: &'a [u8],
+    /// Mode bits.
+    pub mode: u32,
+}
+
+/// Writes a complete set of files into `dir` the way the kubelet's
+/// AtomicWriter does: a fresh `..<timestamp>` directory, an atomic
+/// `..data` symlink swap, and visible names that are symlinks through
+/// `..data`. The previous payload directory is removed afterwards.
+pub fn write_atomically(
+    syscalls: &dyn NodeSyscalls,
+    dir: &OwnedFd,
+    files: &[Payload<'_>],
+    gid: Option<u32>,
+) -> io::Result<()> {
+    let previous = current_payload_dir(dir)?;
+    let stamp = payload_dir_name(SystemTime::now());
+    let dir_mode = if gid.is_some() { 0o750 } else { 0o755 };
+    rustix::fs::mkdirat(dir, stamp.as_str(), Mode::from_raw_mode(0o700))?;
+    let payload = rustix::fs::openat(
+        dir,
+        stamp.as_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for file in files {
+        let fd = rustix::fs::openat(
+            &payload,
+            file.name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        syscalls.fchown(fd.as_fd(), gid)?;
+        syscalls.fchmod(fd.as_fd(), file.mode)?;
+        File::from(fd).write_all(file.contents)?;
+    }
+    syscalls.fchown(payload.as_fd(), gid)?;
+    syscalls.fchmod(payload.as_fd(), dir_mode)?;
+    drop(payload);
+
+    match rustix::fs::unlinkat(dir, DATA_TMP, AtFlags::empty()) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::NOENT => {}
+        Err(e) => return Err(e.into()),
+    }
+    rustix::fs::symlinkat(stamp.as_str(), dir, DATA_TMP)?;
+    rustix::fs::renameat(dir, DATA_TMP, dir, DATA_DIR)?;
+
+    for file in files {
+        let link = format!("{DATA_DIR}/{}", file.name);
+        match rustix::fs::symlinkat(link.as_str(), dir, file.name) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::EXIST => {
+                let current = rustix::fs::readlinkat(dir, file.name, Vec::new());
+                if current
+                    .map(|c| c.as_bytes() != link.as_bytes())
+                    .unwrap_or(true)
+                {
+                    rustix::fs::unlinkat(dir, file.name, AtFlags::empty())?;
+                    rustix::fs::symlinkat(link.as_str(), dir, file.name)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(previous) = previous
+        && previous != stamp
+    {
+        remove_payload_dir(dir, &previous)?;
+    }
+    Ok(())
+}
+
+/// Removes payload directories and temporary links that `..data` does not
+/// point at: leftovers of a writer that was killed mid-way.
+pub fn remove_stale_payloads(dir: &OwnedFd) -> io::Result<usize> {
+    let current = current_payload_dir(dir)?;
+    let mut removed = 0;
+    for name in list(dir)? {
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        if name == DATA_DIR || !name.starts_with("..") {
+            continue;
+        }
+        if name == DATA_TMP {
+            rustix::fs::unlinkat(dir, DATA_TMP, AtFlags::empty())?;
+            removed += 1;
+        } else if Some(&name) != current.as_ref() {
+            remove_payload_dir(dir, &name)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+fn remove_payload_dir(dir: &OwnedFd, name: &str) -> io::Result<()> {
+    match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(sub) => {
+            clear_directory(&sub)?;
+            rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+        }
+        // A non-directory squatting on a reserved name: just unlink it.
+        Err(e) if is_symlink_error(e) => rustix::fs::unlinkat(dir, name, AtFlags::empty())?,
+        Err(e) if e == rustix::io::Errno::NOENT => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// The payload directory `..data` points at, if it is a plain `..name`.
+fn current_payload_dir(dir: &OwnedFd) -> io::Result<Option<String>> {
+    match rustix::fs::readlinkat(dir, DATA_DIR, Vec::new()) {
+        Ok(target) => {
+            let target = target.into_string().ok();
+            Ok(target.filter(|t| t.starts_with("..") && !t.contains('/') && t != DATA_DIR))
+        }
+        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::INVAL => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the current payload's files by name, resolving `..data` ourselves
+/// and refusing symlinks. `Ok(None)` if there is no complete payload.
+pub fn read_current(dir: &OwnedFd, names: &[&str]) -> io::Result<Option<Vec<Vec<u8>>>> {
+    let Some(current) = current_payload_dir(dir)? else {
+        return Ok(None);
+    };
+    let payload = match rustix::fs::openat(
+        dir,
+        current.as_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(e) if e == rustix::io::Errno::NOENT || is_symlink_error(e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let fd = match rustix::fs::openat(
+            &payload,
+            *name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(e) if e == rustix::io::Errno::NOENT || is_symlink_error(e) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut buf = Vec::new();
+        File::from(fd).take(1 << 20).read_to_end(&mut buf)?;
+        out.push(buf);
+    }
+    Ok(Some(out))
+}
+
+/// Whether `..data` exists (the cheap republish check).
+pub fn has_payload(dir: &OwnedFd) -> bool {
+    matches!(current_payload_dir(dir), Ok(Some(_)))
+}
+
+/// `..YYYY_MM_DD_HH_MM_SS.<nanoseconds><random>`, like the kubelet's names.
+fn payload_dir_name(now: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(now);
+    format!(
+        "..{:04}_{:02}_{:02}_{:02}_{:02}_{:02}.{:09}{:04}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond(),
+        fastrand::u16(..10_000)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    fn open_dir(path: &Path) -> OwnedFd {
+        rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open")
+    }
+
+    fn payload<'a>(key: &'a [u8], crt: &'a [u8]) -> [Payload<'a>; 2] {
+        [
+            Payload {
+                name: "tls.key",
+                contents: key,
+                mode: 0o400,
+            },
+            Payload {
+                name: "tls.crt",
+                contents: crt,
+                mode: 0o444,
+            },
+        ]
+    }
+
+    #[test]
+    fn atomic_writer_swaps_and_cleans_up() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = open_dir(tmp.path());
+        write_atomically(&PlainDirectories, &dir, &payload(b"k1", b"c1"), None).expect("write 1");
+        assert_eq!(
+            std::fs::read(tmp.path().join("tls.key")).expect("read"),
+            b"k1"
+        );
+        let first = std::fs::read_link(tmp.path().join(DATA_DIR)).expect("link");
+        write_atomically(&PlainDirectories, &dir, &payload(b"k2", b"c2"), None).expect("write 2");
+        assert_eq!(
+            std::fs::read(tmp.path().join("tls.key")).expect("read"),
+            b"k2"
+        );
+        assert_eq!(
+            std::fs::read(tmp.path().join("tls.crt")).expect("read"),
+            b"c2"
+        );
+        let second = std::fs::read_link(tmp.path().join(DATA_DIR)).expect("link");
+        assert_ne!(first, second);
+        assert!(!tmp.path().join(&first).exists(), "old payload removed");
+        let link = std::fs::read_link(tmp.path().join("tls.key")).expect("visible link");
+        assert_eq!(link, Path::new("..data/tls.key"));
+        let meta = std::fs::metadata(tmp.path().join("tls.key")).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+        let read = read_current(&dir, &["tls.key", "tls.crt"])
+            .expect("read")
+            .expect("some");
+        assert_eq!(read, vec![b"k2".to_vec(), b"c2".to_vec()]);
+        // Only ..data, one payload dir and the two visible links remain.
+        assert_eq!(std::fs::read_dir(tmp.path()).expect("ls").count(), 4);
+    }
+
+    #[test]
+    fn stale_payloads_are_removed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = open_dir(tmp.path());
+        write_atomically(&PlainDirectories, &dir, &payload(b"k", b"c"), None).expect("write");
+        std::fs::create_dir(tmp.path().join("..2020_01_01_00_00_00.1")).expect("stale dir");
+        std::fs::write(tmp.path().join("..2020_01_01_00_00_00.1/tls.key"), b"x").expect("stale");
+        std::os::unix::fs::symlink("..2020_01_01_00_00_00.1", tmp.path().join(DATA_TMP))
+            .expect("stale tmp link");
+        assert_eq!(remove_stale_payloads(&dir).expect("clean"), 2);
+        assert_eq!(
+            std::fs::read(tmp.path().join("tls.key")).expect("read"),
+            b"k"
+        );
+    }
+
+    #[test]
+    fn planted_symlinks_do_not_redirect() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("outside");
+        let dir = open_dir(tmp.path());
+        // A visible name pre-planted as a link to a file outside.
+        std::os::unix::fs::symlink(outside.path().join("stolen"), tmp.path().join("tls.key"))
+            .expect("plant");
+        write_atomically(&PlainDirectories, &dir, &payload(b"k", b"c"), None).expect("write");
+        assert!(!outside.path().join("stolen").exists());
+        assert_eq!(
+            std::fs::read(tmp.path().join("tls.key")).expect("read"),
+            b"k"
+        );
+        // ..data pointing outside is not read.
+        std::fs::remove_file(tmp.path().join(DATA_DIR)).expect("rm");
+        std::os::unix::fs::symlink(outside.path(), tmp.path().join(DATA_DIR)).expect("plant");
+        assert!(read_current(&dir, &["tls.key"]).expect("read").is_none());
+    }
+
+    #[test]
+    fn target_walk_refuses_symlinks() {
+        let root = tempfile::tempdir().expect("root");
+        let outside = tempfile::tempdir().expect("outside");
+        std::fs::create_dir_all(root.path().join("pods/uid/volumes")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), root.path().join("pods/evil")).expect("plant");
+        let root_fd = open_root(root.path()).expect("root fd");
+
+        let via_link = TargetPath::parse(
+            &format!("{}/pods/evil/mount", root.path().display()),
+            root.path(),
+        )
+        .expect("lexically fine");
+        assert!(matches!(
+            TargetDir::open_parent(&root_fd, &via_link),
+            Err(Error::UnsafeTarget { .. })
+        ));
+
+        std::os::unix::fs::symlink(outside.path(), root.path().join("pods/uid/volumes/mount"))
+            .expect("plant final");
+        let final_link = TargetPath::parse(
+            &format!("{}/pods/uid/volumes/mount", root.path().display()),
+            root.path(),
+        )
+        .expect("lexically fine");
+        let target = TargetDir::open_parent(&root_fd, &final_link)
+            .expect("walk")
+            .expect("parent exists");
+        target.create().expect("mkdir tolerates existing");
+        assert!(matches!(target.open(), Err(Error::UnsafeTarget { .. })));
+
+        let missing = TargetPath::parse(
+            &format!("{}/pods/nope/volumes/mount", root.path().display()),
+            root.path(),
+        )
+        .expect("lexically fine");
+        assert!(
+            TargetDir::open_parent(&root_fd, &missing)
+                .expect("walk")
+                .is_none()
+        );
+
+        let good = TargetPath::parse(
+            &format!("{}/pods/uid/volumes/real", root.path().display()),
+            root.path(),
+        )
+        .expect("fine");
+        let target = TargetDir::open_parent(&root_fd, &good)
+            .expect("walk")
+            .expect("parent");
+        target.create().expect("mkdir");
+        let fd = target.open().expect("open").expect("exists");
+        assert!(!target.is_tmpfs_mount(&fd).expect("stat"));
+        let meta = std::fs::metadata(root.path().join("pods/uid/volumes/real")).expect("meta");
+        assert!(meta.is_dir());
+        assert_eq!(meta.uid(), rustix::process::geteuid().as_raw());
+        target.remove().expect("remove");
+        assert!(!root.path().join("pods/uid/volumes/real").exists());
+    }
+}

@@ -1,0 +1,171 @@
+//! The `Issuer` seam: where a CSR and a pod identity become a certificate.
+//!
+//! [`EmbeddedIssuer`] signs in-process with a [`credlet_ca::Authority`] (the
+//! `--dev-ca` mode and the demo); a remote CA client implements the same
+//! trait.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use credlet_ca::{Authority, IssuanceRequest, IssueError};
+
+use crate::attributes::ServiceAccountToken;
+
+/// A boxed future, so issuers can be used as `dyn Issuer`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One request to an issuer.
+#[derive(Debug)]
+pub struct IssueRequest {
+    /// CSR, pod identity as claimed by the kubelet, names and lifetime.
+    pub request: IssuanceRequest,
+    /// The pod's service account token for the CA's audience, if the kubelet
+    /// sent one. The identity the CA trusts comes from this token.
+    pub token: Option<ServiceAccountToken>,
+}
+
+/// A certificate as the issuer returns it.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// Leaf then intermediates, PEM.
+    pub chain_pem: String,
+    /// Roots to trust, PEM.
+    pub trust_bundle_pem: Arc<str>,
+    /// Leaf serial, hex.
+    pub serial_hex: String,
+    /// Leaf notBefore.
+    pub not_before: SystemTime,
+    /// Leaf notAfter.
+    pub not_after: SystemTime,
+}
+
+/// Why an issuer did not issue.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuerError {
+    /// The issuer can not be reached or is not ready; retry later.
+    #[error("issuer unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The request breaks the issuance policy or the CSR is bad.
+    #[error("issuer refused the request: {reason}")]
+    Refused {
+        /// What to fix.
+        reason: String,
+    },
+    /// The caller is not allowed to ask for this identity.
+    #[error("issuer denied the request: {reason}")]
+    Denied {
+        /// Why.
+        reason: String,
+    },
+    /// The issuer failed internally.
+    #[error("issuer failed: {reason}")]
+    Internal {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl IssuerError {
+    /// The gRPC code for a publish that failed with this error.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Self::Unavailable { .. } => tonic::Code::Unavailable,
+            Self::Refused { .. } => tonic::Code::InvalidArgument,
+            Self::Denied { .. } => tonic::Code::PermissionDenied,
+            Self::Internal { .. } => tonic::Code::Internal,
+        }
+    }
+
+    /// Whether retrying the same request later can succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::Internal { .. })
+    }
+}
+
+/// Signs pod certificates.
+pub trait Issuer: Send + Sync + fmt::Debug + 'static {
+    /// Issues a certificate for the request.
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>>;
+
+    /// Whether the issuer can serve requests now (CSI `Probe` readiness).
+    fn is_ready(&self) -> bool;
+
+    /// The trust domain the issuer's policy uses for SPIFFE IDs.
+    fn trust_domain(&self) -> &str;
+
+    /// Whether the issuer needs the pod's service account token.
+    fn requires_token(&self) -> bool;
+}
+
+/// Signs in-process. With `trust_claimed_identity` (the `--dev-ca` mode) the
+/// pod identity from the volume context is believed without a token check.
+pub struct EmbeddedIssuer {
+    authority: Authority,
+    trust_bundle: Arc<str>,
+}
+
+impl fmt::Debug for EmbeddedIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedIssuer")
+            .field("trust_domain", &self.authority.policy().trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedIssuer {
+    /// Wraps an authority. This issuer trusts the identity the kubelet puts
+    /// in the volume context: only for local development and the demo.
+    pub fn trusting_claimed_identity(authority: Authority) -> Self {
+        let trust_bundle = Arc::from(authority.trust_bundle_pem());
+        Self {
+            authority,
+            trust_bundle,
+        }
+    }
+
+    /// Signs synchronously (used by benchmarks and the async wrapper).
+    pub fn issue_now(&self, request: &IssuanceRequest) -> Result<Issued, IssuerError> {
+        let issued =
+            self.authority
+                .issue(request, SystemTime::now())
+                .map_err(|error| match error {
+                    IssueError::Csr(_) | IssueError::Policy(_) => IssuerError::Refused {
+                        reason: error.to_string(),
+                    },
+                    other => IssuerError::Internal {
+                        reason: other.to_string(),
+                    },
+                })?;
+        Ok(Issued {
+            chain_pem: issued.chain_pem,
+            trust_bundle_pem: Arc::clone(&self.trust_bundle),
+            serial_hex: issued.serial_hex,
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        })
+    }
+}
+
+impl Issuer for EmbeddedIssuer {
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>> {
+        Box::pin(async move { self.issue_now(&request.request) })
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn trust_domain(&self) -> &str {
+        &self.authority.policy().trust_domain
+    }
+
+    fn requires_token(&self) -> bool {
+        false
+    }
+}

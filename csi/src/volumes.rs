@@ -1,0 +1,771 @@
+//! The volume manager: publish, republish, unpublish, renew and recover.
+//!
+//! Each volume has its own async lock (no global lock on the hot path: the
+//! map is sharded). Order of effects on first publish: state record →
+//! tmpfs mount → key, CSR, issue → atomic write → state record with the
+//! certificate → timer. A crash between any two steps is repaired by
+//! [`VolumeManager::recover`] or by the kubelet's retry.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credlet_ca::{IssuanceRequest, PodIdentity, PrivateKey};
+use dashmap::DashMap;
+use tokio::sync::Mutex;
+
+use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
+use crate::error::{Error, InputError};
+use crate::fsops::{
+    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, has_payload, read_current,
+    remove_stale_payloads, write_atomically,
+};
+use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError};
+use crate::metrics::{Metrics, Operation, Outcome};
+use crate::paths::{TargetPath, VolumeId};
+use crate::rotation::{Renew, RotationHandle};
+use crate::schedule::{backoff, renewal_time, until};
+use crate::state::{CertificateRecord, RECORD_VERSION, StateStore, VolumeRecord};
+
+/// Settings of the volume manager.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    /// The kubelet root (canonical); every target path must be below it.
+    pub kubelet_root: PathBuf,
+    /// Where volume records are kept.
+    pub state_dir: PathBuf,
+    /// Audience of the service account token handed to the issuer.
+    pub token_audience: String,
+    /// Size limit of each volume's tmpfs.
+    pub tmpfs_size_bytes: u64,
+    /// First retry delay after an issuer failure.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_cap: Duration,
+}
+
+impl VolumeConfig {
+    /// Defaults for a kubelet root and state directory.
+    pub fn new(kubelet_root: PathBuf, state_dir: PathBuf) -> Self {
+        Self {
+            kubelet_root,
+            state_dir,
+            token_audience: "credlet".into(),
+            tmpfs_size_bytes: 1 << 20,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A validated `NodePublishVolume` request.
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// Volume id.
+    pub volume_id: VolumeId,
+    /// Target path.
+    pub target: TargetPath,
+    /// The `credlet.io/` attributes as sent.
+    pub raw_attributes: BTreeMap<String, String>,
+    /// The parsed attributes.
+    pub attributes: VolumeAttributes,
+    /// The pod, from `podInfoOnMount`.
+    pub pod: PodIdentity,
+    /// The pod's token for the issuer's audience.
+    pub token: Option<ServiceAccountToken>,
+    /// The group from `volume_mount_group`.
+    pub volume_mount_group: Option<u32>,
+}
+
+/// What recovery found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Volumes whose files were intact; timers resumed.
+    pub resumed: usize,
+    /// Volumes scheduled for immediate re-issue (missing, mismatched,
+    /// expired or due).
+    pub reissue: usize,
+    /// Records dropped because their target directory is gone.
+    pub gone: usize,
+    /// Records that could not be used.
+    pub failed: usize,
+}
+
+#[derive(Debug)]
+struct Volume {
+    target: TargetPath,
+    raw_attributes: BTreeMap<String, String>,
+    attributes: VolumeAttributes,
+    names: ExpandedNames,
+    pod: PodIdentity,
+    volume_mount_group: Option<u32>,
+    token: Option<ServiceAccountToken>,
+    certificate: Option<CertificateRecord>,
+    failures: u32,
+}
+
+impl Volume {
+    fn gid(&self) -> Option<u32> {
+        self.attributes.fs_group.or(self.volume_mount_group)
+    }
+
+    fn record(&self, id: &VolumeId) -> VolumeRecord {
+        VolumeRecord {
+            version: RECORD_VERSION,
+            volume_id: id.to_string(),
+            target_path: self.target.as_path().to_owned(),
+            pod: self.pod.clone(),
+            attributes: self.raw_attributes.clone(),
+            volume_mount_group: self.volume_mount_group,
+            certificate: self.certificate.clone(),
+        }
+    }
+
+    fn has_valid_certificate(&self, now: SystemTime) -> bool {
+        self.certificate
+            .as_ref()
+            .is_some_and(|c| c.not_after > secs(now))
+    }
+}
+
+type Slot = Arc<Mutex<Option<Volume>>>;
+
+/// Publishes volumes and keeps their certificates fresh.
+#[derive(Debug)]
+pub struct VolumeManager {
+    config: VolumeConfig,
+    root: OwnedFd,
+    issuer: Arc<dyn Issuer>,
+    syscalls: Arc<dyn NodeSyscalls>,
+    state: StateStore,
+    volumes: DashMap<VolumeId, Slot>,
+    rotation: RotationHandle,
+    metrics: Metrics,
+    recovered: AtomicBool,
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn from_secs(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Shortest wait before a renewal, so a certificate whose renewal point has
+/// already passed (very short lifetimes) can not make the loop spin.
+const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(50);
+
+impl VolumeManager {
+    /// Opens the kubelet root and the state directory.
+    pub fn new(
+        config: VolumeConfig,
+        issuer: Arc<dyn Issuer>,
+        syscalls: Arc<dyn NodeSyscalls>,
+        rotation: RotationHandle,
+        metrics: Metrics,
+    ) -> Result<Self, Error> {
+        let root = fsops::open_root(&config.kubelet_root)?;
+        let state = StateStore::open(&config.state_dir)?;
+        Ok(Self {
+            config,
+            root,
+            issuer,
+            syscalls,
+            state,
+            volumes: DashMap::new(),
+            rotation,
+            metrics,
+            recovered: AtomicBool::new(false),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    /// Ready for CSI calls: recovery ran and the issuer is usable.
+    pub fn is_ready(&self) -> bool {
+        self.recovered.load(Ordering::Acquire) && self.issuer.is_ready()
+    }
+
+    /// Number of volumes managed.
+    pub fn volume_count(&self) -> usize {
+        self.volumes.len()
+    }
+
+    fn slot(&self, id: &VolumeId) -> Slot {
+        Arc::clone(self.volumes.entry(id.clone()).or_default().value())
+    }
+
+    fn forget_slot_if_empty(&self, id: &VolumeId, slot: &Slot) {
+        self.volumes.remove_if(id, |_, v| {
+            Arc::ptr_eq(v, slot) && v.try_lock().is_ok_and(|g| g.is_none())
+        });
+    }
+
+    /// `NodePublishVolume`: first publish issues; a republish refreshes the
+    /// token and only re-issues if the volume's certificate is gone or
+    /// expired.
+    pub async fn publish(&self, request: PublishRequest) -> Result<(), Error> {
+        if self.issuer.requires_token() && request.token.is_none() {
+            return Err(InputError::Tokens {
+                reason: format!(
+                    "no token for audience {:?}; the CSIDriver needs tokenRequests with that audience",
+                    self.config.token_audience
+                ),
+            }
+            .into());
+        }
+        let names = request
+            .attributes
+            .expand(&request.pod, self.issuer.trust_domain())?;
+        let id = request.volume_id.clone();
+        let slot = self.slot(&id);
+        let mut guard = slot.lock().await;
+        if let Some(volume) = guard.as_mut() {
+            return self.republish(&id, volume, request).await;
+        }
+        let target = TargetDir::open_parent(&self.root, &request.target)?.ok_or_else(|| {
+            Error::TargetParentMissing {
+                path: request.target.as_path().to_owned(),
+            }
+        })?;
+        let mut volume = Volume {
+            target: request.target,
+            raw_attributes: request.raw_attributes,
+            attributes: request.attributes,
+            names,
+            pod: request.pod,
+            volume_mount_group: request.volume_mount_group,
+            token: request.token,
+            certificate: None,
+            failures: 0,
+        };
+        let result = async {
+            // The record goes first: a crash after mounting must be found.
+            self.state.save(&id, &volume.record(&id))?;
+            let dir = self.ensure_mounted(&target, volume.gid())?;
+            let certificate = self.issue_into(&id, &volume, &dir).await?;
+            volume.certificate = Some(certificate);
+            self.state.save(&id, &volume.record(&id))?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                let renew_at = volume.certificate.as_ref().map_or(0, |c| c.renew_at_ms);
+                self.rotation.schedule(
+                    id.clone(),
+                    until(from_millis(renew_at), SystemTime::now()).max(MIN_RENEWAL_DELAY),
+                );
+                self.metrics.issued(Operation::Publish, Outcome::Success);
+                tracing::info!(
+                    volume_id = %id,
+                    pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
+                    target = %volume.target.as_path().display(),
+                    serial = volume.certificate.as_ref().map_or("", |c| c.serial_hex.as_str()),
+                    "volume published"
+                );
+                *guard = Some(volume);
+                self.metrics.volumes.set(self.volumes.len() as i64);
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics.issued(Operation::Publish, Outcome::Error);
+                tracing::warn!(volume_id = %id, %error, "publish failed; undoing");
+                if let Err(cleanup) = self.teardown(&target) {
+                    tracing::error!(volume_id = %id, error = %cleanup, "cleanup after failed publish");
+                }
+                if let Err(cleanup) = self.state.remove(&id) {
+                    tracing::error!(volume_id = %id, error = %cleanup, "cleanup after failed publish");
+                }
+                drop(guard);
+                self.forget_slot_if_empty(&id, &slot);
+                Err(error)
+            }
+        }
+    }
+
+    async fn republish(
+        &self,
+        id: &VolumeId,
+        volume: &mut Volume,
+        request: PublishRequest,
+    ) -> Result<(), Error> {
+        if volume.target != request.target {
+            return Err(Error::AlreadyPublished {
+                volume_id: id.to_string(),
+                existing_target: volume.target.as_path().to_owned(),
+                difference: "a different target path",
+            });
+        }
+        if volume.raw_attributes != request.raw_attributes
+            || volume.pod != request.pod
+            || volume.volume_mount_group != request.volume_mount_group
+        {
+            return Err(Error::AlreadyPublished {
+                volume_id: id.to_string(),
+                existing_target: volume.target.as_path().to_owned(),
+                difference: "different attributes",
+            });
+        }
+        if let Some(token) = request.token {
+            volume.token = Some(token);
+            if volume.failures > 0 {
+                // A fresh token may be what the failing renewals lacked.
+                self.rotation.schedule(id.clone(), Duration::ZERO);
+            }
+        }
+        if volume.has_valid_certificate(SystemTime::now()) {
+            let intact = TargetDir::open_parent(&self.root, &volume.target)?
+                .map(|t| t.open())
+                .transpose()?
+                .flatten()
+                .is_some_and(|dir| has_payload(&dir));
+            if intact {
+                self.metrics.republishes.inc();
+                return Ok(());
+            }
+        }
+        self.repair(id, volume, Operation::Repair).await.map(|_| ())
+    }
+
+    /// Re-issues into an already known volume and re-arms its timer.
+    async fn repair(
+        &self,
+        id: &VolumeId,
+        volume: &mut Volume,
+        operation: Operation,
+    ) -> Result<Duration, Error> {
+        let target = TargetDir::open_parent(&self.root, &volume.target)?.ok_or_else(|| {
+            Error::TargetParentMissing {
+                path: volume.target.as_path().to_owned(),
+            }
+        })?;
+        let result = async {
+            let dir = self.ensure_mounted(&target, volume.gid())?;
+            self.issue_into(id, volume, &dir).await
+        }
+        .await;
+        match result {
+            Ok(certificate) => {
+                let next = until(from_millis(certificate.renew_at_ms), SystemTime::now())
+                    .max(MIN_RENEWAL_DELAY);
+                tracing::info!(
+                    volume_id = %id,
+                    pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
+                    serial = %certificate.serial_hex,
+                    renew_in_s = next.as_secs(),
+                    ?operation,
+                    "certificate rotated"
+                );
+                volume.certificate = Some(certificate);
+                volume.failures = 0;
+                self.metrics.issued(operation, Outcome::Success);
+                if let Err(error) = self.state.save(id, &volume.record(id)) {
+                    tracing::error!(volume_id = %id, %error, "saving volume state");
+                }
+                self.rotation.schedule(id.clone(), next);
+                Ok(next)
+            }
+            Err(error) => {
+                self.metrics.issued(operation, Outcome::Error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Mounts the volume's tmpfs if it is not mounted yet and opens it.
+    fn ensure_mounted(&self, target: &TargetDir, gid: Option<u32>) -> Result<OwnedFd, Error> {
+        target.create()?;
+        let open = || {
+            target.open()?.ok_or_else(|| Error::TargetParentMissing {
+                path: target.path().to_owned(),
+            })
+        };
+        let dir = open()?;
+        let options = TmpfsOptions {
+            size_bytes: self.config.tmpfs_size_bytes,
+            gid,
+        };
+        if !self.syscalls.mounts() {
+            self.syscalls
+                .mount_tmpfs(dir.as_fd(), options)
+                .map_err(|e| Error::io("prepare volume directory", target.path(), e))?;
+            return Ok(dir);
+        }
+        if target.is_tmpfs_mount(&dir)? {
+            return Ok(dir);
+        }
+        self.syscalls
+            .mount_tmpfs(dir.as_fd(), options)
+            .map_err(|e| Error::io("mount tmpfs", target.path(), e))?;
+        let mounted = open()?;
+        if !target.is_tmpfs_mount(&mounted)? {
+            return Err(Error::io(
+                "mount tmpfs",
+                target.path(),
+                std::io::Error::other("tmpfs not visible at the target after mounting"),
+            ));
+        }
+        Ok(mounted)
+    }
+
+    /// Unmounts (only our tmpfs) and removes a target directory.
+    fn teardown(&self, target: &TargetDir) -> Result<(), Error> {
+        if self.syscalls.mounts() {
+            for _ in 0..8 {
+                let Some(dir) = target.open()? else {
+                    return Ok(());
+                };
+                if !target.is_tmpfs_mount(&dir)? {
+                    break;
+                }
+                self.syscalls
+                    .unmount(dir.as_fd())
+                    .map_err(|e| Error::io("unmount", target.path(), e))?;
+            }
+            if let Some(dir) = target.open()?
+                && target.is_mount_point(&dir)?
+            {
+                return Err(Error::io(
+                    "unmount",
+                    target.path(),
+                    std::io::Error::other("a mount that is not credlet's covers the target"),
+                ));
+            }
+        }
+        target.remove()
+    }
+
+    /// Generates a key on the node, sends only the CSR, checks the answer
+    /// and writes key, chain and bundle atomically.
+    async fn issue_into(
+        &self,
+        id: &VolumeId,
+        volume: &Volume,
+        dir: &OwnedFd,
+    ) -> Result<CertificateRecord, Error> {
+        let crypto = |source| Error::Crypto {
+            volume_id: id.to_string(),
+            source,
+        };
+        let key = PrivateKey::generate(volume.attributes.key_type).map_err(crypto)?;
+        let csr_der = key.certificate_signing_request().map_err(crypto)?;
+        let request = IssueRequest {
+            request: IssuanceRequest {
+                csr_der,
+                identity: volume.pod.clone(),
+                spiffe_id: Some(volume.names.spiffe_id.clone()),
+                dns_names: volume.names.dns_names.clone(),
+                ip_addresses: volume.attributes.ip_addresses.clone(),
+                common_name: volume.names.common_name.clone(),
+                duration: volume.attributes.duration,
+            },
+            token: volume.token.clone(),
+        };
+        let issued = self
+            .issuer
+            .issue(request)
+            .await
+            .map_err(|source| Error::Issue {
+                volume_id: id.to_string(),
+                source,
+            })?;
+        // Never hand a pod a certificate that does not belong to its key.
+        let leaf = credlet_ca::inspect_leaf(&issued.chain_pem).map_err(crypto)?;
+        if leaf.public_key_der != key.public_key_der() {
+            return Err(Error::Issue {
+                volume_id: id.to_string(),
+                source: IssuerError::Internal {
+                    reason: "issued certificate does not match the key".into(),
+                },
+            });
+        }
+        let gid = volume.gid();
+        let key_mode = if gid.is_some() { 0o440 } else { 0o400 };
+        let files = &volume.attributes.files;
+        let bundle;
+        let mut payload = Vec::with_capacity(4);
+        payload.push(Payload {
+            name: &files.key,
+            contents: key.pem().as_bytes(),
+            mode: key_mode,
+        });
+        payload.push(Payload {
+            name: &files.certificate,
+            contents: issued.chain_pem.as_bytes(),
+            mode: 0o444,
+        });
+        payload.push(Payload {
+            name: &files.ca,
+            contents: issued.trust_bundle_pem.as_bytes(),
+            mode: 0o444,
+        });
+        if let Some(name) = &files.credential_bundle {
+            bundle = zeroize::Zeroizing::new(
+                [key.pem().as_bytes(), issued.chain_pem.as_bytes()].concat(),
+            );
+            payload.push(Payload {
+                name,
+                contents: &bundle,
+                mode: key_mode,
+            });
+        }
+        write_atomically(self.syscalls.as_ref(), dir, &payload, gid)
+            .map_err(|e| Error::io("write volume files", volume.target.as_path(), e))?;
+        let renew_at = renewal_time(
+            issued.not_before,
+            issued.not_after,
+            volume.attributes.renew_before,
+            fastrand::f64(),
+        );
+        Ok(CertificateRecord {
+            serial_hex: issued.serial_hex,
+            not_before: secs(issued.not_before),
+            not_after: secs(issued.not_after),
+            renew_at_ms: millis(renew_at),
+        })
+    }
+
+    /// `NodeUnpublishVolume`: stops rotation, unmounts, removes the target
+    /// directory and the record. Unknown volumes are fine (idempotent).
+    pub async fn unpublish(&self, id: &VolumeId, target: &TargetPath) -> Result<(), Error> {
+        let slot = self.volumes.get(id).map(|s| Arc::clone(s.value()));
+        let mut guard = match &slot {
+            Some(slot) => Some(slot.clone().lock_owned().await),
+            None => None,
+        };
+        if let Some(volume) = guard.as_ref().and_then(|g| g.as_ref())
+            && volume.target != *target
+        {
+            tracing::warn!(
+                volume_id = %id,
+                published = %volume.target.as_path().display(),
+                requested = %target.as_path().display(),
+                "unpublish for a target the volume is not published at; leaving it"
+            );
+            return Ok(());
+        }
+        self.rotation.cancel(id.clone());
+        if let Some(dir) = TargetDir::open_parent(&self.root, target)? {
+            self.teardown(&dir)?;
+        }
+        self.state.remove(id)?;
+        if let Some(g) = guard.as_mut()
+            && let Some(volume) = g.take()
+        {
+            tracing::info!(
+                volume_id = %id,
+                pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
+                "volume unpublished"
+            );
+        }
+        drop(guard);
+        if let Some(slot) = slot {
+            self.forget_slot_if_empty(id, &slot);
+        }
+        self.metrics.volumes.set(self.volumes.len() as i64);
+        Ok(())
+    }
+
+    /// Renews one volume (called by the rotation loop). Returns when it is
+    /// due next, or `None` if it is gone.
+    pub async fn renew(&self, id: &VolumeId) -> Option<Duration> {
+        let slot = self.volumes.get(id).map(|s| Arc::clone(s.value()))?;
+        let mut guard = slot.lock().await;
+        let volume = guard.as_mut()?;
+        let operation = if volume.has_valid_certificate(SystemTime::now()) {
+            Operation::Renew
+        } else {
+            Operation::Repair
+        };
+        match self.repair(id, volume, operation).await {
+            Ok(next) => Some(next),
+            Err(Error::TargetParentMissing { path }) => {
+                tracing::warn!(volume_id = %id, target = %path.display(), "target directory is gone; forgetting the volume");
+                let _ = self.state.remove(id);
+                guard.take();
+                drop(guard);
+                self.forget_slot_if_empty(id, &slot);
+                self.metrics.volumes.set(self.volumes.len() as i64);
+                None
+            }
+            Err(error) => {
+                let attempt = volume.failures;
+                volume.failures = volume.failures.saturating_add(1);
+                let delay = backoff(
+                    attempt,
+                    self.config.backoff_base,
+                    self.config.backoff_cap,
+                    fastrand::f64(),
+                );
+                let expires_in = volume
+                    .certificate
+                    .as_ref()
+                    .map(|c| until(from_secs(c.not_after), SystemTime::now()).as_secs());
+                tracing::warn!(
+                    volume_id = %id,
+                    pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
+                    %error,
+                    attempt = volume.failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    current_certificate_expires_in_s = expires_in,
+                    "renewal failed; keeping the current certificate and retrying"
+                );
+                Some(delay)
+            }
+        }
+    }
+
+    /// Reloads every recorded volume after a restart: checks the files on
+    /// each target, removes leftovers of interrupted writes, and arms
+    /// timers — immediately for volumes whose files are missing,
+    /// mismatched, expired or due.
+    pub async fn recover(&self) -> Result<RecoveryReport, Error> {
+        let (records, bad) = self.state.load_all()?;
+        let mut report = RecoveryReport {
+            failed: bad.len(),
+            ..RecoveryReport::default()
+        };
+        for record in bad {
+            tracing::error!(path = %record.path.display(), reason = %record.reason, "unreadable volume record moved aside");
+        }
+        for record in records {
+            let volume_id = record.volume_id.clone();
+            match self.recover_one(record) {
+                Ok(Recovered::Resumed) => report.resumed += 1,
+                Ok(Recovered::Reissue) => report.reissue += 1,
+                Ok(Recovered::Gone) => report.gone += 1,
+                Err(error) => {
+                    report.failed += 1;
+                    tracing::error!(volume_id, %error, "could not recover volume");
+                }
+            }
+        }
+        self.metrics.volumes.set(self.volumes.len() as i64);
+        self.recovered.store(true, Ordering::Release);
+        tracing::info!(?report, "volume recovery done");
+        Ok(report)
+    }
+
+    fn recover_one(&self, record: VolumeRecord) -> Result<Recovered, Error> {
+        let id = VolumeId::parse(&record.volume_id)?;
+        let raw_target = record.target_path.to_str().ok_or(InputError::TargetPath {
+            path: record.target_path.display().to_string(),
+            reason: "not UTF-8",
+        })?;
+        let target = TargetPath::parse(raw_target, &self.config.kubelet_root)?;
+        let attributes = VolumeAttributes::parse(&record.attributes)?;
+        let names = attributes.expand(&record.pod, self.issuer.trust_domain())?;
+        let dir = match TargetDir::open_parent(&self.root, &target)? {
+            Some(t) if t.open()?.is_some() => t,
+            _ => {
+                self.state.remove(&id)?;
+                return Ok(Recovered::Gone);
+            }
+        };
+        let mut volume = Volume {
+            target,
+            raw_attributes: record.attributes,
+            attributes,
+            names,
+            pod: record.pod,
+            volume_mount_group: record.volume_mount_group,
+            token: None,
+            certificate: None,
+            failures: 0,
+        };
+        let fd = self.ensure_mounted(&dir, volume.gid())?;
+        let removed =
+            remove_stale_payloads(&fd).map_err(|e| Error::io("clean volume", dir.path(), e))?;
+        if removed > 0 {
+            tracing::info!(volume_id = %id, removed, "removed leftovers of an interrupted write");
+        }
+        volume.certificate = self.check_files(&fd, &volume, record.certificate.as_ref());
+        let now = SystemTime::now();
+        let outcome = match &volume.certificate {
+            Some(c) if c.not_after > secs(now) && c.renew_at_ms > millis(now) => {
+                self.rotation
+                    .schedule(id.clone(), until(from_millis(c.renew_at_ms), now));
+                Recovered::Resumed
+            }
+            _ => {
+                self.rotation.schedule(id.clone(), Duration::ZERO);
+                Recovered::Reissue
+            }
+        };
+        if volume.certificate != record.certificate {
+            self.state.save(&id, &volume.record(&id))?;
+        }
+        *self.slot(&id).try_lock().map_err(|_| Error::NotReady {
+            reason: "volume busy during recovery",
+        })? = Some(volume);
+        Ok(outcome)
+    }
+
+    /// Reads key and chain back from the volume; the certificate facts if
+    /// the pair matches and every expected file is there.
+    fn check_files(
+        &self,
+        dir: &OwnedFd,
+        volume: &Volume,
+        recorded: Option<&CertificateRecord>,
+    ) -> Option<CertificateRecord> {
+        let files = &volume.attributes.files;
+        let mut names = vec![
+            files.key.as_str(),
+            files.certificate.as_str(),
+            files.ca.as_str(),
+        ];
+        names.extend(files.credential_bundle.as_deref());
+        let contents = read_current(dir, &names).ok()??;
+        let key = std::str::from_utf8(&contents[0]).ok()?;
+        let chain = std::str::from_utf8(&contents[1]).ok()?;
+        if !credlet_ca::key_matches_certificate(key, chain).ok()? {
+            return None;
+        }
+        let leaf = credlet_ca::inspect_leaf(chain).ok()?;
+        let renew_at = match recorded {
+            Some(r) if r.serial_hex == leaf.serial_hex => from_millis(r.renew_at_ms),
+            _ => renewal_time(
+                leaf.not_before,
+                leaf.not_after,
+                volume.attributes.renew_before,
+                fastrand::f64(),
+            ),
+        };
+        Some(CertificateRecord {
+            serial_hex: leaf.serial_hex,
+            not_before: secs(leaf.not_before),
+            not_after: secs(leaf.not_after),
+            renew_at_ms: millis(renew_at),
+        })
+    }
+}
+
+enum Recovered {
+    Resumed,
+    Reissue,
+    Gone,
+}
+
+impl Renew for VolumeManager {
+    fn renew(&self, volume: VolumeId) -> BoxFuture<'_, Option<Duration>> {
+        Box::pin(async move { VolumeManager::renew(self, &volume).await })
+    }
+}

@@ -1,0 +1,16 @@
+//! Generated protocol types and gRPC stubs credlet serves and calls.
+//!
+//! The `.proto` sources live in `proto/proto/` and are compiled at build time
+//! without a system `protoc`.
+
+/// CSI v1: the Identity and Node services of a node plugin.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

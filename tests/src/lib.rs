@@ -1,0 +1,1 @@
+//! Integration tests and benchmarks of credlet (in progress).
