@@ -15,7 +15,15 @@ use credlet_csi::server::{self, IdentityService, NodeService};
 use credlet_csi::{EmbeddedIssuer, VolumeConfig, VolumeManager, rotation};
 use tokio::sync::watch;
 
-use crate::config::AgentConfig;
+use credlet_imageguard::events::KubeEvents;
+use credlet_imageguard::guard::{GuardMetrics, ImageGuard};
+use credlet_imageguard::pods::KubePodIndex;
+use credlet_imageguard::proxy::{CriProxy, LIST_IMAGES, Upstream};
+use credlet_imageguard::records::RecordStore;
+use credlet_imageguard::registry::{RegistryVerifier, RegistryVerifierConfig};
+use credlet_proto::cri::{ListImagesRequest, ListImagesResponse};
+
+use crate::config::{AgentConfig, ImageGuardConfig};
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -137,22 +145,96 @@ impl Agent {
     }
 }
 
-/// Runs the agent until `shutdown` resolves.
+/// Runs the agent until `shutdown` resolves: the CSI services and/or the
+/// image guard's CRI proxy, whichever is configured.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(socket) = config.csi_socket.clone() {
+        let csi = start_csi(&config, &socket).await?;
+        let stop = wait_stop(stop_rx.clone());
+        tasks.spawn(async move { csi.serve(stop).await });
+    }
+    if let Some(guard) = config.image_guard.clone() {
+        let proxy = start_image_guard(&config, &guard).await?;
+        let stop = wait_stop(stop_rx.clone());
+        tasks.spawn(async move {
+            let listener = credlet_csi::server::bind_unix_socket(&guard.listen)?;
+            tracing::info!(
+                listen = %guard.listen.display(),
+                upstream = %guard.upstream.display(),
+                policy = %guard.policy.default,
+                mode = ?guard.policy.mode,
+                "serving the CRI proxy (image guard)"
+            );
+            proxy
+                .serve(listener, stop, std::time::Duration::from_secs(30))
+                .await;
+            let _ = fs::remove_file(&guard.listen);
+            Ok(())
+        });
+    }
+    tokio::select! {
+        () = shutdown => {}
+        Some(done) = tasks.join_next() => {
+            // A server stopped on its own: stop the rest and report.
+            let _ = stop_tx.send(true);
+            while tasks.join_next().await.is_some() {}
+            return done.context("server task")?;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        if let Err(error) = done.context("server task").and_then(|r| r) {
+            result = Err(error);
+        }
+    }
+    tracing::info!("stopped; volumes stay mounted and are recovered on the next start");
+    result
+}
+
+/// The CSI side, started and ready to serve.
+struct CsiServer {
+    agent: Agent,
+    socket: std::path::PathBuf,
+    listener: tokio::net::UnixListener,
+    identity: IdentityService,
+    node: NodeService,
+}
+
+impl CsiServer {
+    async fn serve(self, stop: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let served = server::serve(self.listener, self.identity, self.node, stop).await;
+        self.agent.stop().await;
+        let _ = fs::remove_file(&self.socket);
+        served.context("CSI server")
+    }
+}
+
+async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiServer> {
     tracing::warn!(
         "DEVELOPMENT CA (--dev-ca): pod identities from the volume context are trusted WITHOUT a token check and the CA key is kept on this node; never use this in production"
     );
+    if config.plain_directories {
+        tracing::warn!(
+            "volumes are plain directories, not tmpfs mounts (--plain-directories): keys land on the state filesystem; development only"
+        );
+    }
     let mut policy = Policy::new(config.trust_domain.clone());
     policy.min_duration = config.dev_ca_min_duration;
     let authority = load_or_create_dev_ca(&config.state_dir, policy)?;
     let issuer = Arc::new(EmbeddedIssuer::trusting_claimed_identity(authority));
-    let agent = Agent::start(&config, issuer).await?;
-    let listener = server::bind_unix_socket(&config.csi_socket)?;
+    let agent = Agent::start(config, issuer).await?;
+    let listener = server::bind_unix_socket(socket)?;
     tracing::info!(
-        socket = %config.csi_socket.display(),
+        socket = %socket.display(),
         driver = %config.driver_name,
         node = %config.node_id,
         volumes = agent.manager.volume_count(),
@@ -160,10 +242,102 @@ pub async fn run(
     );
     let identity = IdentityService::new(config.driver_name.clone(), Arc::clone(&agent.manager));
     let node = NodeService::new(config.node_id.clone(), Arc::clone(&agent.manager));
-    let served = server::serve(listener, identity, node, shutdown).await;
-    agent.stop().await;
-    let _ = fs::remove_file(&config.csi_socket);
-    served.context("CSI server")?;
-    tracing::info!("stopped; volumes stay mounted and are recovered on the next start");
-    Ok(())
+    Ok(CsiServer {
+        agent,
+        socket: socket.to_owned(),
+        listener,
+        identity,
+        node,
+    })
+}
+
+async fn kube_client(guard: &ImageGuardConfig) -> anyhow::Result<kube::Client> {
+    let config = match &guard.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes API configuration (in-cluster or $KUBECONFIG); the image guard needs the node's pod list")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Builds the image guard: records, registry verifier, pod watch, events,
+/// and a task pruning records of images and pods that are gone.
+async fn start_image_guard(
+    config: &AgentConfig,
+    guard: &ImageGuardConfig,
+) -> anyhow::Result<Arc<CriProxy>> {
+    let (records, dropped) =
+        RecordStore::open(&config.state_dir).context("opening the image guard's records")?;
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "unreadable or tampered image records dropped; those images are verified again"
+        );
+    }
+    let records = Arc::new(records);
+    let verifier = RegistryVerifier::new(RegistryVerifierConfig {
+        extra_root_pems: guard.registry_roots.clone(),
+        ..RegistryVerifierConfig::default()
+    })
+    .context("building the registry verifier")?;
+    let client = kube_client(guard).await?;
+    let (pods, _pod_watch) = KubePodIndex::start(client.clone(), &config.node_id);
+    let (events, _event_sender) = KubeEvents::start(client, &config.node_id);
+    let upstream = Upstream::new(guard.upstream.clone(), 2);
+    let image_guard = Arc::new(ImageGuard::new(
+        guard.policy.clone(),
+        Arc::clone(&records),
+        Arc::new(verifier),
+        Arc::clone(&pods) as Arc<dyn credlet_imageguard::pods::PodIndex>,
+        events,
+        GuardMetrics::default(),
+    ));
+    let proxy = Arc::new(CriProxy::new(upstream, image_guard));
+    let pruner = Arc::clone(&proxy);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            prune_records(&pruner, &records, pods.as_ref()).await;
+        }
+    });
+    Ok(proxy)
+}
+
+/// Drops records of images the runtime no longer has and grants of pods no
+/// longer on the node.
+async fn prune_records(proxy: &CriProxy, records: &RecordStore, pods: &KubePodIndex) {
+    use credlet_imageguard::pods::PodIndex;
+    let listed: Result<ListImagesResponse, _> = proxy
+        .upstream()
+        .unary(LIST_IMAGES, &ListImagesRequest::default())
+        .await;
+    let images = match listed {
+        Ok(list) => list.images.into_iter().map(|i| i.id).collect(),
+        Err(error) => {
+            tracing::warn!(%error, "listing images to prune records");
+            return;
+        }
+    };
+    let live: Option<std::collections::HashSet<String>> = pods.is_synced().then(|| {
+        pods.pods_using(&|_: &str| true)
+            .iter()
+            .map(|p| p.uid.clone())
+            .collect()
+    });
+    match records.prune(&images, live.as_ref()) {
+        Ok((images, grants)) if images + grants > 0 => {
+            tracing::info!(images, grants, "pruned image guard records");
+        }
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "pruning image guard records"),
+    }
 }

@@ -31,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The node agent (DaemonSet): CSI Identity + Node services.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Everything in one process, no cluster: an embedded CA, the agent, and
     /// a simulated kubelet publishing a volume into a local folder.
     Demo(DemoArgs),
@@ -41,14 +41,15 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// Unix socket the CSI services listen on (a `unix://` prefix is
-    /// accepted).
+    /// accepted). Without it the agent serves no CSI volumes.
     #[arg(long, env = "CREDLET_CSI_ENDPOINT")]
-    pub csi_endpoint: String,
+    pub csi_endpoint: Option<String>,
     /// This node's name, reported by NodeGetInfo.
     #[arg(long, env = "CREDLET_NODE_ID")]
     pub node_id: String,
-    /// Directory for volume records (no keys are ever stored here).
-    #[arg(long, env = "CREDLET_STATE_DIR", default_value = "/var/lib/credlet")]
+    /// Directory for volume and image records (no keys, no credentials).
+    /// A tmpfs such as /run fits: volumes do not survive a reboot either.
+    #[arg(long, env = "CREDLET_STATE_DIR", default_value = "/run/credlet")]
     pub state_dir: PathBuf,
     /// The kubelet's root directory; every target path must be below it.
     #[arg(long, env = "CREDLET_KUBELET_ROOT", default_value = "/var/lib/kubelet")]
@@ -87,6 +88,63 @@ pub struct AgentArgs {
     /// Shortest certificate lifetime the development CA issues, in seconds.
     #[arg(long, env = "CREDLET_DEV_CA_MIN_DURATION_S", default_value_t = 1)]
     pub dev_ca_min_duration_s: u64,
+    /// Image guard: the CRI socket credlet serves to the kubelet
+    /// (`containerRuntimeEndpoint` / `imageServiceEndpoint`). Without it the
+    /// image guard is off.
+    #[arg(long, env = "CREDLET_CRI_LISTEN")]
+    pub cri_listen: Option<String>,
+    /// Image guard: the real runtime's CRI socket.
+    #[arg(
+        long,
+        env = "CREDLET_CRI_UPSTREAM",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub cri_upstream: String,
+    /// Image guard: node-wide verification policy (NeverVerify,
+    /// NeverVerifyPreloadedImages, NeverVerifyAllowlistedImages,
+    /// AlwaysVerify).
+    #[arg(
+        long,
+        env = "CREDLET_IMAGE_POLICY",
+        default_value = "NeverVerifyPreloadedImages"
+    )]
+    pub image_policy: String,
+    /// Image guard: per-namespace policy overrides, `namespace=Policy`.
+    #[arg(long, env = "CREDLET_IMAGE_POLICY_NAMESPACES", value_delimiter = ',')]
+    pub image_policy_namespace: Vec<String>,
+    /// Image guard: repositories never verified under
+    /// NeverVerifyAllowlistedImages (`registry/repo`, or `registry/path/*`).
+    #[arg(long, env = "CREDLET_IMAGE_ALLOWLIST", value_delimiter = ',')]
+    pub image_allowlist: Vec<String>,
+    /// Image guard: `enforce`, or `audit` (decide, log, count and emit
+    /// Events, never block).
+    #[arg(long, env = "CREDLET_IMAGE_GUARD_MODE", default_value = "enforce")]
+    pub image_guard_mode: String,
+    /// Image guard: how long a positive verification holds (`24h`, `90m`).
+    #[arg(long, env = "CREDLET_IMAGE_VERIFICATION_TTL", default_value = "24h")]
+    pub image_verification_ttl: String,
+    /// Image guard: extra root CA files (PEM) to trust for registries.
+    #[arg(long, env = "CREDLET_REGISTRY_CA", value_delimiter = ',')]
+    pub registry_ca: Vec<PathBuf>,
+    /// Kubeconfig for the pod watch and Events (default: in-cluster, or
+    /// $KUBECONFIG).
+    #[arg(long, env = "CREDLET_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Validated image guard configuration.
+#[derive(Debug, Clone)]
+pub struct ImageGuardConfig {
+    /// Socket served to the kubelet.
+    pub listen: PathBuf,
+    /// The runtime's socket.
+    pub upstream: PathBuf,
+    /// The policy.
+    pub policy: credlet_imageguard::policy::GuardPolicy,
+    /// Extra registry root CAs, PEM.
+    pub registry_roots: Vec<String>,
+    /// Kubeconfig path, if not in-cluster / $KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// `credlet demo` flags.
@@ -107,8 +165,10 @@ pub struct DemoArgs {
 /// Validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// CSI socket path.
-    pub csi_socket: PathBuf,
+    /// CSI socket path (`None`: CSI off).
+    pub csi_socket: Option<PathBuf>,
+    /// The image guard (`None`: off).
+    pub image_guard: Option<ImageGuardConfig>,
     /// Node name.
     pub node_id: String,
     /// State directory.
@@ -147,16 +207,20 @@ fn err(message: impl Into<String>) -> ConfigError {
 impl AgentArgs {
     /// Checks every flag and resolves paths.
     pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
-        let socket = self
+        let csi_socket = self
             .csi_endpoint
-            .strip_prefix("unix://")
-            .unwrap_or(&self.csi_endpoint);
-        let csi_socket = PathBuf::from(socket);
-        if !csi_socket.is_absolute() {
-            return Err(err(format!(
-                "--csi-endpoint {:?} must be an absolute socket path",
-                self.csi_endpoint
-            )));
+            .as_deref()
+            .map(|s| socket_path("--csi-endpoint", s))
+            .transpose()?;
+        let image_guard = self
+            .cri_listen
+            .as_deref()
+            .map(|listen| self.image_guard(listen))
+            .transpose()?;
+        if csi_socket.is_none() && image_guard.is_none() {
+            return Err(err(
+                "nothing to serve: pass --csi-endpoint (pod certificates) and/or --cri-listen (image guard)",
+            ));
         }
         if self.node_id.trim().is_empty() || self.node_id.len() > 253 {
             return Err(err("--node-id must be 1-253 characters"));
@@ -172,7 +236,7 @@ impl AgentArgs {
         if self.token_audience.trim().is_empty() {
             return Err(err("--token-audience must not be empty"));
         }
-        if !self.dev_ca {
+        if csi_socket.is_some() && !self.dev_ca {
             return Err(err(
                 "no CA configured: the remote CA client is not available yet; pass --dev-ca for local testing",
             ));
@@ -195,13 +259,15 @@ impl AgentArgs {
         if self.dev_ca_min_duration_s == 0 {
             return Err(err("--dev-ca-min-duration-s must be at least 1"));
         }
-        if !self.plain_directories && !rustix::process::geteuid().is_root() {
+        if csi_socket.is_some() && !self.plain_directories && !rustix::process::geteuid().is_root()
+        {
             return Err(err(
                 "mounting tmpfs volumes needs root (CAP_SYS_ADMIN); run as root or pass --plain-directories for development",
             ));
         }
         Ok(AgentConfig {
             csi_socket,
+            image_guard,
             node_id: self.node_id.clone(),
             state_dir: self.state_dir.clone(),
             kubelet_root,
@@ -216,6 +282,76 @@ impl AgentArgs {
             dev_ca_min_duration: Duration::from_secs(self.dev_ca_min_duration_s),
         })
     }
+}
+
+impl AgentArgs {
+    fn image_guard(&self, listen: &str) -> Result<ImageGuardConfig, ConfigError> {
+        use credlet_imageguard::policy::{GuardPolicy, Mode, VerifyPolicy};
+        use credlet_imageguard::reference::Allowlist;
+        let listen = socket_path("--cri-listen", listen)?;
+        let upstream = socket_path("--cri-upstream", &self.cri_upstream)?;
+        if listen == upstream {
+            return Err(err("--cri-listen and --cri-upstream must differ"));
+        }
+        let default: VerifyPolicy = self
+            .image_policy
+            .parse()
+            .map_err(|e| err(format!("--image-policy: {e}")))?;
+        let mut namespaces = std::collections::HashMap::new();
+        for entry in &self.image_policy_namespace {
+            let (ns, policy) = entry.split_once('=').ok_or_else(|| {
+                err(format!(
+                    "--image-policy-namespace {entry:?} must be namespace=Policy"
+                ))
+            })?;
+            let policy: VerifyPolicy = policy
+                .parse()
+                .map_err(|e| err(format!("--image-policy-namespace {entry:?}: {e}")))?;
+            namespaces.insert(ns.trim().to_owned(), policy);
+        }
+        let allowlist = Allowlist::parse(&self.image_allowlist)
+            .map_err(|e| err(format!("--image-allowlist: {e}")))?;
+        let mode = match self.image_guard_mode.as_str() {
+            "enforce" => Mode::Enforce,
+            "audit" => Mode::Audit,
+            other => {
+                return Err(err(format!(
+                    "--image-guard-mode {other:?} must be enforce or audit"
+                )));
+            }
+        };
+        let ttl = credlet_csi::attributes::parse_duration(&self.image_verification_ttl)
+            .map_err(|e| err(format!("--image-verification-ttl: {e}")))?;
+        let mut registry_roots = Vec::new();
+        for path in &self.registry_ca {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("--registry-ca {}: {e}", path.display())))?;
+            registry_roots.push(pem);
+        }
+        Ok(ImageGuardConfig {
+            listen,
+            upstream,
+            policy: GuardPolicy {
+                default,
+                namespaces,
+                allowlist,
+                mode,
+                ttl,
+            },
+            registry_roots,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+}
+
+fn socket_path(flag: &str, raw: &str) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(raw.strip_prefix("unix://").unwrap_or(raw));
+    if !path.is_absolute() {
+        return Err(err(format!(
+            "{flag} {raw:?} must be an absolute socket path"
+        )));
+    }
+    Ok(path)
 }
 
 fn canonical_dir(flag: &str, path: &Path) -> Result<PathBuf, ConfigError> {

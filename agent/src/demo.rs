@@ -70,8 +70,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .join(VOLUME_NAME);
     std::fs::create_dir_all(&target_parent)?;
     let target = target_parent.join("mount");
+    let csi_socket = base.join("csi.sock");
     let config = AgentConfig {
-        csi_socket: base.join("csi.sock"),
+        csi_socket: Some(csi_socket.clone()),
+        image_guard: None,
         node_id: "demo-node".into(),
         state_dir: base.join("state"),
         kubelet_root: kubelet_root.canonicalize()?,
@@ -91,7 +93,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let authority = Authority::generate_self_signed(policy)?;
     let issuer = Arc::new(EmbeddedIssuer::trusting_claimed_identity(authority));
     let agent = Agent::start(&config, issuer).await?;
-    let listener = credlet_csi::server::bind_unix_socket(&config.csi_socket)?;
+    let listener = credlet_csi::server::bind_unix_socket(&csi_socket)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(credlet_csi::server::serve(
         listener,
@@ -104,11 +106,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    println!("  CSI socket    {}", config.csi_socket.display());
+    println!("  CSI socket    {}", csi_socket.display());
     println!("  CA            embedded development CA (trust domain cluster.local)");
     println!();
 
-    let channel = crate::client::unix_channel(&config.csi_socket).await?;
+    let channel = crate::client::unix_channel(&csi_socket).await?;
     let result = kubelet(channel, &target, &pod_uid, &args, started).await;
 
     let _ = stop_tx.send(());

@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
 use crate::error::Error;
 use crate::paths::{TargetPath, os_bytes};
@@ -161,44 +161,47 @@ impl TargetDir {
     /// Walks from the kubelet root to the target's parent; every component
     /// must be a real directory. `Ok(None)` if the parent does not exist.
     pub fn open_parent(root: &OwnedFd, target: &TargetPath) -> Result<Option<Self>, Error> {
-        let parts = target.components_below_root();
-        let (name, dirs) = parts.split_last().ok_or_else(|| Error::UnsafeTarget {
+        let below = target.below_root();
+        let (Some(name), Some(dirs)) = (below.file_name(), below.parent()) else {
+            return Err(Error::UnsafeTarget {
+                path: target.as_path().to_owned(),
+                component: String::new(),
+            });
+        };
+        let unsafe_target = |component: String| Error::UnsafeTarget {
             path: target.as_path().to_owned(),
-            component: String::new(),
-        })?;
-        let mut current: Option<OwnedFd> = None;
-        for part in dirs {
-            let at = current.as_ref().map_or(root.as_fd(), AsFd::as_fd);
-            match rustix::fs::openat(
-                at,
-                os_bytes(part),
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => current = Some(fd),
-                Err(e) if e == rustix::io::Errno::NOENT => return Ok(None),
-                Err(e) if is_symlink_error(e) => {
-                    return Err(Error::UnsafeTarget {
-                        path: target.as_path().to_owned(),
-                        component: part.to_string_lossy().into_owned(),
-                    });
-                }
-                Err(e) => return Err(Error::io("open", target.as_path(), e.into())),
+            component,
+        };
+        // One openat2 that refuses every symlink and any escape from the
+        // root; the component-by-component walk is the fallback for
+        // kernels without openat2 (before 5.6).
+        let relative: &[u8] = match os_bytes(dirs.as_os_str()) {
+            b"" => b".",
+            bytes => bytes,
+        };
+        let parent = match rustix::fs::openat2(
+            root,
+            relative,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => fd,
+            Err(e) if e == rustix::io::Errno::NOENT => return Ok(None),
+            Err(e) if is_symlink_error(e) || e == rustix::io::Errno::XDEV => {
+                return Err(unsafe_target(
+                    String::from_utf8_lossy(relative).into_owned(),
+                ));
             }
-        }
-        let parent = match current {
-            Some(fd) => fd,
-            None => rustix::fs::openat(
-                root,
-                ".",
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| Error::io("open", target.as_path(), e.into()))?,
+            Err(e) if e == rustix::io::Errno::NOSYS => match walk(root, dirs, target)? {
+                Some(fd) => fd,
+                None => return Ok(None),
+            },
+            Err(e) => return Err(Error::io("open", target.as_path(), e.into())),
         };
         Ok(Some(Self {
             parent,
-            name: name.clone(),
+            name: name.into(),
             path: target.as_path().to_owned(),
         }))
     }
@@ -277,6 +280,42 @@ impl TargetDir {
     }
 }
 
+/// Opens `dirs` below `root` one component at a time, each with
+/// `O_NOFOLLOW`.
+fn walk(root: &OwnedFd, dirs: &Path, target: &TargetPath) -> Result<Option<OwnedFd>, Error> {
+    let mut current: Option<OwnedFd> = None;
+    for part in dirs.iter() {
+        let at = current.as_ref().map_or(root.as_fd(), AsFd::as_fd);
+        match rustix::fs::openat(
+            at,
+            os_bytes(part),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => current = Some(fd),
+            Err(e) if e == rustix::io::Errno::NOENT => return Ok(None),
+            Err(e) if is_symlink_error(e) => {
+                return Err(Error::UnsafeTarget {
+                    path: target.as_path().to_owned(),
+                    component: part.to_string_lossy().into_owned(),
+                });
+            }
+            Err(e) => return Err(Error::io("open", target.as_path(), e.into())),
+        }
+    }
+    match current {
+        Some(fd) => Ok(Some(fd)),
+        None => rustix::fs::openat(
+            root,
+            ".",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(Some)
+        .map_err(|e| Error::io("open", target.as_path(), e.into())),
+    }
+}
+
 /// Removes everything inside `dir` without following symlinks.
 fn clear_directory(dir: &OwnedFd) -> io::Result<()> {
     for name in list(dir)? {
@@ -337,7 +376,7 @@ pub fn write_atomically(
     let previous = current_payload_dir(dir)?;
     let stamp = payload_dir_name(SystemTime::now());
     let dir_mode = if gid.is_some() { 0o750 } else { 0o755 };
-    rustix::fs::mkdirat(dir, stamp.as_str(), Mode::from_raw_mode(0o700))?;
+    rustix::fs::mkdirat(dir, stamp.as_str(), Mode::from_raw_mode(dir_mode))?;
     let payload = rustix::fs::openat(
         dir,
         stamp.as_str(),
@@ -349,14 +388,24 @@ pub fn write_atomically(
             &payload,
             file.name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
+            Mode::from_raw_mode(file.mode),
         )?;
-        syscalls.fchown(fd.as_fd(), gid)?;
-        syscalls.fchmod(fd.as_fd(), file.mode)?;
+        // Created with its final mode: the bits we use (0400/0440/0444) are
+        // never masked by a usual umask; fchmod only if one did.
+        if gid.is_some() {
+            syscalls.fchown(fd.as_fd(), gid)?;
+        }
+        if umask_strips(file.mode) {
+            syscalls.fchmod(fd.as_fd(), file.mode)?;
+        }
         File::from(fd).write_all(file.contents)?;
     }
-    syscalls.fchown(payload.as_fd(), gid)?;
-    syscalls.fchmod(payload.as_fd(), dir_mode)?;
+    if gid.is_some() {
+        syscalls.fchown(payload.as_fd(), gid)?;
+    }
+    if umask_strips(dir_mode) {
+        syscalls.fchmod(payload.as_fd(), dir_mode)?;
+    }
     drop(payload);
 
     match rustix::fs::unlinkat(dir, DATA_TMP, AtFlags::empty()) {
@@ -367,29 +416,50 @@ pub fn write_atomically(
     rustix::fs::symlinkat(stamp.as_str(), dir, DATA_TMP)?;
     rustix::fs::renameat(dir, DATA_TMP, dir, DATA_DIR)?;
 
-    for file in files {
-        let link = format!("{DATA_DIR}/{}", file.name);
-        match rustix::fs::symlinkat(link.as_str(), dir, file.name) {
-            Ok(()) => {}
-            Err(e) if e == rustix::io::Errno::EXIST => {
-                let current = rustix::fs::readlinkat(dir, file.name, Vec::new());
-                if current
-                    .map(|c| c.as_bytes() != link.as_bytes())
-                    .unwrap_or(true)
-                {
-                    rustix::fs::unlinkat(dir, file.name, AtFlags::empty())?;
-                    rustix::fs::symlinkat(link.as_str(), dir, file.name)?;
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    ensure_visible_links(dir, &files.iter().map(|f| f.name).collect::<Vec<_>>())?;
     if let Some(previous) = previous
         && previous != stamp
     {
         remove_payload_dir(dir, &previous)?;
     }
     Ok(())
+}
+
+/// Makes every visible name a symlink to `..data/<name>` (creating or
+/// replacing what is there). Returns how many links were (re)made.
+pub fn ensure_visible_links(dir: &OwnedFd, names: &[&str]) -> io::Result<usize> {
+    let mut made = 0;
+    for name in names {
+        let link = format!("{DATA_DIR}/{name}");
+        match rustix::fs::readlinkat(dir, *name, Vec::new()) {
+            Ok(current) if current.as_bytes() == link.as_bytes() => continue,
+            Ok(_) => rustix::fs::unlinkat(dir, *name, AtFlags::empty())?,
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            // Not a symlink (EINVAL): something else squats on the name.
+            Err(e) if e == rustix::io::Errno::INVAL => {
+                remove_payload_dir(dir, name)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        rustix::fs::symlinkat(link.as_str(), dir, *name)?;
+        made += 1;
+    }
+    Ok(made)
+}
+
+/// The process umask, read once (reading it means setting it, so it is
+/// restored immediately, before any other thread creates files).
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let old = rustix::process::umask(Mode::from_raw_mode(0o022));
+        rustix::process::umask(old);
+        old.bits()
+    })
+}
+
+fn umask_strips(mode: u32) -> bool {
+    mode & umask() != 0
 }
 
 /// Removes payload directories and temporary links that `..data` does not

@@ -67,8 +67,8 @@ impl std::fmt::Display for VolumeId {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetPath {
     full: PathBuf,
-    /// Components below the kubelet root, the last one being the mount point.
-    relative: Vec<Box<OsStr>>,
+    /// Byte offset in `full` where the part below the kubelet root starts.
+    below: usize,
 }
 
 impl TargetPath {
@@ -111,11 +111,11 @@ impl TargetPath {
         let Ok(below) = full.strip_prefix(kubelet_root) else {
             return Err(bad("must be below the kubelet root directory"));
         };
-        let relative: Vec<Box<OsStr>> = below.iter().map(Box::from).collect();
-        if relative.is_empty() {
+        if below.as_os_str().is_empty() {
             return Err(bad("must be below the kubelet root directory"));
         }
-        Ok(Self { full, relative })
+        let below = full.as_os_str().len() - below.as_os_str().len();
+        Ok(Self { full, below })
     }
 
     /// The normalised absolute path.
@@ -123,9 +123,12 @@ impl TargetPath {
         &self.full
     }
 
-    /// Components below the kubelet root; the last is the mount point.
-    pub fn components_below_root(&self) -> &[Box<OsStr>] {
-        &self.relative
+    /// The path below the kubelet root (relative, non-empty); its last
+    /// component is the mount point.
+    pub fn below_root(&self) -> &Path {
+        Path::new(OsStr::from_bytes(
+            &self.full.as_os_str().as_bytes()[self.below..],
+        ))
     }
 }
 
@@ -190,7 +193,11 @@ mod tests {
             root,
         )
         .expect("valid");
-        assert_eq!(ok.components_below_root().len(), 6);
+        assert_eq!(ok.below_root().components().count(), 6);
+        assert_eq!(
+            ok.below_root(),
+            Path::new("pods/uid/volumes/kubernetes.io~csi/certs/mount")
+        );
         assert_eq!(
             ok.as_path(),
             Path::new("/var/lib/kubelet/pods/uid/volumes/kubernetes.io~csi/certs/mount")

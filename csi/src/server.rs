@@ -26,6 +26,9 @@ use crate::error::{Error, InputError};
 use crate::paths::{TargetPath, VolumeId};
 use crate::volumes::{PublishRequest, VolumeManager};
 
+/// Most CSI calls served at once per connection.
+pub const MAX_CONCURRENT_CALLS: usize = 256;
+
 /// Default CSI driver name.
 pub const DEFAULT_DRIVER_NAME: &str = "csi.credlet.io";
 
@@ -284,6 +287,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        // The kubelet multiplexes every call over one connection; bound the
+        // work it can have in flight at once.
+        .concurrency_limit_per_connection(MAX_CONCURRENT_CALLS)
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

@@ -20,8 +20,8 @@ use tokio::sync::Mutex;
 use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
 use crate::error::{Error, InputError};
 use crate::fsops::{
-    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, has_payload, read_current,
-    remove_stale_payloads, write_atomically,
+    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, ensure_visible_links, has_payload,
+    read_current, remove_stale_payloads, write_atomically,
 };
 use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError};
 use crate::metrics::{Metrics, Operation, Outcome};
@@ -97,7 +97,9 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 struct Volume {
     target: TargetPath,
-    raw_attributes: BTreeMap<String, String>,
+    /// Hash of the `credlet.io/` attributes as sent, to tell a republish
+    /// from a conflicting publish without keeping a copy.
+    fingerprint: u64,
     attributes: VolumeAttributes,
     names: ExpandedNames,
     pod: PodIdentity,
@@ -112,13 +114,13 @@ impl Volume {
         self.attributes.fs_group.or(self.volume_mount_group)
     }
 
-    fn record(&self, id: &VolumeId) -> VolumeRecord {
+    fn record(&self, id: &VolumeId, attributes: &BTreeMap<String, String>) -> VolumeRecord {
         VolumeRecord {
             version: RECORD_VERSION,
             volume_id: id.to_string(),
             target_path: self.target.as_path().to_owned(),
             pod: self.pod.clone(),
-            attributes: self.raw_attributes.clone(),
+            attributes: attributes.clone(),
             volume_mount_group: self.volume_mount_group,
             certificate: self.certificate.clone(),
         }
@@ -145,6 +147,13 @@ pub struct VolumeManager {
     rotation: RotationHandle,
     metrics: Metrics,
     recovered: AtomicBool,
+}
+
+fn fingerprint(attributes: &BTreeMap<String, String>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    attributes.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -246,7 +255,7 @@ impl VolumeManager {
         })?;
         let mut volume = Volume {
             target: request.target,
-            raw_attributes: request.raw_attributes,
+            fingerprint: fingerprint(&request.raw_attributes),
             attributes: request.attributes,
             names,
             pod: request.pod,
@@ -257,11 +266,13 @@ impl VolumeManager {
         };
         let result = async {
             // The record goes first: a crash after mounting must be found.
-            self.state.save(&id, &volume.record(&id))?;
+            self.state
+                .save(&id, &volume.record(&id, &request.raw_attributes))?;
             let dir = self.ensure_mounted(&target, volume.gid())?;
             let certificate = self.issue_into(&id, &volume, &dir).await?;
             volume.certificate = Some(certificate);
-            self.state.save(&id, &volume.record(&id))?;
+            self.state
+                .save(&id, &volume.record(&id, &request.raw_attributes))?;
             Ok::<_, Error>(())
         }
         .await;
@@ -313,7 +324,7 @@ impl VolumeManager {
                 difference: "a different target path",
             });
         }
-        if volume.raw_attributes != request.raw_attributes
+        if volume.fingerprint != fingerprint(&request.raw_attributes)
             || volume.pod != request.pod
             || volume.volume_mount_group != request.volume_mount_group
         {
@@ -335,7 +346,14 @@ impl VolumeManager {
                 .map(|t| t.open())
                 .transpose()?
                 .flatten()
-                .is_some_and(|dir| has_payload(&dir));
+                .is_some_and(|dir| {
+                    has_payload(&dir)
+                        && ensure_visible_links(
+                            &dir,
+                            &volume.attributes.files.iter().collect::<Vec<_>>(),
+                        )
+                        .is_ok()
+                });
             if intact {
                 self.metrics.republishes.inc();
                 return Ok(());
@@ -376,9 +394,8 @@ impl VolumeManager {
                 volume.certificate = Some(certificate);
                 volume.failures = 0;
                 self.metrics.issued(operation, Outcome::Success);
-                if let Err(error) = self.state.save(id, &volume.record(id)) {
-                    tracing::error!(volume_id = %id, %error, "saving volume state");
-                }
+                // The record is not rewritten: recovery reads the facts of
+                // the current certificate back from the volume itself.
                 self.rotation.schedule(id.clone(), next);
                 Ok(next)
             }
@@ -391,13 +408,18 @@ impl VolumeManager {
 
     /// Mounts the volume's tmpfs if it is not mounted yet and opens it.
     fn ensure_mounted(&self, target: &TargetDir, gid: Option<u32>) -> Result<OwnedFd, Error> {
-        target.create()?;
         let open = || {
             target.open()?.ok_or_else(|| Error::TargetParentMissing {
                 path: target.path().to_owned(),
             })
         };
-        let dir = open()?;
+        let dir = match target.open()? {
+            Some(dir) => dir,
+            None => {
+                target.create()?;
+                open()?
+            }
+        };
         let options = TmpfsOptions {
             size_bytes: self.config.tmpfs_size_bytes,
             gid,
@@ -681,7 +703,7 @@ impl VolumeManager {
         };
         let mut volume = Volume {
             target,
-            raw_attributes: record.attributes,
+            fingerprint: fingerprint(&record.attributes),
             attributes,
             names,
             pod: record.pod,
@@ -698,23 +720,22 @@ impl VolumeManager {
         }
         volume.certificate = self.check_files(&fd, &volume, record.certificate.as_ref());
         let now = SystemTime::now();
-        let outcome = match &volume.certificate {
+        let (outcome, delay) = match &volume.certificate {
             Some(c) if c.not_after > secs(now) && c.renew_at_ms > millis(now) => {
-                self.rotation
-                    .schedule(id.clone(), until(from_millis(c.renew_at_ms), now));
-                Recovered::Resumed
+                (Recovered::Resumed, until(from_millis(c.renew_at_ms), now))
             }
-            _ => {
-                self.rotation.schedule(id.clone(), Duration::ZERO);
-                Recovered::Reissue
-            }
+            _ => (Recovered::Reissue, Duration::ZERO),
         };
         if volume.certificate != record.certificate {
-            self.state.save(&id, &volume.record(&id))?;
+            self.state
+                .save(&id, &volume.record(&id, &record.attributes))?;
         }
+        // The volume goes into its slot before its timer is armed: a timer
+        // firing first would find nothing and be dropped for good.
         *self.slot(&id).try_lock().map_err(|_| Error::NotReady {
             reason: "volume busy during recovery",
         })? = Some(volume);
+        self.rotation.schedule(id, delay);
         Ok(outcome)
     }
 
@@ -734,6 +755,12 @@ impl VolumeManager {
         ];
         names.extend(files.credential_bundle.as_deref());
         let contents = read_current(dir, &names).ok()??;
+        // A writer killed between the ..data swap and the links leaves a
+        // complete payload the pod can not see: restore the links.
+        if let Err(error) = ensure_visible_links(dir, &names) {
+            tracing::warn!(target = %volume.target.as_path().display(), %error, "restoring visible file names");
+            return None;
+        }
         let key = std::str::from_utf8(&contents[0]).ok()?;
         let chain = std::str::from_utf8(&contents[1]).ok()?;
         if !credlet_ca::key_matches_certificate(key, chain).ok()? {

@@ -14,3 +14,16 @@
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }
+
+/// The CRI v1 messages the CRI proxy reads or answers (no services: the
+/// proxy forwards at the HTTP/2 level).
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}

@@ -1,1 +1,16 @@
-//! Integration tests and benchmarks of credlet (in progress).
+//! Integration tests and benchmarks of credlet against real processes,
+//! Unix sockets and tmpfs mounts (run as root).
+//!
+//! [`harness`] starts the agent binary in a throw-away kubelet root, talks
+//! CSI to it over its socket and checks what it writes.
+
+pub mod harness;
+
+/// Path of the agent binary built by this package, for integration tests
+/// (`CARGO_BIN_EXE_*` is only set when compiling tests and benches).
+#[macro_export]
+macro_rules! agent_bin {
+    () => {
+        env!("CARGO_BIN_EXE_credlet-under-test")
+    };
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs the real components that credlet-test-util drives (Debian packages only).
+# Idempotent: skips apt entirely when everything is present. Needs root.
+set -euo pipefail
+
+pkgs=(
+  docker-registry   # CNCF distribution 2.8 (binary: docker-registry)
+  apache2-utils     # htpasswd -B (bcrypt) for the registry's htpasswd file
+  containerd        # containerd 1.6 with the CRI plugin, ctr, containerd-shim-runc-v2
+  runc              # OCI runtime behind the runc v2 shim
+  skopeo            # pushes the OCI layouts the harness writes to the test registries
+  protobuf-compiler # protoc, needed by the k8s-cri crate's build script (dev-dependency)
+  gcc               # compiles the static pause binary (cc -static)
+  libc6-dev         # libc.a for that static build
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # No recommends: keeps docker.io and friends out.
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# On a machine with systemd the packages start their own docker-registry
+# (port 5000) and containerd (/run/containerd). The harness runs private
+# instances and needs neither; stop them. (No systemd here: nothing runs.)
+for svc in docker-registry containerd; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
+
+for bin in docker-registry htpasswd containerd containerd-shim-runc-v2 ctr runc skopeo protoc cc; do
+  command -v "$bin" >/dev/null || { echo "install-deps: $bin missing after install" >&2; exit 1; }
+done
+echo "install-deps: ok"
