@@ -37,9 +37,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Runtime threads: `CREDLET_WORKER_THREADS`, default 1. A node agent's work
+/// is short CPU bursts; one thread avoids cross-thread wake-ups, which cost
+/// more than the work itself.
+fn worker_threads() -> usize {
+    std::env::var("CREDLET_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or(1)
+}
+
 fn run_async(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
     {

@@ -520,24 +520,25 @@ impl ImageGuard {
         let result = self
             .records
             .update(&image.id, Provenance::Credentials, |r| {
-                if public {
+                let mut changed = false;
+                if public && r.provenance != Provenance::Anonymous {
                     r.provenance = Provenance::Anonymous;
+                    changed = true;
                 }
-                r.repositories.insert(reference.name());
-                let at = r
-                    .verified
-                    .entry(credential_id.clone())
-                    .or_insert(verified_at);
-                *at = (*at).max(verified_at);
+                changed |= r.repositories.insert(reference.name());
+                let at = r.verified.entry(credential_id.clone()).or_insert(0);
+                if *at < verified_at {
+                    *at = verified_at;
+                    changed = true;
+                }
                 if let Some(pod) = &pod {
-                    r.grants.insert(
-                        pod.uid.clone(),
-                        Grant {
-                            credential: credential_id.clone(),
-                            verified_at,
-                        },
-                    );
+                    let grant = Grant {
+                        credential: credential_id.clone(),
+                        verified_at,
+                    };
+                    changed |= r.grants.insert(pod.uid.clone(), grant.clone()) != Some(grant);
                 }
+                changed
             });
         if let Err(error) = result {
             // The decision stands for this call; it is just not remembered.
@@ -659,6 +660,7 @@ impl ImageGuard {
                     },
                 );
             }
+            true
         });
         if let Err(error) = result {
             tracing::error!(%error, "writing image record");

@@ -201,9 +201,23 @@ impl RecordStore {
                     self.records.insert(record.image_id.clone(), record);
                 }
                 _ => {
-                    tracing::warn!(path = %path.display(), "image record unreadable or not authentic; dropped (its images will be verified again)");
-                    let _ = fs::remove_file(&path);
                     dropped += 1;
+                    let _ = fs::remove_file(&path);
+                    // Fail closed: an image whose record is lost must not
+                    // look preloaded (unprotected under the default
+                    // policy). Keep it as private with no verifications, so
+                    // every pod proves access again.
+                    match image_id_of(name) {
+                        Some(image_id) => {
+                            tracing::warn!(path = %path.display(), image_id, "image record unreadable or not authentic; kept as private with no verifications");
+                            let record = ImageRecord::new(&image_id, Provenance::Credentials);
+                            self.write(&record)?;
+                            self.records.insert(image_id, record);
+                        }
+                        None => {
+                            tracing::warn!(path = %path.display(), "unreadable file in the image records dropped");
+                        }
+                    }
                 }
             }
         }
@@ -245,19 +259,24 @@ impl RecordStore {
     }
 
     /// Changes (or creates, with `provenance`) the record of `image_id`
-    /// and writes it through.
+    /// and writes it through — only if `change` reports a change or the
+    /// record is new, so a decision that changes nothing costs no I/O.
     pub fn update(
         &self,
         image_id: &str,
         provenance: Provenance,
-        change: impl FnOnce(&mut ImageRecord),
+        change: impl FnOnce(&mut ImageRecord) -> bool,
     ) -> Result<(), RecordError> {
-        let mut entry = self
-            .records
-            .entry(image_id.to_owned())
-            .or_insert_with(|| ImageRecord::new(image_id, provenance));
-        change(entry.value_mut());
-        self.write(entry.value())
+        let mut created = false;
+        let mut entry = self.records.entry(image_id.to_owned()).or_insert_with(|| {
+            created = true;
+            ImageRecord::new(image_id, provenance)
+        });
+        let changed = change(entry.value_mut());
+        if changed || created {
+            self.write(entry.value())?;
+        }
+        Ok(())
     }
 
     fn write(&self, record: &ImageRecord) -> Result<(), RecordError> {
@@ -348,6 +367,16 @@ fn file_name(image_id: &str) -> String {
     }
 }
 
+/// The image id a record file name stands for (`sha256-<hex>.json`).
+fn image_id_of(file_name: &str) -> Option<String> {
+    let stem = file_name.strip_suffix(".json")?;
+    let (algorithm, hex) = stem.split_once('-')?;
+    let valid = matches!(algorithm, "sha256" | "sha384" | "sha512")
+        && !hex.is_empty()
+        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    valid.then(|| format!("{algorithm}:{hex}"))
+}
+
 fn load_or_create_secret(path: &Path) -> Result<[u8; SECRET_LEN], RecordError> {
     match fs::read(path) {
         Ok(bytes) => {
@@ -417,6 +446,7 @@ mod tests {
                         verified_at: unix(SystemTime::now()),
                     },
                 );
+                true
             })
             .expect("update");
     }
@@ -462,7 +492,15 @@ mod tests {
         fs::write(&file, text.replace("pod-1", "pod-2")).expect("tamper");
         let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
         assert_eq!(dropped, 1);
-        assert!(store.get(ID).is_none());
+        // Kept as private with nothing verified: fail closed, not open.
+        let kept = store.get(ID).expect("tombstone");
+        assert_eq!(kept.provenance, Provenance::Credentials);
+        assert!(kept.grants.is_empty() && kept.verified.is_empty());
+        drop(store);
+        // The tombstone itself is authentic on the next start.
+        let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
+        assert_eq!(dropped, 0);
+        assert!(store.get(ID).is_some());
         drop(store);
 
         let (store, _) = RecordStore::open(tmp.path()).expect("open");
@@ -471,7 +509,13 @@ mod tests {
         fs::write(&file, b"{\"record\":").expect("truncate");
         let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
         assert_eq!(dropped, 1);
-        assert!(store.is_empty());
+        assert!(store.get(ID).expect("tombstone").grants.is_empty());
+        // A stray file that names no image is just dropped.
+        fs::write(tmp.path().join("imageguard/images/junk.json"), b"x").expect("junk");
+        drop(store);
+        let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
+        assert_eq!(dropped, 1);
+        assert_eq!(store.len(), 1);
     }
 
     #[test]
