@@ -99,9 +99,6 @@ impl Agent {
         issuer: Arc<dyn credlet_csi::Issuer>,
     ) -> anyhow::Result<Self> {
         let syscalls: Arc<dyn NodeSyscalls> = if config.plain_directories {
-            tracing::warn!(
-                "volumes are plain directories, not tmpfs mounts (--plain-directories): development only"
-            );
             Arc::new(PlainDirectories)
         } else {
             Arc::new(LinuxSyscalls)
