@@ -475,10 +475,7 @@ impl ImageGuard {
             {
                 Ok(Access::Granted) => Outcome::Verified,
                 Ok(Access::Denied { reason }) => {
-                    let who = pod.as_ref().map_or_else(
-                        || "the pod".to_owned(),
-                        |p| format!("pod {}/{}", p.namespace, p.name),
-                    );
+                    let who = describe(pod.as_ref());
                     let reason = format!(
                         "credentials of {who} are not authorized for cached image {reference}: {reason}"
                     );
@@ -555,10 +552,7 @@ impl ImageGuard {
         if self.wants_fresh_tag(&reference, pod.as_ref()) {
             // `imagePullPolicy: Always` on a tag: the runtime must resolve
             // the tag again; access is already proven.
-            return match upstream.forward_buffered(call.parts, call.body).await {
-                Ok(b) => b.into_response(),
-                Err(e) => e.to_response(),
-            };
+            return forward(call, upstream).await;
         }
         grpc::ok_response(&PullImageResponse {
             image_ref: image.id.clone(),
@@ -605,10 +599,7 @@ impl ImageGuard {
             reason: &reason,
         });
         if self.audit() {
-            return match upstream.forward_buffered(call.parts, call.body).await {
-                Ok(b) => b.into_response(),
-                Err(e) => e.to_response(),
-            };
+            return forward(call, upstream).await;
         }
         grpc::error_response(code, &format!("credlet: {reason}"))
     }
@@ -729,10 +720,7 @@ impl ImageGuard {
             .as_ref()
             .is_some_and(|p| self.has_grant(&image.id, &p.uid, SystemTime::now()));
         if required && !granted {
-            let who = pod.as_ref().map_or_else(
-                || "the pod".to_owned(),
-                |p| format!("pod {}/{}", p.namespace, p.name),
-            );
+            let who = describe(pod.as_ref());
             let reason = format!(
                 "{who} holds no verification of its pull credentials for cached image {reference}"
             );
@@ -776,6 +764,14 @@ async fn forward(call: InspectedCall, upstream: &Upstream) -> Response<ProxyBody
         Ok(b) => b.into_response(),
         Err(e) => e.to_response(),
     }
+}
+
+/// "pod ns/name", or "the pod" when the call named none.
+fn describe(pod: Option<&PodRef>) -> String {
+    pod.map_or_else(
+        || "the pod".to_owned(),
+        |p| format!("pod {}/{}", p.namespace, p.name),
+    )
 }
 
 fn invalid(rpc: Rpc, error: &prost::DecodeError) -> Response<ProxyBody> {
