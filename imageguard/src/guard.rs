@@ -154,6 +154,13 @@ struct Decision<'a> {
     reason: &'a str,
 }
 
+/// Why a call is refused, and with which gRPC code.
+struct Refusal {
+    code: Code,
+    outcome: Outcome,
+    reason: String,
+}
+
 impl ImageGuard {
     /// Builds the guard.
     pub fn new(
@@ -448,68 +455,21 @@ impl ImageGuard {
         let outcome = if cached_at.is_some() {
             Outcome::VerifiedCached
         } else {
-            let digest = manifest_digest(&reference, &image);
-            let Some(digest) = digest else {
-                let reason = format!(
-                    "cached image {reference} has no repository digest to check credentials against"
-                );
-                return self
-                    .deny(
-                        rpc,
-                        call,
-                        upstream,
-                        pod.as_ref(),
-                        &requested,
-                        &image.id,
-                        Code::FailedPrecondition,
-                        Outcome::Denied,
-                        reason,
-                    )
-                    .await;
-            };
-            self.metrics.registry_checks.inc();
             match self
-                .verifier
-                .check(&reference, &digest, credential.as_ref())
+                .check_access(&reference, &image, credential.as_ref(), pod.as_ref())
                 .await
             {
-                Ok(Access::Granted) => Outcome::Verified,
-                Ok(Access::Denied { reason }) => {
-                    let who = describe(pod.as_ref());
-                    let reason = format!(
-                        "credentials of {who} are not authorized for cached image {reference}: {reason}"
-                    );
-                    return self
-                        .deny(
-                            rpc,
-                            call,
-                            upstream,
-                            pod.as_ref(),
-                            &requested,
-                            &image.id,
-                            Code::PermissionDenied,
-                            Outcome::Denied,
-                            reason,
-                        )
-                        .await;
-                }
-                Err(error) => {
-                    let reason = format!(
-                        "cannot verify pull credentials for cached image {reference}: {error}; refusing until the registry can be checked"
-                    );
-                    return self
-                        .deny(
-                            rpc,
-                            call,
-                            upstream,
-                            pod.as_ref(),
-                            &requested,
-                            &image.id,
-                            Code::Unavailable,
-                            Outcome::Unavailable,
-                            reason,
-                        )
-                        .await;
+                Ok(outcome) => outcome,
+                Err(refusal) => {
+                    let decision = Decision {
+                        rpc,
+                        pod: pod.as_ref(),
+                        image: &requested,
+                        image_id: &image.id,
+                        outcome: refusal.outcome,
+                        reason: &refusal.reason,
+                    };
+                    return self.deny(call, upstream, refusal.code, decision).await;
                 }
             }
         };
@@ -559,6 +519,45 @@ impl ImageGuard {
         })
     }
 
+    /// Checks the pod's credential against the registry with one manifest
+    /// HEAD on the cached image's digest.
+    async fn check_access(
+        &self,
+        reference: &ImageRef,
+        image: &Image,
+        credential: Option<&Credential>,
+        pod: Option<&PodRef>,
+    ) -> Result<Outcome, Refusal> {
+        let Some(digest) = manifest_digest(reference, image) else {
+            return Err(Refusal {
+                code: Code::FailedPrecondition,
+                outcome: Outcome::Denied,
+                reason: format!(
+                    "cached image {reference} has no repository digest to check credentials against"
+                ),
+            });
+        };
+        self.metrics.registry_checks.inc();
+        match self.verifier.check(reference, &digest, credential).await {
+            Ok(Access::Granted) => Ok(Outcome::Verified),
+            Ok(Access::Denied { reason }) => Err(Refusal {
+                code: Code::PermissionDenied,
+                outcome: Outcome::Denied,
+                reason: format!(
+                    "credentials of {} are not authorized for cached image {reference}: {reason}",
+                    describe(pod)
+                ),
+            }),
+            Err(error) => Err(Refusal {
+                code: Code::Unavailable,
+                outcome: Outcome::Unavailable,
+                reason: format!(
+                    "cannot verify pull credentials for cached image {reference}: {error}; refusing until the registry can be checked"
+                ),
+            }),
+        }
+    }
+
     fn wants_fresh_tag(&self, reference: &ImageRef, pod: Option<&PodRef>) -> bool {
         if reference.digest().is_some() {
             return false;
@@ -572,36 +571,28 @@ impl ImageGuard {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Reports a refusal and answers it — or, in audit mode, reports it as
+    /// `AuditDenied` and forwards the call.
     async fn deny(
         &self,
-        rpc: Rpc,
         call: InspectedCall,
         upstream: &Upstream,
-        pod: Option<&PodRef>,
-        image: &str,
-        image_id: &str,
         code: Code,
-        outcome: Outcome,
-        reason: String,
+        decision: Decision<'_>,
     ) -> Response<ProxyBody> {
-        let outcome = if self.audit() {
-            Outcome::AuditDenied
-        } else {
-            outcome
+        let decision = Decision {
+            outcome: if self.audit() {
+                Outcome::AuditDenied
+            } else {
+                decision.outcome
+            },
+            ..decision
         };
-        self.report(&Decision {
-            rpc,
-            pod,
-            image,
-            image_id,
-            outcome,
-            reason: &reason,
-        });
+        self.report(&decision);
         if self.audit() {
             return forward(call, upstream).await;
         }
-        grpc::error_response(code, &format!("credlet: {reason}"))
+        grpc::error_response(code, &format!("credlet: {}", decision.reason))
     }
 
     /// Sends a pull to the runtime and records how the image was pulled.
@@ -720,22 +711,20 @@ impl ImageGuard {
             .as_ref()
             .is_some_and(|p| self.has_grant(&image.id, &p.uid, SystemTime::now()));
         if required && !granted {
-            let who = describe(pod.as_ref());
             let reason = format!(
-                "{who} holds no verification of its pull credentials for cached image {reference}"
+                "{} holds no verification of its pull credentials for cached image {reference}",
+                describe(pod.as_ref())
             );
+            let decision = Decision {
+                rpc,
+                pod: pod.as_ref(),
+                image: &requested,
+                image_id: &image.id,
+                outcome: Outcome::Denied,
+                reason: &reason,
+            };
             return self
-                .deny(
-                    rpc,
-                    call,
-                    upstream,
-                    pod.as_ref(),
-                    &requested,
-                    &image.id.clone(),
-                    Code::FailedPrecondition,
-                    Outcome::Denied,
-                    reason,
-                )
+                .deny(call, upstream, Code::FailedPrecondition, decision)
                 .await;
         }
         self.report(&Decision {
