@@ -159,7 +159,7 @@ pub async fn run(
         tasks.spawn(async move { csi.serve(stop).await });
     }
     if let Some(guard) = config.image_guard.clone() {
-        let proxy = start_image_guard(&config, &guard).await?;
+        let (proxy, records) = start_image_guard(&config, &guard).await?;
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move {
             let listener = credlet_csi::server::bind_unix_socket(&guard.listen)?;
@@ -174,6 +174,10 @@ pub async fn run(
                 .serve(listener, stop, std::time::Duration::from_secs(30))
                 .await;
             let _ = fs::remove_file(&guard.listen);
+            // Verifications written behind the answers go to disk now.
+            if let Err(error) = records.flush() {
+                tracing::warn!(%error, "writing pending image records at shutdown");
+            }
             Ok(())
         });
     }
@@ -269,9 +273,9 @@ async fn kube_client(guard: &ImageGuardConfig) -> anyhow::Result<kube::Client> {
 async fn start_image_guard(
     config: &AgentConfig,
     guard: &ImageGuardConfig,
-) -> anyhow::Result<Arc<CriProxy>> {
+) -> anyhow::Result<(Arc<CriProxy>, Arc<RecordStore>)> {
     let (records, dropped) =
-        RecordStore::open(&config.state_dir).context("opening the image guard's records")?;
+        RecordStore::open(&guard.records_dir).context("opening the image guard's records")?;
     if dropped > 0 {
         tracing::warn!(
             dropped,
@@ -298,15 +302,16 @@ async fn start_image_guard(
     ));
     let proxy = Arc::new(CriProxy::new(upstream, image_guard));
     let pruner = Arc::clone(&proxy);
+    let pruned = Arc::clone(&records);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            prune_records(&pruner, &records, pods.as_ref()).await;
+            prune_records(&pruner, &pruned, pods.as_ref()).await;
         }
     });
-    Ok(proxy)
+    Ok((proxy, records))
 }
 
 /// Drops records of images the runtime no longer has and grants of pods no

@@ -47,8 +47,8 @@ pub struct AgentArgs {
     /// This node's name, reported by NodeGetInfo.
     #[arg(long, env = "CREDLET_NODE_ID")]
     pub node_id: String,
-    /// Directory for volume and image records (no keys, no credentials).
-    /// A tmpfs such as /run fits: volumes do not survive a reboot either.
+    /// Directory for volume records (no keys, no tokens). A tmpfs such as
+    /// /run fits: volumes do not survive a reboot either.
     #[arg(long, env = "CREDLET_STATE_DIR", default_value = "/run/credlet")]
     pub state_dir: PathBuf,
     /// The kubelet's root directory; every target path must be below it.
@@ -130,6 +130,16 @@ pub struct AgentArgs {
     /// $KUBECONFIG).
     #[arg(long, env = "CREDLET_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Image guard: directory of image records (which credentials proved
+    /// access to which cached image; no credentials themselves). It must
+    /// persist as long as the runtime's images do: on a tmpfs, a reboot
+    /// would make every cached private image look preloaded.
+    #[arg(
+        long,
+        env = "CREDLET_IMAGE_RECORDS_DIR",
+        default_value = "/var/lib/credlet"
+    )]
+    pub image_records_dir: PathBuf,
 }
 
 /// Validated image guard configuration.
@@ -145,6 +155,8 @@ pub struct ImageGuardConfig {
     pub registry_roots: Vec<String>,
     /// Kubeconfig path, if not in-cluster / $KUBECONFIG.
     pub kubeconfig: Option<PathBuf>,
+    /// Directory of image records (persistent).
+    pub records_dir: PathBuf,
 }
 
 /// `credlet demo` flags.
@@ -322,6 +334,9 @@ impl AgentArgs {
         };
         let ttl = credlet_csi::attributes::parse_duration(&self.image_verification_ttl)
             .map_err(|e| err(format!("--image-verification-ttl: {e}")))?;
+        if !self.image_records_dir.is_absolute() {
+            return Err(err("--image-records-dir must be an absolute path"));
+        }
         let mut registry_roots = Vec::new();
         for path in &self.registry_ca {
             let pem = std::fs::read_to_string(path)
@@ -339,6 +354,7 @@ impl AgentArgs {
                 ttl,
             },
             registry_roots,
+            records_dir: self.image_records_dir.clone(),
             kubeconfig: self.kubeconfig.clone(),
         })
     }

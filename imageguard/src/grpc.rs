@@ -9,8 +9,12 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 
+/// Error of a body on either side of the proxy (hyper's on the kubelet
+/// side, h2's on the runtime side).
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
 
 /// Largest unary message the proxy buffers to inspect (CRI requests are
 /// small; a PullImageRequest with a sandbox config is a few KiB).
@@ -176,10 +180,8 @@ pub fn status_of(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<u3
 fn futures_stream(
     data: Bytes,
     trailers: HeaderMap,
-) -> impl futures_core::Stream<Item = Result<http_body::Frame<Bytes>, hyper::Error>>
-+ Send
-+ Sync
-+ 'static {
+) -> impl futures_core::Stream<Item = Result<http_body::Frame<Bytes>, BodyError>> + Send + Sync + 'static
+{
     TwoFrames {
         data: Some(data),
         trailers: Some(trailers),
@@ -193,7 +195,7 @@ struct TwoFrames {
 }
 
 impl futures_core::Stream for TwoFrames {
-    type Item = Result<http_body::Frame<Bytes>, hyper::Error>;
+    type Item = Result<http_body::Frame<Bytes>, BodyError>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,

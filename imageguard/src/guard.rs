@@ -34,7 +34,7 @@ use crate::grpc::{self, Code, ProxyBody};
 use crate::pods::{PodIndex, PullPolicy};
 use crate::policy::{GuardPolicy, Mode, Provenance};
 use crate::proxy::{BoxFuture, IMAGE_STATUS, InspectedCall, Inspector, Rpc, Upstream};
-use crate::records::{Grant, RecordStore, unix};
+use crate::records::{Grant, RecordStore, Stored, unix};
 use crate::reference::ImageRef;
 use crate::registry::{Access, Verifier};
 
@@ -238,6 +238,17 @@ impl ImageGuard {
             r.and_then(|r| r.valid_grant(pod_uid, self.policy.ttl, now))
                 .is_some()
         })
+    }
+
+    /// Finishes a record update: pending changes get written behind. A
+    /// failed write leaves the decision standing for this call; it is just
+    /// not remembered.
+    fn remember(&self, result: Result<Stored, crate::records::RecordError>) {
+        match result {
+            Ok(Stored::Deferred) => self.records.schedule_flush(),
+            Ok(Stored::Created | Stored::Unchanged) => {}
+            Err(error) => tracing::error!(%error, "writing image record"),
+        }
     }
 
     fn provenance(&self, image_id: &str) -> Option<Provenance> {
@@ -497,10 +508,7 @@ impl ImageGuard {
                 }
                 changed
             });
-        if let Err(error) = result {
-            // The decision stands for this call; it is just not remembered.
-            tracing::error!(%error, "writing image record");
-        }
+        self.remember(result);
         self.report(&Decision {
             rpc,
             pod: pod.as_ref(),
@@ -644,9 +652,7 @@ impl ImageGuard {
             }
             true
         });
-        if let Err(error) = result {
-            tracing::error!(%error, "writing image record");
-        }
+        self.remember(result);
         self.report(&Decision {
             rpc,
             pod,

@@ -14,17 +14,19 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{HeaderMap, Request, Response, request, response};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::grpc::{self, Code, MAX_INSPECTED_MESSAGE, ProxyBody};
+use crate::grpc::{self, BodyError, Code, MAX_INSPECTED_MESSAGE, ProxyBody};
 
 /// A boxed future, so inspectors can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -125,7 +127,7 @@ pub enum UpstreamError {
         socket: PathBuf,
         /// The error.
         #[source]
-        source: hyper::Error,
+        source: BodyError,
     },
     /// The runtime did not answer in time.
     #[error("container runtime at {socket:?} did not answer within {after:?}")]
@@ -188,16 +190,26 @@ impl Buffered {
 /// Long-lived HTTP/2 connections to the runtime, used round-robin and
 /// re-established when closed. HTTP/2 multiplexes, so a handful serve any
 /// load; no call opens a connection of its own.
+///
+/// The runtime side speaks `h2` directly rather than through hyper's client:
+/// a request's headers and its first data frame are queued together, so a
+/// unary call reaches the runtime in one write (one wake-up of the runtime
+/// instead of two).
 #[derive(Debug)]
 pub struct Upstream {
     socket: PathBuf,
-    slots: Box<[Mutex<Option<SendRequest<ProxyBody>>>]>,
+    slots: Box<[Mutex<Option<SendRequest<Bytes>>>]>,
     next: AtomicUsize,
     call_timeout: Duration,
 }
 
 /// Authority used on upstream requests (the socket decides where they go).
 const UPSTREAM_URI: &str = "http://cri.runtime";
+
+/// Receive windows towards the runtime (as large as hyper's defaults, so a
+/// big `ListImages` answer does not wait for window updates).
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 5 << 20;
 
 impl Upstream {
     /// A pool of `connections` connections to the runtime at `socket`.
@@ -217,12 +229,10 @@ impl Upstream {
         &self.socket
     }
 
-    async fn sender(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        let slot = &self.slots[index];
-        if let Some(sender) = lock(slot).as_ref().filter(|s| !s.is_closed()) {
-            return Ok(sender.clone());
-        }
+    async fn connect(
+        &self,
+        slot: &Mutex<Option<SendRequest<Bytes>>>,
+    ) -> Result<SendRequest<Bytes>, UpstreamError> {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -230,13 +240,12 @@ impl Upstream {
                     socket: self.socket.clone(),
                     source,
                 })?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .handshake(TokioIo::new(stream))
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(stream)
             .await
-            .map_err(|source| UpstreamError::Exchange {
-                socket: self.socket.clone(),
-                source,
-            })?;
+            .map_err(|source| self.exchange_error(source))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "runtime connection closed");
@@ -246,36 +255,80 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Sends a request as is and returns the streaming response.
+    /// Sends a request as is and returns the streaming response. A closed
+    /// pooled connection is replaced once before the call fails.
     pub async fn send(
         &self,
-        mut request: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.sender().await?;
-        if request.uri().authority().is_none() {
-            let path = request
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_owned();
+        request: Request<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let (mut head, body) = request.into_parts();
+        if head.uri.authority().is_none() {
+            let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
             if let Ok(uri) = format!("{UPSTREAM_URI}{path}").parse() {
-                *request.uri_mut() = uri;
+                head.uri = uri;
             }
         }
-        sender
-            .ready()
+        // HTTP/2 carries no connection-specific headers.
+        head.headers.remove(http::header::CONNECTION);
+        head.headers.remove(http::header::HOST);
+        let end_of_stream = body.is_end_stream();
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[index];
+        let pooled = lock(slot).clone();
+        let sender = match pooled {
+            Some(sender) => sender,
+            None => self.connect(slot).await?,
+        };
+        let (response, stream) = match self.start(sender, &head, end_of_stream).await {
+            Ok(started) => started,
+            // The pooled connection went away (runtime restart): one retry
+            // on a fresh connection; the body has not been touched yet.
+            Err(_) => {
+                let sender = self.connect(slot).await?;
+                self.start(sender, &head, end_of_stream)
+                    .await
+                    .map_err(|source| self.exchange_error(source))?
+            }
+        };
+        if let Some(stream) = stream {
+            let mut pipe = Box::pin(pipe_request_body(body, stream));
+            // Poll once here: a unary request's message is usually already
+            // buffered and joins its headers in the same write.
+            let first = std::future::poll_fn(|cx| Poll::Ready(pipe.as_mut().poll(cx))).await;
+            if first.is_pending() {
+                tokio::spawn(pipe);
+            }
+        }
+        let response = response
             .await
             .map_err(|source| self.exchange_error(source))?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|source| self.exchange_error(source))
+        Ok(response.map(|recv| {
+            BodyExt::boxed(RuntimeBody {
+                recv,
+                data_done: false,
+            })
+        }))
     }
 
-    fn exchange_error(&self, source: hyper::Error) -> UpstreamError {
+    async fn start(
+        &self,
+        sender: SendRequest<Bytes>,
+        head: &request::Parts,
+        end_of_stream: bool,
+    ) -> Result<(h2::client::ResponseFuture, Option<h2::SendStream<Bytes>>), h2::Error> {
+        let mut sender = sender.ready().await?;
+        let mut request = Request::new(());
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = head.uri.clone();
+        *request.headers_mut() = head.headers.clone();
+        let (response, stream) = sender.send_request(request, end_of_stream)?;
+        Ok((response, (!end_of_stream).then_some(stream)))
+    }
+
+    fn exchange_error(&self, source: impl Into<BodyError>) -> UpstreamError {
         UpstreamError::Exchange {
             socket: self.socket.clone(),
-            source,
+            source: source.into(),
         }
     }
 
@@ -370,6 +423,117 @@ fn full(body: Bytes) -> ProxyBody {
         .boxed()
 }
 
+/// Copies a request body into an h2 stream, frame by frame. The first data
+/// frame is queued at once (it is small and joins the headers), with the
+/// end of the stream when the body has already ended; later frames wait
+/// for send window, so at most one frame is buffered.
+async fn pipe_request_body(mut body: ProxyBody, mut stream: h2::SendStream<Bytes>) {
+    let mut ahead = None;
+    let mut first = true;
+    loop {
+        if !first {
+            stream.reserve_capacity(1);
+            while stream.capacity() == 0 {
+                match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "runtime stream closed while sending");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        }
+        first = false;
+        let frame = match ahead.take() {
+            Some(frame) => Some(frame),
+            None => body.frame().await,
+        };
+        let frame = match frame {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "kubelet request body failed");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+        };
+        let sent = match frame.into_data() {
+            Ok(data) => {
+                // Whether the body ends right here is often known only by
+                // polling once more; a frame that is not ready yet is not
+                // waited for (a streaming client may wait for an answer).
+                let end = body.is_end_stream()
+                    || match std::future::poll_fn(|cx| {
+                        Poll::Ready(Pin::new(&mut body).poll_frame(cx))
+                    })
+                    .await
+                    {
+                        Poll::Ready(None) => true,
+                        Poll::Ready(Some(next)) => {
+                            ahead = Some(next);
+                            false
+                        }
+                        Poll::Pending => false,
+                    };
+                let sent = stream.send_data(data, end);
+                if end {
+                    return;
+                }
+                sent
+            }
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => return drop(stream.send_trailers(trailers)),
+                Err(_) => Ok(()),
+            },
+        };
+        if let Err(error) = sent {
+            tracing::debug!(%error, "runtime stream closed while sending");
+            return;
+        }
+    }
+}
+
+/// A runtime response body: data frames (their window released as they
+/// are read, so backpressure follows the kubelet), then trailers.
+struct RuntimeBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl http_body::Body for RuntimeBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BodyError>>> {
+        if !self.data_done {
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+                }
+                Some(Err(error)) => return Poll::Ready(Some(Err(error.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match std::task::ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(error) => Poll::Ready(Some(Err(error.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+}
+
 /// The proxy: serves the kubelet, forwards to the runtime.
 pub struct CriProxy {
     upstream: Upstream,
@@ -435,9 +599,9 @@ impl CriProxy {
     }
 
     async fn pass_through(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let request = request.map(BodyExt::boxed);
+        let request = request.map(|body| body.map_err(BodyError::from).boxed());
         match self.upstream.send(request).await {
-            Ok(response) => response.map(BodyExt::boxed),
+            Ok(response) => response,
             Err(error) => {
                 tracing::warn!(%error, "runtime unavailable");
                 error.to_response()

@@ -15,6 +15,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -152,13 +154,38 @@ struct SignedFile {
     mac: String,
 }
 
-/// Image records: loaded at start, kept in memory (sharded map), written
-/// through on every change.
+/// Image records: loaded at start, kept in memory (sharded map).
+///
+/// A new record is written through before the call that created it is
+/// answered: an image whose record is lost would look preloaded. Later
+/// changes (verifications, grants) are written behind, coalesced within
+/// [`FLUSH_DELAY`], off the request path; losing them in a crash only means
+/// the pods prove access again. Dropping the store flushes what is pending.
 #[derive(Debug)]
 pub struct RecordStore {
     dir: PathBuf,
     key: hmac::Key,
     records: DashMap<String, ImageRecord>,
+    /// Records changed in memory and not yet on disk.
+    dirty: Mutex<HashSet<String>>,
+    /// A delayed flush is on its way.
+    flush_scheduled: AtomicBool,
+    /// One flush at a time, so an older copy never overwrites a newer one.
+    flushing: Mutex<()>,
+}
+
+/// How long changes are collected before they are written.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
+
+/// Whether [`RecordStore::update`] changed anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Nothing changed; no I/O.
+    Unchanged,
+    /// A new record, written through.
+    Created,
+    /// Changed in memory; written behind.
+    Deferred,
 }
 
 const SECRET_LEN: usize = 32;
@@ -179,6 +206,9 @@ impl RecordStore {
             dir: records_dir,
             key,
             records: DashMap::new(),
+            dirty: Mutex::new(HashSet::new()),
+            flush_scheduled: AtomicBool::new(false),
+            flushing: Mutex::new(()),
         };
         let dropped = store.load()?;
         Ok((store, dropped))
@@ -258,25 +288,88 @@ impl RecordStore {
         }
     }
 
-    /// Changes (or creates, with `provenance`) the record of `image_id`
-    /// and writes it through — only if `change` reports a change or the
-    /// record is new, so a decision that changes nothing costs no I/O.
+    /// Changes (or creates, with `provenance`) the record of `image_id`.
+    /// A new record is written through; a changed one is written behind
+    /// (see [`RecordStore::schedule_flush`]); a decision that changes
+    /// nothing costs no I/O.
     pub fn update(
         &self,
         image_id: &str,
         provenance: Provenance,
         change: impl FnOnce(&mut ImageRecord) -> bool,
-    ) -> Result<(), RecordError> {
+    ) -> Result<Stored, RecordError> {
         let mut created = false;
         let mut entry = self.records.entry(image_id.to_owned()).or_insert_with(|| {
             created = true;
             ImageRecord::new(image_id, provenance)
         });
         let changed = change(entry.value_mut());
-        if changed || created {
-            self.write(entry.value())?;
+        if created {
+            // Under the entry's lock: no later change can be overtaken.
+            if let Err(error) = self.write(entry.value()) {
+                drop(entry);
+                self.records.remove(image_id);
+                return Err(error);
+            }
+            return Ok(Stored::Created);
         }
-        Ok(())
+        drop(entry);
+        if !changed {
+            return Ok(Stored::Unchanged);
+        }
+        lock(&self.dirty).insert(image_id.to_owned());
+        Ok(Stored::Deferred)
+    }
+
+    /// Arranges for pending changes to be written within [`FLUSH_DELAY`],
+    /// on the blocking pool; without a Tokio runtime, writes them now.
+    pub fn schedule_flush(self: &Arc<Self>) {
+        if self.flush_scheduled.swap(true, AtomicOrdering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.flush_scheduled.store(false, AtomicOrdering::Release);
+            self.flush_logged();
+            return;
+        };
+        // A weak handle: a store dropped meanwhile has flushed on drop.
+        let store = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(FLUSH_DELAY).await;
+            let Some(store) = store.upgrade() else { return };
+            store.flush_scheduled.store(false, AtomicOrdering::Release);
+            let _ = tokio::task::spawn_blocking(move || store.flush_logged()).await;
+        });
+    }
+
+    /// Writes every record changed in memory. Returns how many were
+    /// written; on an error the unwritten ones stay pending.
+    pub fn flush(&self) -> Result<usize, RecordError> {
+        let _one_at_a_time = lock(&self.flushing);
+        let pending: Vec<String> = lock(&self.dirty).drain().collect();
+        let mut written = 0;
+        for (i, image_id) in pending.iter().enumerate() {
+            let Some(record) = self.get(image_id) else {
+                continue; // pruned meanwhile
+            };
+            if let Err(error) = self.write(&record) {
+                lock(&self.dirty).extend(pending[i..].iter().cloned());
+                return Err(error);
+            }
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    fn flush_logged(&self) {
+        if let Err(error) = self.flush() {
+            tracing::error!(%error, "writing image records; retried with the next change");
+        }
+    }
+
+    /// Records changed in memory and not yet written.
+    pub fn pending(&self) -> usize {
+        lock(&self.dirty).len()
     }
 
     fn write(&self, record: &ImageRecord) -> Result<(), RecordError> {
@@ -349,6 +442,16 @@ impl RecordStore {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+}
+
+impl Drop for RecordStore {
+    fn drop(&mut self) {
+        self.flush_logged();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `sha256:abc…` → `sha256-abc….json` (ids are digests; anything else is
@@ -449,6 +552,98 @@ mod tests {
                 true
             })
             .expect("update");
+    }
+
+    fn on_disk(tmp: &Path) -> Option<ImageRecord> {
+        let (store, _) = RecordStore::open(tmp).expect("reopen");
+        let record = store.get(ID);
+        std::mem::forget(store); // no flush on drop: what is on disk now
+        record
+    }
+
+    #[test]
+    fn new_records_are_written_through_changes_behind() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, _) = RecordStore::open(tmp.path()).expect("open");
+        let created = store
+            .update(ID, Provenance::Credentials, |_| false)
+            .expect("create");
+        assert_eq!(created, Stored::Created);
+        let written = on_disk(tmp.path()).expect("a new record is on disk at once");
+        assert!(written.grants.is_empty());
+
+        let unchanged = store
+            .update(ID, Provenance::Credentials, |_| false)
+            .expect("no change");
+        assert_eq!(unchanged, Stored::Unchanged);
+        assert_eq!(store.pending(), 0);
+
+        let store = Arc::new(store);
+        let changed = store
+            .update(ID, Provenance::Credentials, |r| {
+                r.grants.insert(
+                    "pod-1".into(),
+                    Grant {
+                        credential: CredentialId("c1".into()),
+                        verified_at: 1,
+                    },
+                );
+                true
+            })
+            .expect("change");
+        assert_eq!(changed, Stored::Deferred);
+        assert_eq!(store.pending(), 1);
+        assert!(
+            on_disk(tmp.path()).expect("record").grants.is_empty(),
+            "a change waits for the flush"
+        );
+        assert_eq!(store.flush().expect("flush"), 1);
+        assert_eq!(store.pending(), 0);
+        assert_eq!(on_disk(tmp.path()).expect("record").grants.len(), 1);
+
+        // Dropping the store writes what is pending.
+        store
+            .update(ID, Provenance::Credentials, |r| {
+                r.verified.insert(CredentialId("c2".into()), 2);
+                true
+            })
+            .expect("change");
+        drop(store);
+        assert_eq!(on_disk(tmp.path()).expect("record").verified.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn scheduled_flush_writes_within_the_delay() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(RecordStore::open(tmp.path()).expect("open").0);
+        store
+            .update(ID, Provenance::Credentials, |_| true)
+            .expect("create");
+        for pod in 0..50 {
+            let stored = store
+                .update(ID, Provenance::Credentials, |r| {
+                    r.grants.insert(
+                        format!("pod-{pod}"),
+                        Grant {
+                            credential: CredentialId("c1".into()),
+                            verified_at: 1,
+                        },
+                    );
+                    true
+                })
+                .expect("change");
+            assert_eq!(stored, Stored::Deferred);
+            store.schedule_flush();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.pending() > 0 {
+            assert!(std::time::Instant::now() < deadline, "flushed in time");
+            tokio::time::sleep(FLUSH_DELAY).await;
+        }
+        // A flush in progress holds the flush lock: this one waits for it
+        // and finds nothing left to write.
+        assert_eq!(store.flush().expect("flush"), 0);
+        assert_eq!(on_disk(tmp.path()).expect("record").grants.len(), 50);
     }
 
     #[test]
