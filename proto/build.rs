@@ -2,7 +2,7 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/cri.proto"];
+    let protos = ["proto/csi.proto", "proto/cri.proto", "proto/ca.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -253,7 +253,13 @@ impl AgentArgs {
                 "no CA configured: the remote CA client is not available yet; pass --dev-ca for local testing",
             ));
         }
-        let kubelet_root = canonical_dir("--kubelet-root", &self.kubelet_root)?;
+        // Only volumes live under the kubelet root; the image guard alone
+        // does not need it to exist.
+        let kubelet_root = if csi_socket.is_some() {
+            canonical_dir("--kubelet-root", &self.kubelet_root)?
+        } else {
+            self.kubelet_root.clone()
+        };
         if !self.state_dir.is_absolute() {
             return Err(err("--state-dir must be an absolute path"));
         }

@@ -363,6 +363,17 @@ pub struct Payload<'a> {
     pub mode: u32,
 }
 
+/// What [`write_atomically`] may assume about the visible names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisibleLinks {
+    /// Check each visible name and (re)make its link: first writes,
+    /// repairs, and any write after a failed one.
+    Verify,
+    /// The previous write in this process made the links for these very
+    /// names and succeeded: a routine renewal skips checking them.
+    AsWritten,
+}
+
 /// Writes a complete set of files into `dir` the way the kubelet's
 /// AtomicWriter does: a fresh `..<timestamp>` directory, an atomic
 /// `..data` symlink swap, and visible names that are symlinks through
@@ -372,6 +383,7 @@ pub fn write_atomically(
     dir: &OwnedFd,
     files: &[Payload<'_>],
     gid: Option<u32>,
+    links: VisibleLinks,
 ) -> io::Result<()> {
     let previous = current_payload_dir(dir)?;
     let stamp = payload_dir_name(SystemTime::now());
@@ -408,21 +420,53 @@ pub fn write_atomically(
     }
     drop(payload);
 
-    match rustix::fs::unlinkat(dir, DATA_TMP, AtFlags::empty()) {
-        Ok(()) => {}
-        Err(e) if e == rustix::io::Errno::NOENT => {}
-        Err(e) => return Err(e.into()),
+    // A leftover temporary link (from a killed writer) is replaced.
+    match rustix::fs::symlinkat(stamp.as_str(), dir, DATA_TMP) {
+        Err(e) if e == rustix::io::Errno::EXIST => {
+            rustix::fs::unlinkat(dir, DATA_TMP, AtFlags::empty())?;
+            rustix::fs::symlinkat(stamp.as_str(), dir, DATA_TMP)?;
+        }
+        other => other?,
     }
-    rustix::fs::symlinkat(stamp.as_str(), dir, DATA_TMP)?;
     rustix::fs::renameat(dir, DATA_TMP, dir, DATA_DIR)?;
 
-    ensure_visible_links(dir, &files.iter().map(|f| f.name).collect::<Vec<_>>())?;
+    if links == VisibleLinks::Verify {
+        ensure_visible_links(dir, &files.iter().map(|f| f.name).collect::<Vec<_>>())?;
+    }
     if let Some(previous) = previous
         && previous != stamp
     {
-        remove_payload_dir(dir, &previous)?;
+        remove_previous_payload(dir, &previous, files)?;
     }
     Ok(())
+}
+
+/// Removes the previous payload directory, expecting the names just
+/// written; anything else in it is found by listing the directory.
+fn remove_previous_payload(dir: &OwnedFd, name: &str, files: &[Payload<'_>]) -> io::Result<()> {
+    let sub = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(sub) => sub,
+        Err(_) => return remove_payload_dir(dir, name),
+    };
+    for file in files {
+        match rustix::fs::unlinkat(&sub, file.name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            Err(_) => return remove_payload_dir(dir, name),
+        }
+    }
+    drop(sub);
+    match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+        // Other names than this write's: list and remove them.
+        Err(_) => remove_payload_dir(dir, name),
+    }
 }
 
 /// Makes every visible name a symlink to `..data/<name>` (creating or
@@ -603,16 +647,76 @@ mod tests {
     }
 
     #[test]
+    fn leftovers_and_changed_names_are_cleaned_up() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = open_dir(tmp.path());
+        // A killed writer left its temporary link behind.
+        std::os::unix::fs::symlink("..gone", tmp.path().join(DATA_TMP)).expect("leftover");
+        let three = [
+            Payload {
+                name: "a",
+                contents: b"1",
+                mode: 0o444,
+            },
+            Payload {
+                name: "b",
+                contents: b"2",
+                mode: 0o444,
+            },
+            Payload {
+                name: "c",
+                contents: b"3",
+                mode: 0o444,
+            },
+        ];
+        write_atomically(&PlainDirectories, &dir, &three, None, VisibleLinks::Verify)
+            .expect("write 1");
+        assert!(std::fs::symlink_metadata(tmp.path().join(DATA_TMP)).is_err());
+        // The next write has fewer names: the old payload is still removed
+        // completely, and the new names are linked.
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &three[..1],
+            None,
+            VisibleLinks::Verify,
+        )
+        .expect("write 2");
+        let mut payload_dirs: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("..") && n != DATA_DIR)
+            .collect();
+        payload_dirs.sort();
+        assert_eq!(payload_dirs.len(), 1, "{payload_dirs:?}");
+        assert_eq!(std::fs::read(tmp.path().join("a")).expect("a"), b"1");
+    }
+
+    #[test]
     fn atomic_writer_swaps_and_cleans_up() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = open_dir(tmp.path());
-        write_atomically(&PlainDirectories, &dir, &payload(b"k1", b"c1"), None).expect("write 1");
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &payload(b"k1", b"c1"),
+            None,
+            VisibleLinks::Verify,
+        )
+        .expect("write 1");
         assert_eq!(
             std::fs::read(tmp.path().join("tls.key")).expect("read"),
             b"k1"
         );
         let first = std::fs::read_link(tmp.path().join(DATA_DIR)).expect("link");
-        write_atomically(&PlainDirectories, &dir, &payload(b"k2", b"c2"), None).expect("write 2");
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &payload(b"k2", b"c2"),
+            None,
+            VisibleLinks::AsWritten,
+        )
+        .expect("write 2");
         assert_eq!(
             std::fs::read(tmp.path().join("tls.key")).expect("read"),
             b"k2"
@@ -640,7 +744,14 @@ mod tests {
     fn stale_payloads_are_removed() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = open_dir(tmp.path());
-        write_atomically(&PlainDirectories, &dir, &payload(b"k", b"c"), None).expect("write");
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &payload(b"k", b"c"),
+            None,
+            VisibleLinks::Verify,
+        )
+        .expect("write");
         std::fs::create_dir(tmp.path().join("..2020_01_01_00_00_00.1")).expect("stale dir");
         std::fs::write(tmp.path().join("..2020_01_01_00_00_00.1/tls.key"), b"x").expect("stale");
         std::os::unix::fs::symlink("..2020_01_01_00_00_00.1", tmp.path().join(DATA_TMP))
@@ -660,7 +771,14 @@ mod tests {
         // A visible name pre-planted as a link to a file outside.
         std::os::unix::fs::symlink(outside.path().join("stolen"), tmp.path().join("tls.key"))
             .expect("plant");
-        write_atomically(&PlainDirectories, &dir, &payload(b"k", b"c"), None).expect("write");
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &payload(b"k", b"c"),
+            None,
+            VisibleLinks::Verify,
+        )
+        .expect("write");
         assert!(!outside.path().join("stolen").exists());
         assert_eq!(
             std::fs::read(tmp.path().join("tls.key")).expect("read"),

@@ -20,8 +20,8 @@ use tokio::sync::Mutex;
 use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
 use crate::error::{Error, InputError};
 use crate::fsops::{
-    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, ensure_visible_links, has_payload,
-    read_current, remove_stale_payloads, write_atomically,
+    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, VisibleLinks, ensure_visible_links,
+    has_payload, read_current, remove_stale_payloads, write_atomically,
 };
 use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError};
 use crate::metrics::{Metrics, Operation, Outcome};
@@ -269,7 +269,9 @@ impl VolumeManager {
             self.state
                 .save(&id, &volume.record(&id, &request.raw_attributes))?;
             let dir = self.ensure_mounted(&target, volume.gid())?;
-            let certificate = self.issue_into(&id, &volume, &dir).await?;
+            let certificate = self
+                .issue_into(&id, &volume, &dir, VisibleLinks::Verify)
+                .await?;
             volume.certificate = Some(certificate);
             self.state
                 .save(&id, &volume.record(&id, &request.raw_attributes))?;
@@ -376,21 +378,39 @@ impl VolumeManager {
         })?;
         let result = async {
             let dir = self.ensure_mounted(&target, volume.gid())?;
-            self.issue_into(id, volume, &dir).await
+            // A routine renewal after a successful write: the visible links
+            // are the ones that write made.
+            let links = if operation == Operation::Renew && volume.failures == 0 {
+                VisibleLinks::AsWritten
+            } else {
+                VisibleLinks::Verify
+            };
+            self.issue_into(id, volume, &dir, links).await
         }
         .await;
         match result {
             Ok(certificate) => {
                 let next = until(from_millis(certificate.renew_at_ms), SystemTime::now())
                     .max(MIN_RENEWAL_DELAY);
-                tracing::info!(
-                    volume_id = %id,
-                    pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
-                    serial = %certificate.serial_hex,
-                    renew_in_s = next.as_secs(),
-                    ?operation,
-                    "certificate rotated"
-                );
+                // Routine renewals are the steady state of 10,000 volumes: debug
+                // level; a repair (missing, mismatched or expired files) is news.
+                if operation == Operation::Renew {
+                    tracing::debug!(
+                        volume_id = %id,
+                        serial = %certificate.serial_hex,
+                        renew_in_s = next.as_secs(),
+                        "certificate renewed"
+                    );
+                } else {
+                    tracing::info!(
+                        volume_id = %id,
+                        pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
+                        serial = %certificate.serial_hex,
+                        renew_in_s = next.as_secs(),
+                        ?operation,
+                        "certificate reissued"
+                    );
+                }
                 volume.certificate = Some(certificate);
                 volume.failures = 0;
                 self.metrics.issued(operation, Outcome::Success);
@@ -481,6 +501,7 @@ impl VolumeManager {
         id: &VolumeId,
         volume: &Volume,
         dir: &OwnedFd,
+        links: VisibleLinks,
     ) -> Result<CertificateRecord, Error> {
         let crypto = |source| Error::Crypto {
             volume_id: id.to_string(),
@@ -548,7 +569,7 @@ impl VolumeManager {
                 mode: key_mode,
             });
         }
-        write_atomically(self.syscalls.as_ref(), dir, &payload, gid)
+        write_atomically(self.syscalls.as_ref(), dir, &payload, gid, links)
             .map_err(|e| Error::io("write volume files", volume.target.as_path(), e))?;
         let renew_at = renewal_time(
             issued.not_before,

@@ -27,3 +27,15 @@ pub mod csi {
 pub mod cri {
     tonic::include_proto!("runtime.v1");
 }
+
+/// credlet's CA API: agent and pod certificates, trust bundle updates.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod ca {
+    tonic::include_proto!("credlet.ca.v1");
+}

@@ -19,7 +19,6 @@
 //! `CREDLET_BENCH_STATE_ON_TMPFS=0` (state directory on the temporary
 //! directory's disk instead of a tmpfs like the default `/run/credlet`).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -220,22 +219,26 @@ async fn bench_publish(env: &mut TestEnv) -> Result<()> {
     Ok(())
 }
 
-/// Counts distinct volumes with a "certificate rotated" line in the log
-/// text (the text log format: `... certificate rotated volume_id=<id> ...`).
-fn scan_rotations(text: &str, rotated: &mut HashSet<String>) {
-    for line in text.lines() {
-        if !line.contains("certificate rotated") {
-            continue;
-        }
-        if let Some(rest) = line.split("volume_id=").nth(1) {
-            let id = rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .trim_matches('"');
-            rotated.insert(id.to_owned());
+/// The payload directory a volume's `..data` link names: it changes with
+/// every rotation (the agent logs renewals at debug level only).
+fn payload_of(volume: &Volume) -> Option<std::ffi::OsString> {
+    std::fs::read_link(volume.target.join("..data"))
+        .ok()
+        .map(std::path::PathBuf::into_os_string)
+}
+
+/// Marks the volumes whose payload changed since `initial` as rotated.
+fn scan_rotations(
+    volumes: &[Volume],
+    initial: &[Option<std::ffi::OsString>],
+    rotated: &mut [bool],
+) -> usize {
+    for (i, volume) in volumes.iter().enumerate() {
+        if !rotated[i] && payload_of(volume) != initial[i] {
+            rotated[i] = true;
         }
     }
+    rotated.iter().filter(|r| **r).count()
 }
 
 async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
@@ -269,30 +272,30 @@ async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
     };
 
     let volumes = make_volumes(env, "r", count, &format!("{duration_s}s"));
-    let (_, log_offset) = env.log_from(0);
     let publish_wall = run_all(&csi, &volumes, Op::Publish, concurrency).await?;
     let published_at = Instant::now();
     let cpu_start = cpu_time(pid)?;
     let loaded_rss = rss_kib(pid)? as f64;
 
-    // Follow the log until every volume has rotated once.
-    let mut rotated = HashSet::new();
-    let mut offset = log_offset;
-    let (text, next) = env.log_from(offset);
-    offset = next;
-    scan_rotations(&text, &mut rotated);
-    let early = rotated.len();
+    // Watch every volume's payload until each has been replaced once.
+    let initial: Vec<_> = volumes.iter().map(payload_of).collect();
+    ensure!(
+        initial.iter().all(Option::is_some),
+        "every published volume has a payload"
+    );
+    let mut rotated = vec![false; count];
+    let early = scan_rotations(&volumes, &initial, &mut rotated);
     let deadline = published_at + Duration::from_secs(duration_s) + Duration::from_secs(60);
-    while rotated.len() < count {
+    loop {
+        let done = scan_rotations(&volumes, &initial, &mut rotated);
+        if done == count {
+            break;
+        }
         ensure!(
             Instant::now() < deadline,
-            "only {} of {count} volumes rotated within {duration_s} s + 60 s",
-            rotated.len()
+            "only {done} of {count} volumes rotated within {duration_s} s + 60 s"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let (text, next) = env.log_from(offset);
-        offset = next;
-        scan_rotations(&text, &mut rotated);
     }
     let rotation_wall = published_at.elapsed();
     let cpu_used = cpu_time(pid)? - cpu_start;
@@ -364,7 +367,7 @@ async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
         &format!("{duration_s} s"),
         &format!(
             "lifetime; all rotated {:.1} s after publishing; {:.2} s CPU measured, {:.2} s idle share subtracted; \
-             {early} rotated before publishing ended; {failures} failed renewals",
+             {early} already rotated when publishing ended; {failures} failed renewals",
             rotation_wall.as_secs_f64(),
             cpu_used.as_secs_f64(),
             idle_share.as_secs_f64()
