@@ -11,6 +11,7 @@ use anyhow::Context;
 use credlet_ca::{Authority, Policy};
 use credlet_csi::fsops::{LinuxSyscalls, NodeSyscalls, PlainDirectories};
 use credlet_csi::metrics::Metrics;
+use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
 use credlet_csi::server::{self, IdentityService, NodeService};
 use credlet_csi::{EmbeddedIssuer, VolumeConfig, VolumeManager, rotation};
 use tokio::sync::watch;
@@ -208,11 +209,25 @@ struct CsiServer {
     listener: tokio::net::UnixListener,
     identity: IdentityService,
     node: NodeService,
+    remote: Option<RemoteTasks>,
+}
+
+/// The remote CA client's background work: the agent's own certificate and
+/// the trust bundle watch.
+struct RemoteTasks {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl CsiServer {
     async fn serve(self, stop: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let served = server::serve(self.listener, self.identity, self.node, stop).await;
+        if let Some(remote) = self.remote {
+            let _ = remote.stop.send(true);
+            for task in remote.tasks {
+                let _ = task.await;
+            }
+        }
         self.agent.stop().await;
         let _ = fs::remove_file(&self.socket);
         served.context("CSI server")
@@ -220,19 +235,49 @@ impl CsiServer {
 }
 
 async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiServer> {
-    tracing::warn!(
-        "DEVELOPMENT CA (--dev-ca): pod identities from the volume context are trusted WITHOUT a token check and the CA key is kept on this node; never use this in production"
-    );
     if config.plain_directories {
         tracing::warn!(
             "volumes are plain directories, not tmpfs mounts (--plain-directories): keys land on the state filesystem; development only"
         );
     }
-    let mut policy = Policy::new(config.trust_domain.clone());
-    policy.min_duration = config.dev_ca_min_duration;
-    let authority = load_or_create_dev_ca(&config.state_dir, policy)?;
-    let issuer = Arc::new(EmbeddedIssuer::trusting_claimed_identity(authority));
-    let agent = Agent::start(config, issuer).await?;
+    let (agent, remote) = match &config.remote_ca {
+        None => {
+            tracing::warn!(
+                "DEVELOPMENT CA (--dev-ca): pod identities from the volume context are trusted WITHOUT a token check and the CA key is kept on this node; never use this in production"
+            );
+            let mut policy = Policy::new(config.trust_domain.clone());
+            policy.min_duration = config.dev_ca_min_duration;
+            let authority = load_or_create_dev_ca(&config.state_dir, policy)?;
+            let issuer = Arc::new(EmbeddedIssuer::trusting_claimed_identity(authority));
+            (Agent::start(config, issuer).await?, None)
+        }
+        Some(ca) => {
+            let mut remote =
+                RemoteConfig::new(ca.url.clone(), ca.trust_pem.clone(), &config.node_id);
+            remote.token_file = ca.token_file.clone();
+            remote.trust_domain = config.trust_domain.clone();
+            remote.timeout = ca.timeout;
+            let issuer = Arc::new(RemoteIssuer::new(remote).context("the CA client")?);
+            tracing::info!(
+                url = %ca.url,
+                token_file = %ca.token_file.display(),
+                timeout_ms = ca.timeout.as_millis() as u64,
+                "pod certificates from the CA service; not ready until the agent has its client certificate"
+            );
+            let agent =
+                Agent::start(config, Arc::clone(&issuer) as Arc<dyn credlet_csi::Issuer>).await?;
+            let (stop, stop_rx) = watch::channel(false);
+            let tasks = vec![
+                tokio::spawn(Arc::clone(&issuer).run_agent_certificate(stop_rx.clone())),
+                tokio::spawn(issuer.run_trust_bundle_watch(
+                    Arc::clone(&agent.manager),
+                    config.max_concurrent_renewals,
+                    stop_rx,
+                )),
+            ];
+            (agent, Some(RemoteTasks { stop, tasks }))
+        }
+    };
     let listener = server::bind_unix_socket(socket)?;
     tracing::info!(
         socket = %socket.display(),
@@ -249,6 +294,7 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
         listener,
         identity,
         node,
+        remote,
     })
 }
 

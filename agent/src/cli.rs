@@ -33,6 +33,16 @@ pub fn main() -> ExitCode {
             };
             run_async(crate::agent::run(config, crate::agent::shutdown_signal()))
         }
+        Command::Ca(args) => {
+            let config = match args.validate() {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("credlet: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            run_async(crate::ca::run(config, crate::agent::shutdown_signal()))
+        }
         Command::Demo(args) => run_async(crate::demo::run(args)),
     }
 }

@@ -32,6 +32,9 @@ pub struct Cli {
 pub enum Command {
     /// The node agent (DaemonSet): CSI Identity + Node services.
     Agent(Box<AgentArgs>),
+    /// The certificate authority (Deployment): issues agent and pod
+    /// certificates over gRPC with mutual TLS.
+    Ca(Box<CaArgs>),
     /// Everything in one process, no cluster: an embedded CA, the agent, and
     /// a simulated kubelet publishing a volume into a local folder.
     Demo(DemoArgs),
@@ -68,6 +71,25 @@ pub struct AgentArgs {
     /// the volume context WITHOUT checking a token. Local testing only.
     #[arg(long, env = "CREDLET_DEV_CA")]
     pub dev_ca: bool,
+    /// The CA service (`credlet ca`) to ask for pod certificates:
+    /// `https://host:port`. Mutually exclusive with --dev-ca.
+    #[arg(long, env = "CREDLET_CA_URL")]
+    pub ca_url: Option<String>,
+    /// PEM bundle of the roots that sign the CA service's serving
+    /// certificate. Required with --ca-url.
+    #[arg(long, env = "CREDLET_CA_TRUST")]
+    pub ca_trust: Option<PathBuf>,
+    /// The agent's projected service account token for the CA's audience;
+    /// read again on every use (the kubelet rotates it).
+    #[arg(
+        long,
+        env = "CREDLET_CA_TOKEN_FILE",
+        default_value = credlet_csi::remote::DEFAULT_TOKEN_FILE
+    )]
+    pub ca_token_file: PathBuf,
+    /// Deadline of every call to the CA, in milliseconds.
+    #[arg(long, env = "CREDLET_CA_TIMEOUT_MS", default_value_t = 5000)]
+    pub ca_timeout_ms: u64,
     /// Write volumes into plain directories instead of tmpfs mounts, so the
     /// agent runs without root. Development only: keys then live on the
     /// directory's filesystem.
@@ -205,6 +227,21 @@ pub struct AgentConfig {
     pub max_concurrent_renewals: usize,
     /// Shortest lifetime the dev CA issues.
     pub dev_ca_min_duration: Duration,
+    /// The remote CA (`None`: the development CA, `--dev-ca`).
+    pub remote_ca: Option<RemoteCaConfig>,
+}
+
+/// Validated `--ca-*` settings.
+#[derive(Debug, Clone)]
+pub struct RemoteCaConfig {
+    /// `https://host:port`.
+    pub url: String,
+    /// PEM roots for the CA's serving certificate.
+    pub trust_pem: String,
+    /// The agent's projected token file.
+    pub token_file: PathBuf,
+    /// Deadline of every call.
+    pub timeout: Duration,
 }
 
 /// A configuration problem, reported before start-up.
@@ -248,11 +285,17 @@ impl AgentArgs {
         if self.token_audience.trim().is_empty() {
             return Err(err("--token-audience must not be empty"));
         }
-        if csi_socket.is_some() && !self.dev_ca {
+        if self.dev_ca && self.ca_url.is_some() {
             return Err(err(
-                "no CA configured: the remote CA client is not available yet; pass --dev-ca for local testing",
+                "--dev-ca and --ca-url exclude each other: pick the development CA or the CA service",
             ));
         }
+        if csi_socket.is_some() && !self.dev_ca && self.ca_url.is_none() {
+            return Err(err(
+                "no CA configured: pass --ca-url https://host:port (with --ca-trust), or --dev-ca for local testing",
+            ));
+        }
+        let remote_ca = self.remote_ca()?;
         // Only volumes live under the kubelet root; the image guard alone
         // does not need it to exist.
         let kubelet_root = if csi_socket.is_some() {
@@ -298,11 +341,51 @@ impl AgentArgs {
             backoff_cap: Duration::from_millis(self.backoff_cap_ms),
             max_concurrent_renewals: self.max_concurrent_renewals,
             dev_ca_min_duration: Duration::from_secs(self.dev_ca_min_duration_s),
+            remote_ca,
         })
     }
 }
 
 impl AgentArgs {
+    fn remote_ca(&self) -> Result<Option<RemoteCaConfig>, ConfigError> {
+        let Some(url) = &self.ca_url else {
+            return Ok(None);
+        };
+        let uri: tonic::transport::Uri = url
+            .parse()
+            .map_err(|e| err(format!("--ca-url {url:?}: {e}")))?;
+        if uri.scheme_str() != Some("https") || uri.host().is_none_or(str::is_empty) {
+            return Err(err(format!("--ca-url {url:?} must be https://host:port")));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(err(format!("--ca-url {url:?} must not have a path")));
+        }
+        let trust = self
+            .ca_trust
+            .as_ref()
+            .ok_or_else(|| err("--ca-url needs --ca-trust (the CA service's root PEM bundle)"))?;
+        let trust_pem = std::fs::read_to_string(trust)
+            .map_err(|e| err(format!("--ca-trust {}: {e}", trust.display())))?;
+        if !trust_pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(err(format!(
+                "--ca-trust {} holds no PEM certificate",
+                trust.display()
+            )));
+        }
+        if !self.ca_token_file.is_absolute() {
+            return Err(err("--ca-token-file must be an absolute path"));
+        }
+        if !(100..=120_000).contains(&self.ca_timeout_ms) {
+            return Err(err("--ca-timeout-ms must be between 100 and 120000"));
+        }
+        Ok(Some(RemoteCaConfig {
+            url: url.clone(),
+            trust_pem,
+            token_file: self.ca_token_file.clone(),
+            timeout: Duration::from_millis(self.ca_timeout_ms),
+        }))
+    }
+
     fn image_guard(&self, listen: &str) -> Result<ImageGuardConfig, ConfigError> {
         use credlet_imageguard::policy::{GuardPolicy, Mode, VerifyPolicy};
         use credlet_imageguard::reference::Allowlist;
@@ -392,4 +475,278 @@ fn is_trust_domain(s: &str) -> bool {
         && s.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
         })
+}
+
+/// `credlet ca` flags.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Address to serve gRPC over TLS on, `ip:port`.
+    #[arg(long, env = "CREDLET_CA_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// The CA's signing certificate (PEM): a self-signed root or an
+    /// intermediate. Reloaded when it changes.
+    #[arg(long, env = "CREDLET_CA_CERT")]
+    pub ca_cert: PathBuf,
+    /// The signing certificate's private key (PKCS#8 PEM).
+    #[arg(long, env = "CREDLET_CA_KEY")]
+    pub ca_key: PathBuf,
+    /// Certificates above the signing certificate, up to and including the
+    /// root (PEM), when the signing certificate is an intermediate.
+    #[arg(long, env = "CREDLET_CA_CHAIN")]
+    pub ca_chain: Option<PathBuf>,
+    /// SPIFFE trust domain of issued identities.
+    #[arg(long, env = "CREDLET_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Audience service account tokens must carry.
+    #[arg(long, env = "CREDLET_TOKEN_AUDIENCE", default_value = "credlet-ca")]
+    pub token_audience: String,
+    /// The agent's service account, `namespace/name`; only its tokens get
+    /// agent client certificates.
+    #[arg(
+        long,
+        env = "CREDLET_AGENT_SERVICE_ACCOUNT",
+        default_value = "credlet/credlet-agent"
+    )]
+    pub agent_service_account: String,
+    /// Longest certificate lifetime; longer requests are shortened
+    /// (`2160h`, `24h`).
+    #[arg(long, env = "CREDLET_MAX_DURATION", default_value = "2160h")]
+    pub max_duration: String,
+    /// Lifetime when a request asks for none, and of agent certificates.
+    #[arg(long, env = "CREDLET_DEFAULT_DURATION", default_value = "24h")]
+    pub default_duration: String,
+    /// Allowed DNS SAN template (repeatable): an exact template such as
+    /// `$POD_NAME.$POD_NAMESPACE.svc`, or `*.` + suffix template
+    /// (one label in front); `namespace=template` applies to one namespace
+    /// and replaces the node-wide list there.
+    #[arg(long, env = "CREDLET_DNS_TEMPLATES", value_delimiter = ',')]
+    pub dns_template: Vec<String>,
+    /// Range IP SANs may come from (repeatable CIDR); none by default.
+    #[arg(long, env = "CREDLET_ALLOWED_IP_CIDRS", value_delimiter = ',')]
+    pub allowed_ip_cidr: Vec<String>,
+    /// DNS name or IP address of the serving certificate (repeatable), e.g.
+    /// the Service name `credlet-ca.credlet.svc`.
+    #[arg(
+        long,
+        env = "CREDLET_SERVER_NAMES",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub server_name: Vec<String>,
+    /// Kubeconfig for TokenReviews and pod lookups (default: in-cluster, or
+    /// $KUBECONFIG).
+    #[arg(long, env = "CREDLET_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Longest wait for in-flight requests on SIGTERM, in seconds.
+    #[arg(long, env = "CREDLET_DRAIN_TIMEOUT_S", default_value_t = 30)]
+    pub drain_timeout_s: u64,
+}
+
+/// Validated `credlet ca` configuration.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// Listening address.
+    pub listen: std::net::SocketAddr,
+    /// Everything the CA service needs.
+    pub settings: credlet_ca_service::Settings,
+    /// Kubeconfig path, if not in-cluster / $KUBECONFIG.
+    pub kubeconfig: Option<PathBuf>,
+    /// Drain bound on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl CaArgs {
+    /// Checks every flag; the error names the flag.
+    pub fn validate(&self) -> Result<CaConfig, ConfigError> {
+        use credlet_ca_service::policy::{IpRange, ServiceAccountRef};
+        let listen: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            err(format!(
+                "--listen {:?} must be ip:port, e.g. 0.0.0.0:8443",
+                self.listen
+            ))
+        })?;
+        let file = |flag: &str, path: &Path| -> Result<PathBuf, ConfigError> {
+            if !path.is_file() {
+                return Err(err(format!(
+                    "{flag} {}: not a readable file",
+                    path.display()
+                )));
+            }
+            Ok(path.to_path_buf())
+        };
+        let files = credlet_ca_service::KeyFiles {
+            cert: file("--ca-cert", &self.ca_cert)?,
+            key: file("--ca-key", &self.ca_key)?,
+            chain: self
+                .ca_chain
+                .as_deref()
+                .map(|p| file("--ca-chain", p))
+                .transpose()?,
+        };
+        if !is_trust_domain(&self.trust_domain) {
+            return Err(err(format!(
+                "--trust-domain {:?} must be lowercase letters, digits, '.', '-' and '_'",
+                self.trust_domain
+            )));
+        }
+        if self.token_audience.trim().is_empty() {
+            return Err(err("--token-audience must not be empty"));
+        }
+        let mut policy = credlet_ca_service::ServicePolicy::new(self.trust_domain.clone());
+        policy.agent_service_account = ServiceAccountRef::parse(&self.agent_service_account)
+            .map_err(|e| err(format!("--agent-service-account: {e}")))?;
+        policy.max_duration = credlet_csi::attributes::parse_duration(&self.max_duration)
+            .map_err(|e| err(format!("--max-duration: {e}")))?;
+        policy.default_duration = credlet_csi::attributes::parse_duration(&self.default_duration)
+            .map_err(|e| err(format!("--default-duration: {e}")))?;
+        policy.min_duration = policy.min_duration.min(policy.max_duration);
+        policy.agent_duration = policy.default_duration;
+        for template in &self.dns_template {
+            policy
+                .add_dns_template(template)
+                .map_err(|e| err(format!("--dns-template: {e}")))?;
+        }
+        for cidr in &self.allowed_ip_cidr {
+            policy
+                .ip_ranges
+                .push(IpRange::parse(cidr).map_err(|e| err(format!("--allowed-ip-cidr: {e}")))?);
+        }
+        policy.validate().map_err(|e| err(e.to_string()))?;
+        if self.server_name.iter().any(|n| n.trim().is_empty()) {
+            return Err(err("--server-name must not be empty"));
+        }
+        let server_names = credlet_ca_service::ServerNames::parse(&self.server_name);
+        Ok(CaConfig {
+            listen,
+            settings: credlet_ca_service::Settings::new(
+                files,
+                policy,
+                self.token_audience.clone(),
+                server_names,
+            ),
+            kubeconfig: self.kubeconfig.clone(),
+            drain_timeout: Duration::from_secs(self.drain_timeout_s),
+        })
+    }
+}
+
+#[cfg(test)]
+mod remote_ca_tests {
+    use super::*;
+
+    fn agent_args(extra: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let root = tempfile::tempdir().expect("tmp");
+        let root_path = root.path().to_string_lossy().into_owned();
+        let mut args = vec![
+            "credlet",
+            "agent",
+            "--csi-endpoint",
+            "/run/credlet-test/csi.sock",
+            "--node-id",
+            "node-a",
+            "--kubelet-root",
+            &root_path,
+            "--plain-directories",
+        ];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args).expect("parses");
+        let Command::Agent(agent) = cli.command else {
+            panic!("not the agent command");
+        };
+        agent.validate()
+    }
+
+    fn trust_file() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(
+            file.path(),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        file
+    }
+
+    #[test]
+    fn a_ca_is_required_and_only_one() {
+        let error = agent_args(&[]).expect_err("no CA");
+        assert!(error.0.contains("--ca-url"), "{error}");
+        let trust = trust_file();
+        let trust_path = trust.path().to_string_lossy().into_owned();
+        let error = agent_args(&[
+            "--dev-ca",
+            "--ca-url",
+            "https://ca:8443",
+            "--ca-trust",
+            &trust_path,
+        ])
+        .expect_err("both");
+        assert!(error.0.contains("--dev-ca and --ca-url"), "{error}");
+    }
+
+    #[test]
+    fn remote_ca_flags_are_checked() {
+        let trust = trust_file();
+        let trust_path = trust.path().to_string_lossy().into_owned();
+        let config = agent_args(&[
+            "--ca-url",
+            "https://ca.credlet-system.svc:8443",
+            "--ca-trust",
+            &trust_path,
+            "--ca-timeout-ms",
+            "2500",
+        ])
+        .expect("valid");
+        let remote = config.remote_ca.expect("remote CA");
+        assert_eq!(remote.url, "https://ca.credlet-system.svc:8443");
+        assert_eq!(remote.timeout, Duration::from_millis(2500));
+        assert_eq!(
+            remote.token_file,
+            PathBuf::from(credlet_csi::remote::DEFAULT_TOKEN_FILE)
+        );
+        for (flags, mention) in [
+            (
+                vec!["--ca-url", "http://ca:8443", "--ca-trust", &trust_path],
+                "https",
+            ),
+            (vec!["--ca-url", "https://ca:8443"], "--ca-trust"),
+            (
+                vec!["--ca-url", "https://ca:8443/x", "--ca-trust", &trust_path],
+                "path",
+            ),
+            (
+                vec![
+                    "--ca-url",
+                    "https://ca:8443",
+                    "--ca-trust",
+                    "/nonexistent/ca.pem",
+                ],
+                "--ca-trust",
+            ),
+            (
+                vec![
+                    "--ca-url",
+                    "https://ca:8443",
+                    "--ca-trust",
+                    &trust_path,
+                    "--ca-timeout-ms",
+                    "0",
+                ],
+                "--ca-timeout-ms",
+            ),
+            (
+                vec![
+                    "--ca-url",
+                    "https://ca:8443",
+                    "--ca-trust",
+                    &trust_path,
+                    "--ca-token-file",
+                    "token",
+                ],
+                "--ca-token-file",
+            ),
+        ] {
+            let error = agent_args(&flags).expect_err("invalid");
+            assert!(error.0.contains(mention), "{flags:?}: {error}");
+        }
+    }
 }

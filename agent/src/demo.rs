@@ -86,6 +86,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         backoff_cap: Duration::from_secs(2),
         max_concurrent_renewals: 4,
         dev_ca_min_duration: Duration::from_secs(1),
+        remote_ca: None,
     };
 
     let mut policy = Policy::new(config.trust_domain.clone());

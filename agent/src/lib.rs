@@ -5,6 +5,7 @@
 //! crate only puts them together.
 
 pub mod agent;
+pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -1,7 +1,8 @@
 //! The signing authority.
 
 use std::fmt;
-use std::time::SystemTime;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
 
 use rcgen::string::Ia5String;
 use rcgen::{
@@ -274,13 +275,68 @@ impl Authority {
         let spiffe_id = self.policy.check_request(request)?;
         let csr = VerifiedCsr::from_der(&request.csr_der)?;
         self.policy.check_key_type(csr.key_type())?;
+        self.sign_leaf(
+            &csr,
+            spiffe_id.into_owned(),
+            &request.dns_names,
+            &request.ip_addresses,
+            request.common_name.as_deref(),
+            request.duration,
+            now,
+        )
+    }
 
+    /// Signs a leaf for a credlet component rather than a pod: an agent's
+    /// client certificate (URI SAN `spiffe://<trust-domain>/credlet/node/<node>`)
+    /// or the CA service's own serving certificate. The caller chooses the
+    /// names; they are held to the same rules as a pod's: `uri` must be a
+    /// SPIFFE ID in the policy's trust domain whose path starts with
+    /// `credlet/` (a path no pod identity `ns/<ns>/sa/<sa>` can take), DNS
+    /// names must be valid non-wildcard host names, the lifetime must lie
+    /// within the policy's bounds and the CSR's key type must be allowed.
+    /// The leaf has an empty subject and the same extensions as
+    /// [`Authority::issue`].
+    pub fn issue_component(
+        &self,
+        csr_der: &[u8],
+        uri: &str,
+        dns_names: &[String],
+        ip_addresses: &[IpAddr],
+        duration: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        self.policy
+            .check_component(uri, dns_names, ip_addresses, duration)?;
+        let csr = VerifiedCsr::from_der(csr_der)?;
+        self.policy.check_key_type(csr.key_type())?;
+        self.sign_leaf(
+            &csr,
+            uri.to_owned(),
+            dns_names,
+            ip_addresses,
+            None,
+            duration,
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sign_leaf(
+        &self,
+        csr: &VerifiedCsr,
+        uri: String,
+        dns_names: &[String],
+        ip_addresses: &[IpAddr],
+        common_name: Option<&str>,
+        duration: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         let signing = |reason: String| IssueError::Signing { reason };
         let not_before = unix_seconds(now).map_err(|e| signing(e.to_string()))?;
-        let not_after = i64::try_from(request.duration.as_secs())
+        let not_after = i64::try_from(duration.as_secs())
             .ok()
             .and_then(|lifetime| not_before.checked_add(lifetime))
-            .ok_or_else(|| signing(format!("lifetime {:?} is out of range", request.duration)))?;
+            .ok_or_else(|| signing(format!("lifetime {duration:?} is out of range")))?;
         if not_before < self.ca_not_before || not_after > self.ca_not_after {
             return Err(signing(format!(
                 "the certificate would be valid from {} until {}, outside the CA certificate's validity ({} until {})",
@@ -298,18 +354,16 @@ impl Authority {
         params.not_after = datetime(not_after).map_err(|e| signing(e.to_string()))?;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.distinguished_name = DistinguishedName::new();
-        if let Some(cn) = &request.common_name {
-            params
-                .distinguished_name
-                .push(DnType::CommonName, cn.as_str());
+        if let Some(cn) = common_name {
+            params.distinguished_name.push(DnType::CommonName, cn);
         }
         let ia5 = |s: String| Ia5String::try_from(s).map_err(|e| signing(e.to_string()));
-        let mut sans = Vec::with_capacity(1 + request.dns_names.len() + request.ip_addresses.len());
-        sans.push(SanType::URI(ia5(spiffe_id.into_owned())?));
-        for name in &request.dns_names {
+        let mut sans = Vec::with_capacity(1 + dns_names.len() + ip_addresses.len());
+        sans.push(SanType::URI(ia5(uri)?));
+        for name in dns_names {
             sans.push(SanType::DnsName(ia5(name.clone())?));
         }
-        sans.extend(request.ip_addresses.iter().copied().map(SanType::IpAddress));
+        sans.extend(ip_addresses.iter().copied().map(SanType::IpAddress));
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

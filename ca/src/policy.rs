@@ -160,6 +160,79 @@ impl Policy {
         }
     }
 
+    /// Checks the names and lifetime of a component certificate (see
+    /// [`Authority::issue_component`](crate::Authority::issue_component)).
+    pub(crate) fn check_component(
+        &self,
+        uri: &str,
+        dns_names: &[String],
+        ip_addresses: &[IpAddr],
+        duration: Duration,
+    ) -> Result<(), PolicyError> {
+        if duration < self.min_duration {
+            return Err(PolicyError::DurationTooShort {
+                requested: duration,
+                min: self.min_duration,
+            });
+        }
+        if duration > self.max_duration {
+            return Err(PolicyError::DurationTooLong {
+                requested: duration,
+                max: self.max_duration,
+            });
+        }
+        if dns_names.len() > self.max_dns_names {
+            return Err(PolicyError::TooManyDnsNames {
+                count: dns_names.len(),
+                max: self.max_dns_names,
+            });
+        }
+        if ip_addresses.len() > self.max_ip_addresses {
+            return Err(PolicyError::TooManyIpAddresses {
+                count: ip_addresses.len(),
+                max: self.max_ip_addresses,
+            });
+        }
+        for name in dns_names {
+            check_dns_name(name)?;
+        }
+        let prefix = format!("spiffe://{}/credlet/", self.trust_domain);
+        let outside = || PolicyError::SpiffeIdOutsideIdentity {
+            id: uri.to_owned(),
+            expected: "credlet/<component>".to_owned(),
+        };
+        if !uri.starts_with(&prefix) {
+            // Reuse the syntax checks for a precise reason first.
+            if uri.contains(['?', '#']) {
+                return Err(PolicyError::SpiffeIdQueryOrFragment { id: uri.to_owned() });
+            }
+            return Err(outside());
+        }
+        if uri.len() > MAX_SPIFFE_ID_LEN {
+            return Err(PolicyError::InvalidSpiffeId {
+                id: uri.to_owned(),
+                reason: format!("longer than {MAX_SPIFFE_ID_LEN} bytes"),
+            });
+        }
+        for segment in uri[prefix.len()..].split('/') {
+            if segment.is_empty()
+                || segment == "."
+                || segment == ".."
+                || !segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+            {
+                return Err(PolicyError::InvalidSpiffeId {
+                    id: uri.to_owned(),
+                    reason: format!(
+                        "path segment {segment:?} is empty, \".\", \"..\" or has characters outside [A-Za-z0-9._-]"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn check_key_type(&self, key_type: KeyType) -> Result<(), PolicyError> {
         if self.allowed_key_types.contains(&key_type) {
             return Ok(());

@@ -715,3 +715,36 @@ fn authority_is_shareable_across_threads() {
     assert_send_sync::<PrivateKey>();
     assert_send_sync::<VerifiedCsr>();
 }
+
+#[test]
+fn component_certificates_carry_only_credlet_uris() {
+    let authority = dev_ca();
+    let (key, der) = csr(KeyType::EcdsaP256);
+    let now = SystemTime::now();
+    let issued = authority
+        .issue_component(
+            &der,
+            "spiffe://cluster.local/credlet/node/node-a",
+            &["ca.credlet.svc".to_owned()],
+            &["127.0.0.1".parse().unwrap()],
+            Duration::from_secs(3600),
+            now,
+        )
+        .unwrap();
+    verify_chain(&issued.chain_pem, &issued.trust_bundle_pem, now).unwrap();
+    assert!(key_matches_certificate(key.pem(), &issued.chain_pem).unwrap());
+    let leaf = inspect_leaf(&issued.chain_pem).unwrap();
+    assert_eq!(leaf.uris, ["spiffe://cluster.local/credlet/node/node-a"]);
+    assert_eq!(leaf.dns_names, ["ca.credlet.svc"]);
+    for uri in [
+        "spiffe://cluster.local/ns/team-a/sa/web",
+        "spiffe://other.example/credlet/node/a",
+        "spiffe://cluster.local/credlet/../ns/x",
+        "spiffe://cluster.local/credlet/",
+    ] {
+        let err = authority
+            .issue_component(&der, uri, &[], &[], Duration::from_secs(3600), now)
+            .unwrap_err();
+        assert!(err.is_client_error(), "{uri}: {err}");
+    }
+}

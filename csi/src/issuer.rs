@@ -1,8 +1,8 @@
 //! The `Issuer` seam: where a CSR and a pod identity become a certificate.
 //!
 //! [`EmbeddedIssuer`] signs in-process with a [`credlet_ca::Authority`] (the
-//! `--dev-ca` mode and the demo); a remote CA client implements the same
-//! trait.
+//! `--dev-ca` mode and the demo); [`crate::remote::RemoteIssuer`] asks
+//! credlet's CA service over mutual TLS.
 
 use std::fmt;
 use std::future::Future;
@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use credlet_ca::{Authority, IssuanceRequest, IssueError};
 
-use crate::attributes::ServiceAccountToken;
+use crate::attributes::{RenewBefore, ServiceAccountToken};
 
 /// A boxed future, so issuers can be used as `dyn Issuer`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -25,6 +25,23 @@ pub struct IssueRequest {
     /// The pod's service account token for the CA's audience, if the kubelet
     /// sent one. The identity the CA trusts comes from this token.
     pub token: Option<ServiceAccountToken>,
+    /// The name templates as the volume attributes give them, not
+    /// expanded: a remote CA expands them from the facts it verified.
+    pub templates: NameTemplates,
+    /// When the volume wants its certificate renewed.
+    pub renew_before: RenewBefore,
+}
+
+/// Name templates of a volume (`$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID`,
+/// `$SERVICE_ACCOUNT_NAME`, `$TRUST_DOMAIN`), unexpanded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameTemplates {
+    /// DNS SAN templates.
+    pub dns_names: Vec<String>,
+    /// Subject common name template.
+    pub common_name: Option<String>,
+    /// SPIFFE ID template.
+    pub spiffe_id: String,
 }
 
 /// A certificate as the issuer returns it.
@@ -40,6 +57,9 @@ pub struct Issued {
     pub not_before: SystemTime,
     /// Leaf notAfter.
     pub not_after: SystemTime,
+    /// When the issuer wants renewal to begin (a remote CA spreads
+    /// renewals); `None`: the agent picks a point in the volume's window.
+    pub renew_at: Option<SystemTime>,
 }
 
 /// Why an issuer did not issue.
@@ -148,6 +168,7 @@ impl EmbeddedIssuer {
             serial_hex: issued.serial_hex,
             not_before: issued.not_before,
             not_after: issued.not_after,
+            renew_at: None,
         })
     }
 }

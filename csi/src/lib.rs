@@ -13,6 +13,7 @@ pub mod fsops;
 pub mod issuer;
 pub mod metrics;
 pub mod paths;
+pub mod remote;
 pub mod rotation;
 pub mod schedule;
 pub mod server;
@@ -21,4 +22,5 @@ pub mod volumes;
 
 pub use error::{Error, InputError};
 pub use issuer::{EmbeddedIssuer, Issuer};
+pub use remote::{RemoteConfig, RemoteIssuer};
 pub use volumes::{VolumeConfig, VolumeManager};

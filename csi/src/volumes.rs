@@ -23,7 +23,7 @@ use crate::fsops::{
     self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, VisibleLinks, ensure_visible_links,
     has_payload, read_current, remove_stale_payloads, write_atomically,
 };
-use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError};
+use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError, NameTemplates};
 use crate::metrics::{Metrics, Operation, Outcome};
 use crate::paths::{TargetPath, VolumeId};
 use crate::rotation::{Renew, RotationHandle};
@@ -78,6 +78,17 @@ pub struct PublishRequest {
     pub token: Option<ServiceAccountToken>,
     /// The group from `volume_mount_group`.
     pub volume_mount_group: Option<u32>,
+}
+
+/// What [`VolumeManager::update_trust_bundle`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BundleUpdateReport {
+    /// Volumes whose bundle file was replaced.
+    pub updated: usize,
+    /// Volumes that already had the bundle, or no files yet.
+    pub unchanged: usize,
+    /// Volumes whose files could not be read or written.
+    pub failed: usize,
 }
 
 /// What recovery found.
@@ -238,6 +249,13 @@ impl VolumeManager {
                 ),
             }
             .into());
+        }
+        // Before any disk access: a remote issuer without its own client
+        // certificate yet can not issue.
+        if !self.issuer.is_ready() {
+            return Err(Error::NotReady {
+                reason: "the issuer is not ready (no CA client certificate yet); retry later",
+            });
         }
         let names = request
             .attributes
@@ -520,6 +538,12 @@ impl VolumeManager {
                 duration: volume.attributes.duration,
             },
             token: volume.token.clone(),
+            templates: NameTemplates {
+                dns_names: volume.attributes.dns_names.clone(),
+                common_name: volume.attributes.common_name.clone(),
+                spiffe_id: volume.attributes.spiffe_id.clone(),
+            },
+            renew_before: volume.attributes.renew_before,
         };
         let issued = self
             .issuer
@@ -571,12 +595,19 @@ impl VolumeManager {
         }
         write_atomically(self.syscalls.as_ref(), dir, &payload, gid, links)
             .map_err(|e| Error::io("write volume files", volume.target.as_path(), e))?;
-        let renew_at = renewal_time(
-            issued.not_before,
-            issued.not_after,
-            volume.attributes.renew_before,
-            fastrand::f64(),
-        );
+        // The issuer's renewal point if it gave a sane one (a remote CA
+        // spreads renewals), else a point in the volume's window.
+        let renew_at = issued
+            .renew_at
+            .filter(|at| *at >= issued.not_before && *at < issued.not_after)
+            .unwrap_or_else(|| {
+                renewal_time(
+                    issued.not_before,
+                    issued.not_after,
+                    volume.attributes.renew_before,
+                    fastrand::f64(),
+                )
+            });
         Ok(CertificateRecord {
             serial_hex: issued.serial_hex,
             not_before: secs(issued.not_before),
@@ -624,6 +655,134 @@ impl VolumeManager {
         }
         self.metrics.volumes.set(self.volumes.len() as i64);
         Ok(())
+    }
+
+    /// Writes a new trust bundle into every published volume WITHOUT
+    /// re-issuing: key and certificate are read back from the current
+    /// payload and written again, with the new bundle, through the same
+    /// atomic `..data` swap. At most `concurrency` volumes at once; volumes
+    /// that already carry this bundle are left alone.
+    pub async fn update_trust_bundle(
+        self: &Arc<Self>,
+        bundle_pem: Arc<str>,
+        concurrency: usize,
+    ) -> BundleUpdateReport {
+        let ids: Vec<VolumeId> = self.volumes.iter().map(|e| e.key().clone()).collect();
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut report = BundleUpdateReport::default();
+        let tally = |report: &mut BundleUpdateReport, done| match done {
+            Ok(Ok(true)) => report.updated += 1,
+            Ok(Ok(false)) => report.unchanged += 1,
+            Ok(Err((id, error))) => {
+                report.failed += 1;
+                tracing::warn!(volume_id = %id, %error, "writing the new trust bundle failed");
+            }
+            Err(error) => {
+                report.failed += 1;
+                tracing::error!(%error, "trust bundle update task failed");
+            }
+        };
+        for id in ids {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break;
+            };
+            let manager = Arc::clone(self);
+            let bundle = Arc::clone(&bundle_pem);
+            tasks.spawn(async move {
+                let _permit = permit;
+                manager
+                    .swap_trust_bundle(&id, &bundle)
+                    .await
+                    .map_err(|e| (id, e))
+            });
+            while let Some(done) = tasks.try_join_next() {
+                tally(&mut report, done);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            tally(&mut report, done);
+        }
+        tracing::info!(
+            updated = report.updated,
+            unchanged = report.unchanged,
+            failed = report.failed,
+            "trust bundle written into published volumes"
+        );
+        report
+    }
+
+    /// One volume's bundle swap; `Ok(false)` when there is nothing to do.
+    async fn swap_trust_bundle(&self, id: &VolumeId, bundle_pem: &str) -> Result<bool, Error> {
+        let Some(slot) = self.volumes.get(id).map(|s| Arc::clone(s.value())) else {
+            return Ok(false);
+        };
+        let guard = slot.lock().await;
+        let Some(volume) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let Some(dir) = TargetDir::open_parent(&self.root, &volume.target)?
+            .map(|t| t.open())
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        let files = &volume.attributes.files;
+        let mut names = vec![
+            files.key.as_str(),
+            files.certificate.as_str(),
+            files.ca.as_str(),
+        ];
+        names.extend(files.credential_bundle.as_deref());
+        // Nothing written yet (or an incomplete set): the next issuance
+        // writes the bundle the CA returns with it.
+        let Some(contents) = read_current(&dir, &names)
+            .map_err(|e| Error::io("read volume files", volume.target.as_path(), e))?
+        else {
+            return Ok(false);
+        };
+        let contents: Vec<zeroize::Zeroizing<Vec<u8>>> =
+            contents.into_iter().map(zeroize::Zeroizing::new).collect();
+        if contents[2].as_slice() == bundle_pem.as_bytes() {
+            return Ok(false);
+        }
+        let gid = volume.gid();
+        let key_mode = if gid.is_some() { 0o440 } else { 0o400 };
+        let mut payload = vec![
+            Payload {
+                name: &files.key,
+                contents: &contents[0],
+                mode: key_mode,
+            },
+            Payload {
+                name: &files.certificate,
+                contents: &contents[1],
+                mode: 0o444,
+            },
+            Payload {
+                name: &files.ca,
+                contents: bundle_pem.as_bytes(),
+                mode: 0o444,
+            },
+        ];
+        if let Some(name) = &files.credential_bundle {
+            payload.push(Payload {
+                name,
+                contents: &contents[3],
+                mode: key_mode,
+            });
+        }
+        write_atomically(
+            self.syscalls.as_ref(),
+            &dir,
+            &payload,
+            gid,
+            VisibleLinks::Verify,
+        )
+        .map_err(|e| Error::io("write volume files", volume.target.as_path(), e))?;
+        tracing::debug!(volume_id = %id, "trust bundle updated");
+        Ok(true)
     }
 
     /// Renews one volume (called by the rotation loop). Returns when it is

@@ -1,0 +1,630 @@
+//! The CA service's issuance policy: which names a pod may get, how long
+//! certificates live, who counts as the agent, and when to renew.
+//!
+//! Names come only from verified facts: the pod's namespace, name, uid and
+//! service account as the API server vouched for them in the TokenReview
+//! (and the pod check). Requested DNS names are templates expanded from
+//! those facts and then matched against the allowed templates.
+//!
+//! SPIFFE IDs:
+//! - pods: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`;
+//! - agent client certificates: `spiffe://<trust-domain>/credlet/node/<node>`
+//!   (the `credlet/` path can never be a pod's, whose paths start `ns/`);
+//! - the CA's own serving certificate: `spiffe://<trust-domain>/credlet/ca`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+use crate::tokens::VerifiedToken;
+
+/// Template variables and the fact each stands for.
+pub const TEMPLATE_VARIABLES: [&str; 4] = [
+    "$POD_NAMESPACE",
+    "$POD_NAME",
+    "$POD_UID",
+    "$SERVICE_ACCOUNT_NAME",
+];
+
+/// The verified facts templates expand from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Facts {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod_name: String,
+    /// The pod's uid.
+    pub pod_uid: String,
+    /// The pod's service account.
+    pub service_account: String,
+}
+
+impl From<&VerifiedToken> for Facts {
+    fn from(token: &VerifiedToken) -> Self {
+        Self {
+            namespace: token.namespace.clone(),
+            pod_name: token.pod_name.clone(),
+            pod_uid: token.pod_uid.clone(),
+            service_account: token.service_account.clone(),
+        }
+    }
+}
+
+/// Expands `$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID` and
+/// `$SERVICE_ACCOUNT_NAME` in `template` from `facts`. Any other `$` is an
+/// error.
+pub fn expand(template: &str, facts: &Facts) -> Result<String, Error> {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        // Longest variable first: $POD_NAMESPACE before $POD_NAME.
+        let var = TEMPLATE_VARIABLES
+            .iter()
+            .find(|v| tail.starts_with(**v))
+            .ok_or_else(|| Error::InvalidTemplate {
+                template: template.to_owned(),
+                reason: format!(
+                    "unknown variable at {:?}; known: {}",
+                    tail.chars().take(24).collect::<String>(),
+                    TEMPLATE_VARIABLES.join(", ")
+                ),
+            })?;
+        out.push_str(match *var {
+            "$POD_NAMESPACE" => &facts.namespace,
+            "$POD_NAME" => &facts.pod_name,
+            "$POD_UID" => &facts.pod_uid,
+            _ => &facts.service_account,
+        });
+        rest = &tail[var.len()..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// An allowed DNS name: an exact template (`$POD_NAME.$POD_NAMESPACE.svc`)
+/// or `*.` + a template suffix, matching exactly one more DNS label in
+/// front of the expanded suffix (`*.$POD_NAMESPACE.svc.cluster.local`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsPattern {
+    template: String,
+}
+
+impl DnsPattern {
+    /// Parses and checks a pattern: it must expand (with sample facts) to a
+    /// valid host name.
+    pub fn parse(pattern: &str) -> Result<Self, Error> {
+        let invalid = |reason: String| Error::InvalidTemplate {
+            template: pattern.to_owned(),
+            reason,
+        };
+        let sample = Facts {
+            namespace: "ns".into(),
+            pod_name: "pod".into(),
+            pod_uid: "0b7d3c36-7ad9-4cf1-9f0c-3d5a7c1f2e10".into(),
+            service_account: "sa".into(),
+        };
+        let body = pattern.strip_prefix("*.").unwrap_or(pattern);
+        let expanded = expand(body, &sample)?;
+        if !is_host_name(&expanded) {
+            return Err(invalid(
+                "does not expand to a host name (labels of letters, digits and '-', no other wildcard)"
+                    .to_owned(),
+            ));
+        }
+        Ok(Self {
+            template: pattern.to_owned(),
+        })
+    }
+
+    /// The pattern as configured.
+    pub fn as_str(&self) -> &str {
+        &self.template
+    }
+
+    /// Whether `name` (already expanded, lowercase) is allowed for `facts`.
+    pub fn matches(&self, name: &str, facts: &Facts) -> bool {
+        match self.template.strip_prefix("*.") {
+            Some(suffix) => {
+                let Ok(suffix) = expand(suffix, facts) else {
+                    return false;
+                };
+                let suffix = suffix.to_ascii_lowercase();
+                name.strip_suffix(suffix.as_str())
+                    .and_then(|head| head.strip_suffix('.'))
+                    .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+            }
+            None => expand(&self.template, facts)
+                .is_ok_and(|allowed| allowed.eq_ignore_ascii_case(name)),
+        }
+    }
+}
+
+fn is_host_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// An IP range (CIDR) pods may get IP SANs from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpRange {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Parses `a.b.c.d/n` or `x::y/n` (a bare address means one address).
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let invalid = |reason: &str| Error::Config {
+            reason: format!("IP range {text:?}: {reason}"),
+        };
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr.parse().map_err(|_| invalid("not an IP address"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| invalid("bad prefix length"))?,
+            None => max,
+        };
+        Ok(Self { network, prefix })
+    }
+
+    /// Whether `ip` is inside the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn bits(ip: IpAddr) -> (u128, u32) {
+            match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        }
+        let (net, width) = bits(self.network);
+        let (addr, addr_width) = bits(ip);
+        if width != addr_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (addr >> shift)
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// A service account, `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccountRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceAccountRef {
+    /// Parses `namespace/name`.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        match text.split_once('/') {
+            Some((ns, name)) if is_host_name(ns) && is_host_name(name) && !ns.contains('.') => {
+                Ok(Self {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(Error::Config {
+                reason: format!("service account {text:?} must be <namespace>/<name>"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceAccountRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The CA service's policy.
+#[derive(Clone, Debug)]
+pub struct ServicePolicy {
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Longest lifetime; longer requests are shortened to it.
+    pub max_duration: Duration,
+    /// Shortest lifetime; shorter requests are lengthened to it.
+    pub min_duration: Duration,
+    /// Lifetime when a request asks for none.
+    pub default_duration: Duration,
+    /// Lifetime of agent client certificates (capped by `max_duration`).
+    pub agent_duration: Duration,
+    /// Allowed DNS SAN patterns for every namespace without an override.
+    pub dns_patterns: Vec<DnsPattern>,
+    /// Per-namespace DNS SAN patterns; replace `dns_patterns` there.
+    pub namespace_dns_patterns: BTreeMap<String, Vec<DnsPattern>>,
+    /// Ranges IP SANs may come from; none by default.
+    pub ip_ranges: Vec<IpRange>,
+    /// The agent's service account.
+    pub agent_service_account: ServiceAccountRef,
+    /// Share of the lifetime left when renewal begins, by default (percent).
+    pub default_renew_before_percent: u32,
+}
+
+impl ServicePolicy {
+    /// Defaults for `trust_domain`: 24 h default / 90 days max / 1 h min
+    /// lifetime, 24 h agent certificates, no DNS or IP SANs, agent service
+    /// account `credlet/credlet-agent`, renewal when 40 % of the lifetime is
+    /// left (spread over ±10 % of the lifetime: at 50–70 %).
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        Self {
+            trust_domain: trust_domain.into(),
+            max_duration: credlet_ca::Policy::DEFAULT_MAX_DURATION,
+            min_duration: Duration::from_secs(3600),
+            default_duration: Duration::from_secs(24 * 3600),
+            agent_duration: Duration::from_secs(24 * 3600),
+            dns_patterns: Vec::new(),
+            namespace_dns_patterns: BTreeMap::new(),
+            ip_ranges: Vec::new(),
+            agent_service_account: ServiceAccountRef {
+                namespace: "credlet".into(),
+                name: "credlet-agent".into(),
+            },
+            default_renew_before_percent: 40,
+        }
+    }
+
+    /// Adds a `--dns-template` value: `pattern` (every namespace) or
+    /// `namespace=pattern` (that namespace only, replacing the node-wide
+    /// list there).
+    pub fn add_dns_template(&mut self, flag: &str) -> Result<(), Error> {
+        match flag.split_once('=') {
+            Some((ns, pattern)) => {
+                if !is_host_name(ns) || ns.contains('.') {
+                    return Err(Error::Config {
+                        reason: format!("--dns-template {flag:?}: {ns:?} is not a namespace"),
+                    });
+                }
+                let pattern = DnsPattern::parse(pattern)?;
+                self.namespace_dns_patterns
+                    .entry(ns.to_owned())
+                    .or_default()
+                    .push(pattern);
+            }
+            None => self.dns_patterns.push(DnsPattern::parse(flag)?),
+        }
+        Ok(())
+    }
+
+    /// The policy handed to the issuance library.
+    pub fn ca_policy(&self) -> credlet_ca::Policy {
+        let mut policy = credlet_ca::Policy::new(self.trust_domain.clone());
+        policy.min_duration = self.min_duration.min(Duration::from_secs(600));
+        policy.max_duration = self.max_duration;
+        policy
+    }
+
+    /// Checks the policy's own consistency.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |reason: String| Error::Config { reason };
+        if self.min_duration > self.max_duration || self.max_duration.is_zero() {
+            return Err(bad(format!(
+                "lifetime bounds [{:?}, {:?}] are empty",
+                self.min_duration, self.max_duration
+            )));
+        }
+        if !(1..=99).contains(&self.default_renew_before_percent) {
+            return Err(bad("renewal percentage must be 1-99".into()));
+        }
+        Ok(())
+    }
+
+    fn patterns_for(&self, namespace: &str) -> &[DnsPattern] {
+        self.namespace_dns_patterns
+            .get(namespace)
+            .unwrap_or(&self.dns_patterns)
+    }
+
+    /// Expands the requested DNS templates from `facts` and checks each
+    /// against the allowed patterns.
+    pub fn dns_names(&self, facts: &Facts, templates: &[String]) -> Result<Vec<String>, Error> {
+        let patterns = self.patterns_for(&facts.namespace);
+        let mut names: Vec<String> = Vec::with_capacity(templates.len());
+        for template in templates {
+            let name = expand(template, facts)?.to_ascii_lowercase();
+            if !patterns.iter().any(|p| p.matches(&name, facts)) {
+                return Err(Error::SanNotAllowed {
+                    pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                    kind: "DNS",
+                    template: template.clone(),
+                    value: name,
+                    allowed: describe(patterns.iter().map(DnsPattern::as_str)),
+                });
+            }
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Parses the requested IP SANs and checks each against the allowed
+    /// ranges.
+    pub fn ip_addresses(&self, facts: &Facts, requested: &[String]) -> Result<Vec<IpAddr>, Error> {
+        requested
+            .iter()
+            .map(|text| {
+                let ip: IpAddr = text.parse().map_err(|_| Error::InvalidField {
+                    field: "ip_addresses",
+                    reason: format!("{text:?} is not an IP address"),
+                })?;
+                if self.ip_ranges.iter().any(|r| r.contains(ip)) {
+                    Ok(ip)
+                } else {
+                    Err(Error::SanNotAllowed {
+                        pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                        kind: "IP",
+                        template: text.clone(),
+                        value: ip.to_string(),
+                        allowed: describe(self.ip_ranges.iter().map(ToString::to_string)),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// The subject common name: empty template means none; otherwise it
+    /// must expand to one of the certificate's (allowed) DNS names or to the
+    /// pod's name.
+    pub fn common_name(
+        &self,
+        facts: &Facts,
+        template: &str,
+        dns_names: &[String],
+    ) -> Result<Option<String>, Error> {
+        if template.is_empty() {
+            return Ok(None);
+        }
+        let cn = expand(template, facts)?;
+        if cn == facts.pod_name || dns_names.iter().any(|n| n.eq_ignore_ascii_case(&cn)) {
+            Ok(Some(cn))
+        } else {
+            Err(Error::SanNotAllowed {
+                pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                kind: "common name",
+                template: template.to_owned(),
+                value: cn,
+                allowed: "the pod name or one of the certificate's DNS names".to_owned(),
+            })
+        }
+    }
+
+    /// The lifetime to issue: `requested_secs` (0: the default) bounded to
+    /// `[min_duration, max_duration]`; a longer request is shortened, not
+    /// refused.
+    pub fn duration(&self, requested_secs: u64) -> Duration {
+        let requested = if requested_secs == 0 {
+            self.default_duration
+        } else {
+            Duration::from_secs(requested_secs)
+        };
+        requested.clamp(self.min_duration, self.max_duration)
+    }
+
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn pod_spiffe_id(&self, namespace: &str, service_account: &str) -> String {
+        format!(
+            "spiffe://{}/ns/{namespace}/sa/{service_account}",
+            self.trust_domain
+        )
+    }
+
+    /// `spiffe://<td>/credlet/node/<node>`: the URI SAN of an agent's client
+    /// certificate.
+    pub fn node_spiffe_id(&self, node: &str) -> String {
+        format!("spiffe://{}/credlet/node/{node}", self.trust_domain)
+    }
+
+    /// `spiffe://<td>/credlet/ca`: the URI SAN of the CA's serving
+    /// certificate.
+    pub fn ca_spiffe_id(&self) -> String {
+        format!("spiffe://{}/credlet/ca", self.trust_domain)
+    }
+
+    /// The node named by an agent client certificate's URI SAN, if `uri` is
+    /// one in this trust domain.
+    pub fn node_of_spiffe_id<'u>(&self, uri: &'u str) -> Option<&'u str> {
+        uri.strip_prefix("spiffe://")?
+            .strip_prefix(self.trust_domain.as_str())?
+            .strip_prefix("/credlet/node/")
+            .filter(|node| is_host_name(node))
+    }
+}
+
+/// Whether `node` can be a node name (an RFC 1123 subdomain).
+pub fn is_node_name(node: &str) -> bool {
+    is_host_name(node) && !node.bytes().any(|b| b.is_ascii_uppercase())
+}
+
+fn describe<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {
+    let list: Vec<String> = items.map(|s| format!("{:?}", s.as_ref())).collect();
+    if list.is_empty() {
+        "none (the CA's policy allows no such SANs)".to_owned()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// When to begin renewal, spread so that certificates issued in the same
+/// second do not all renew in the same second.
+///
+/// The nominal point is `renew_before_secs` before `not_after`, or else the
+/// moment `percent` % of the lifetime is left (`default_percent` when 0).
+/// The answer is drawn uniformly from a window of ±10 % of the lifetime
+/// around that point (for `renew_before_secs`: from the lifetime's 10 %
+/// before the point up to the point), never earlier than 10 % into the
+/// lifetime nor later than 1 % before the end. Milliseconds since the epoch.
+pub fn renew_at_unix_ms(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before_secs: u64,
+    percent: u32,
+    default_percent: u32,
+) -> i64 {
+    let ms = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    };
+    let start = ms(not_before);
+    let end = ms(not_after).max(start + 1);
+    let lifetime = end - start;
+    let tenth = lifetime / 10;
+    let (low, high) = if renew_before_secs > 0 {
+        let point = end - i64::try_from(renew_before_secs.saturating_mul(1000)).unwrap_or(lifetime);
+        (point - tenth, point)
+    } else {
+        let percent = if (1..=99).contains(&percent) {
+            percent
+        } else {
+            default_percent.clamp(1, 99)
+        };
+        let point = end - lifetime * i64::from(percent) / 100;
+        (point - tenth, point + tenth)
+    };
+    let floor = start + tenth;
+    let ceiling = (end - lifetime / 100).max(floor);
+    let low = low.clamp(floor, ceiling);
+    let high = high.clamp(low, ceiling);
+    fastrand::i64(low..=high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Facts {
+        Facts {
+            namespace: "team-a".into(),
+            pod_name: "web-0".into(),
+            pod_uid: "uid-1".into(),
+            service_account: "web".into(),
+        }
+    }
+
+    #[test]
+    fn expansion_uses_only_known_variables() {
+        assert_eq!(
+            expand("$POD_NAME.$POD_NAMESPACE.svc", &facts()).unwrap(),
+            "web-0.team-a.svc"
+        );
+        assert_eq!(
+            expand("$SERVICE_ACCOUNT_NAME-$POD_UID", &facts()).unwrap(),
+            "web-uid-1"
+        );
+        assert!(expand("$HOSTNAME.x", &facts()).is_err());
+    }
+
+    #[test]
+    fn patterns_exact_and_suffix() {
+        let mut p = ServicePolicy::new("cluster.local");
+        p.add_dns_template("$POD_NAME.$POD_NAMESPACE.svc").unwrap();
+        p.add_dns_template("*.$POD_NAMESPACE.example.com").unwrap();
+        p.add_dns_template("team-b=*.b.example.com").unwrap();
+        let f = facts();
+        assert_eq!(
+            p.dns_names(&f, &["$POD_NAME.$POD_NAMESPACE.svc".into()])
+                .unwrap(),
+            ["web-0.team-a.svc"]
+        );
+        assert!(p.dns_names(&f, &["api.team-a.example.com".into()]).is_ok());
+        assert!(p.dns_names(&f, &["a.b.team-a.example.com".into()]).is_err());
+        assert!(p.dns_names(&f, &["web-1.team-a.svc".into()]).is_err());
+        assert!(p.dns_names(&f, &["api.team-b.example.com".into()]).is_err());
+        let mut fb = facts();
+        fb.namespace = "team-b".into();
+        assert!(p.dns_names(&fb, &["x.b.example.com".into()]).is_ok());
+        // The override replaces the node-wide list.
+        assert!(
+            p.dns_names(&fb, &["$POD_NAME.$POD_NAMESPACE.svc".into()])
+                .is_err()
+        );
+        assert!(DnsPattern::parse("*.*.example.com").is_err());
+        assert!(DnsPattern::parse("$NOPE.example.com").is_err());
+    }
+
+    #[test]
+    fn ip_ranges() {
+        let r = IpRange::parse("10.1.0.0/16").unwrap();
+        assert!(r.contains("10.1.2.3".parse().unwrap()));
+        assert!(!r.contains("10.2.0.1".parse().unwrap()));
+        assert!(!r.contains("::1".parse().unwrap()));
+        assert!(
+            IpRange::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("1.2.3.4".parse().unwrap())
+        );
+        assert!(IpRange::parse("10.0.0.0/33").is_err());
+        let p = ServicePolicy::new("cluster.local");
+        assert!(matches!(
+            p.ip_addresses(&facts(), &["10.1.2.3".into()]),
+            Err(Error::SanNotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn durations_are_capped_not_refused() {
+        let p = ServicePolicy::new("cluster.local");
+        assert_eq!(p.duration(0), Duration::from_secs(86400));
+        assert_eq!(p.duration(u64::MAX), p.max_duration);
+        assert_eq!(p.duration(1), p.min_duration);
+    }
+
+    #[test]
+    fn node_ids() {
+        let p = ServicePolicy::new("cluster.local");
+        let id = p.node_spiffe_id("node-a");
+        assert_eq!(id, "spiffe://cluster.local/credlet/node/node-a");
+        assert_eq!(p.node_of_spiffe_id(&id), Some("node-a"));
+        assert_eq!(
+            p.node_of_spiffe_id("spiffe://other/credlet/node/node-a"),
+            None
+        );
+        assert_eq!(
+            p.node_of_spiffe_id("spiffe://cluster.local/ns/a/sa/b"),
+            None
+        );
+    }
+
+    #[test]
+    fn renewals_of_one_second_are_spread() {
+        let nb = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let na = nb + Duration::from_secs(86400);
+        let mut seconds = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let at = renew_at_unix_ms(nb, na, 0, 0, 40);
+            let start = 1_800_000_000_000i64;
+            assert!(at >= start + 86_400_000 / 2 && at <= start + 86_400_000 * 7 / 10);
+            seconds.insert(at / 1000);
+        }
+        assert!(seconds.len() > 5_000, "{} distinct seconds", seconds.len());
+        let at = renew_at_unix_ms(nb, na, 3600, 0, 40);
+        let end = 1_800_086_400_000i64;
+        assert!(at <= end - 3_600_000 && at >= end - 3_600_000 - 8_640_000);
+    }
+}

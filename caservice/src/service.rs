@@ -1,0 +1,319 @@
+//! The gRPC service: `credlet.ca.v1.CertificateAuthority`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use credlet_ca::{IssuanceRequest, IssuedCertificate, PodIdentity, VerifiedCsr};
+use credlet_proto::ca::certificate_authority_server::CertificateAuthority;
+use credlet_proto::ca::{
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate as IssuedProto,
+    TrustBundle as TrustBundleProto, WatchTrustBundleRequest,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::keys::KeyStore;
+use crate::pods::PodChecker;
+use crate::policy::{Facts, ServicePolicy, is_node_name, renew_at_unix_ms};
+use crate::tls::PeerInfo;
+use crate::tokens::{TokenVerifier, VerifiedToken};
+
+/// The CA service's handlers.
+pub struct CaService {
+    keys: Arc<KeyStore>,
+    tokens: Arc<dyn TokenVerifier>,
+    pods: PodChecker,
+    policy: Arc<ServicePolicy>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for CaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaService")
+            .field("keys", &self.keys)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaService {
+    /// Assembles the service. `shutdown` turning `true` ends open
+    /// `WatchTrustBundle` streams so that a drain can finish.
+    pub fn new(
+        keys: Arc<KeyStore>,
+        tokens: Arc<dyn TokenVerifier>,
+        pods: PodChecker,
+        policy: Arc<ServicePolicy>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            keys,
+            tokens,
+            pods,
+            policy,
+            shutdown,
+        }
+    }
+
+    /// IssueAgentCertificate without the gRPC wrapping.
+    pub async fn issue_agent(
+        &self,
+        request: &IssueAgentCertificateRequest,
+    ) -> Result<IssuedProto, Error> {
+        let csr = VerifiedCsr::from_der(&request.csr_der)?;
+        let token = self.tokens.verify(&request.token).await?;
+        let agent = &self.policy.agent_service_account;
+        if token.namespace != agent.namespace || token.service_account != agent.name {
+            return Err(Error::NotAgentServiceAccount {
+                namespace: token.namespace,
+                pod: token.pod_name,
+                service_account: token.service_account,
+                expected: agent.to_string(),
+            });
+        }
+        let node = request.node_name.as_str();
+        if !is_node_name(node) {
+            return Err(Error::InvalidField {
+                field: "node_name",
+                reason: format!("{node:?} is not a node name"),
+            });
+        }
+        if let Some(token_node) = &token.node_name
+            && token_node != node
+        {
+            return Err(Error::NodeMismatch {
+                namespace: token.namespace,
+                name: token.pod_name,
+                pod_node: token_node.clone(),
+                caller_node: node.to_owned(),
+            });
+        }
+        self.pods.check(&token, node).await?;
+        let authority = self.keys.authority();
+        let duration = self
+            .policy
+            .agent_duration
+            .clamp(self.policy.min_duration, self.policy.max_duration);
+        drop(csr);
+        let issued = authority.issue_component(
+            &request.csr_der,
+            &self.policy.node_spiffe_id(node),
+            &[],
+            &[],
+            duration,
+            SystemTime::now(),
+        )?;
+        tracing::info!(
+            node,
+            namespace = %token.namespace,
+            pod = %token.pod_name,
+            serial = %issued.serial_hex,
+            "agent certificate issued"
+        );
+        Ok(self.answer(issued, 0, 0))
+    }
+
+    /// IssuePodCertificate without the gRPC wrapping; `peer` is what the
+    /// TLS layer verified.
+    pub async fn issue_pod(
+        &self,
+        peer: Option<&PeerInfo>,
+        request: &IssuePodCertificateRequest,
+    ) -> Result<IssuedProto, Error> {
+        let Some(node) = peer.and_then(|p| p.node.as_deref()) else {
+            return Err(Error::NoClientCertificate);
+        };
+        if request.renew_before_percent > 99 {
+            return Err(Error::InvalidField {
+                field: "renew_before_percent",
+                reason: format!("{} is not 0-99", request.renew_before_percent),
+            });
+        }
+        let csr = VerifiedCsr::from_der(&request.csr_der)?;
+        let token = self.tokens.verify(&request.token).await?;
+        cross_check(&token, request)?;
+        if let Some(token_node) = &token.node_name
+            && token_node != node
+        {
+            return Err(Error::NodeMismatch {
+                namespace: token.namespace,
+                name: token.pod_name,
+                pod_node: token_node.clone(),
+                caller_node: node.to_owned(),
+            });
+        }
+        let facts = Facts::from(&token);
+        let dns_names = self.policy.dns_names(&facts, &request.dns_name_templates)?;
+        let ip_addresses = self.policy.ip_addresses(&facts, &request.ip_addresses)?;
+        let common_name =
+            self.policy
+                .common_name(&facts, &request.common_name_template, &dns_names)?;
+        self.pods.check(&token, node).await?;
+        let duration = self.policy.duration(request.duration_seconds);
+        drop(csr);
+        let issuance = IssuanceRequest {
+            csr_der: request.csr_der.clone(),
+            identity: PodIdentity {
+                namespace: token.namespace.clone(),
+                name: token.pod_name.clone(),
+                uid: token.pod_uid.clone(),
+                service_account: token.service_account.clone(),
+            },
+            spiffe_id: None,
+            dns_names,
+            ip_addresses,
+            common_name,
+            duration,
+        };
+        let issued = self.keys.authority().issue(&issuance, SystemTime::now())?;
+        tracing::info!(
+            node,
+            namespace = %token.namespace,
+            pod = %token.pod_name,
+            serial = %issued.serial_hex,
+            lifetime_s = duration.as_secs(),
+            "pod certificate issued"
+        );
+        Ok(self.answer(
+            issued,
+            request.renew_before_seconds,
+            request.renew_before_percent,
+        ))
+    }
+
+    fn answer(&self, issued: IssuedCertificate, before_s: u64, percent: u32) -> IssuedProto {
+        let unix = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        };
+        IssuedProto {
+            renew_at_unix_ms: renew_at_unix_ms(
+                issued.not_before,
+                issued.not_after,
+                before_s,
+                percent,
+                self.policy.default_renew_before_percent,
+            ),
+            not_before_unix: unix(issued.not_before),
+            not_after_unix: unix(issued.not_after),
+            // During a rollover: old and new roots.
+            trust_bundle_pem: self.keys.trust_bundle().pem.clone(),
+            chain_pem: issued.chain_pem,
+            serial_hex: issued.serial_hex,
+        }
+    }
+}
+
+/// The kubelet-reported fields must match the token when given.
+fn cross_check(token: &VerifiedToken, request: &IssuePodCertificateRequest) -> Result<(), Error> {
+    let fields = [
+        ("pod_namespace", &request.pod_namespace, &token.namespace),
+        ("pod_name", &request.pod_name, &token.pod_name),
+        ("pod_uid", &request.pod_uid, &token.pod_uid),
+        (
+            "service_account",
+            &request.service_account,
+            &token.service_account,
+        ),
+    ];
+    for (field, requested, verified) in fields {
+        if !requested.is_empty() && requested != verified {
+            return Err(Error::TokenForAnotherPod {
+                namespace: token.namespace.clone(),
+                pod: token.pod_name.clone(),
+                field,
+                requested: requested.clone(),
+                verified: verified.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn log_denial(rpc: &'static str, peer: Option<&PeerInfo>, pod: &str, error: &Error) {
+    let node = peer.and_then(|p| p.node.as_deref()).unwrap_or("");
+    let remote = peer
+        .and_then(|p| p.remote_addr)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    match error.code() {
+        tonic::Code::Internal | tonic::Code::Unavailable => tracing::error!(
+            rpc, node, pod, remote, reason = error.reason(), error = %error, "request failed"
+        ),
+        _ => tracing::warn!(
+            rpc, node, pod, remote, reason = error.reason(), error = %error, "request denied"
+        ),
+    }
+}
+
+/// The stream type of WatchTrustBundle.
+pub type TrustBundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundleProto, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CertificateAuthority for CaService {
+    async fn issue_agent_certificate(
+        &self,
+        request: Request<IssueAgentCertificateRequest>,
+    ) -> Result<Response<IssuedProto>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let body = request.into_inner();
+        match self.issue_agent(&body).await {
+            Ok(issued) => Ok(Response::new(issued)),
+            Err(error) => {
+                let who = format!("node {}", body.node_name);
+                log_denial("IssueAgentCertificate", peer.as_ref(), &who, &error);
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn issue_pod_certificate(
+        &self,
+        request: Request<IssuePodCertificateRequest>,
+    ) -> Result<Response<IssuedProto>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let body = request.into_inner();
+        match self.issue_pod(peer.as_ref(), &body).await {
+            Ok(issued) => Ok(Response::new(issued)),
+            Err(error) => {
+                let pod = format!("{}/{}", body.pod_namespace, body.pod_name);
+                log_denial("IssuePodCertificate", peer.as_ref(), &pod, &error);
+                Err(error.into())
+            }
+        }
+    }
+
+    type WatchTrustBundleStream = TrustBundleStream;
+
+    async fn watch_trust_bundle(
+        &self,
+        _request: Request<WatchTrustBundleRequest>,
+    ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
+        let mut bundles = self.keys.subscribe_bundle();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let bundle = bundles.borrow_and_update().clone();
+                let message = TrustBundleProto {
+                    pem: bundle.pem.clone(),
+                    generation: bundle.generation,
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+                tokio::select! {
+                    changed = bundles.changed() => if changed.is_err() { break },
+                    () = tx.closed() => break,
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}

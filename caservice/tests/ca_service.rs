@@ -1,0 +1,841 @@
+//! End-to-end tests of the CA service: a real tonic client over real rustls
+//! mutual TLS on 127.0.0.1, the in-process fake Kubernetes API server
+//! answering TokenReviews and pod GETs over HTTP, and CA key files on disk
+//! watched with notify.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use credlet_ca::{Authority, KeyType, Policy, PrivateKey, inspect_leaf, verify_chain};
+use credlet_ca_service::{CaServer, KeyFiles, ServerNames, ServicePolicy, Settings};
+use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
+use credlet_proto::ca::{
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate,
+    WatchTrustBundleRequest,
+};
+use credlet_test_util::FakeApiServer;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+const AUDIENCE: &str = "credlet-ca";
+const TD: &str = "cluster.local";
+
+/// What the fake API server's TokenReview answers for one token.
+#[derive(Clone)]
+struct TokenFacts {
+    username: String,
+    extra: BTreeMap<String, Vec<String>>,
+    audiences: Vec<String>,
+}
+
+type Tokens = Arc<Mutex<HashMap<String, TokenFacts>>>;
+
+struct Harness {
+    api: FakeApiServer,
+    tokens: Tokens,
+    _dir: tempfile::TempDir,
+    files: KeyFiles,
+    addr: std::net::SocketAddr,
+    server: Option<tokio::task::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    keys: Arc<credlet_ca_service::KeyStore>,
+    next_token: Mutex<u64>,
+}
+
+fn jwt(exp: u64, id: u64) -> String {
+    let payload = URL_SAFE_NO_PAD.encode(json!({"exp": exp, "jti": id}).to_string());
+    format!("eyJhbGciOiJSUzI1NiJ9.{payload}.c2lnbmF0dXJl{id}")
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn new_ca_pems() -> Result<(String, String)> {
+    let (_, cert, key) = Authority::generate_self_signed_with_pems(Policy::new(TD))?;
+    Ok((cert, key.to_string()))
+}
+
+impl Harness {
+    async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(customize: impl FnOnce(&mut ServicePolicy)) -> Result<Self> {
+        let api = FakeApiServer::start()?;
+        let tokens: Tokens = Arc::default();
+        let reviewer_tokens = Arc::clone(&tokens);
+        api.set_token_reviewer(move |review: &TokenReview| review_token(&reviewer_tokens, review));
+        let dir = tempfile::tempdir()?;
+        let (cert, key) = new_ca_pems()?;
+        let files = KeyFiles {
+            cert: dir.path().join("ca.crt"),
+            key: dir.path().join("ca.key"),
+            chain: None,
+        };
+        std::fs::write(&files.cert, cert)?;
+        std::fs::write(&files.key, key)?;
+        let mut policy = ServicePolicy::new(TD);
+        policy.add_dns_template("$POD_NAME.$POD_NAMESPACE.svc")?;
+        policy.add_dns_template("*.$POD_NAMESPACE.example.com")?;
+        customize(&mut policy);
+        let mut settings = Settings::new(
+            files.clone(),
+            policy,
+            AUDIENCE,
+            ServerNames::parse(&["localhost", "127.0.0.1"]),
+        );
+        settings.reload_debounce = Duration::from_millis(100);
+        let server = CaServer::start(settings, api.kube_client()?)?;
+        let keys = Arc::clone(server.keys());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            server
+                .serve(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+        });
+        Ok(Self {
+            api,
+            tokens,
+            _dir: dir,
+            files,
+            addr,
+            server: Some(handle),
+            stop: Some(stop),
+            keys,
+            next_token: Mutex::new(0),
+        })
+    }
+
+    /// A pod on `node`, returning its uid.
+    fn pod(&self, namespace: &str, name: &str, sa: &str, node: &str) -> Result<String> {
+        let pod = self.api.create_pod(&json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"nodeName": node, "serviceAccountName": sa,
+                     "containers": [{"name": "c", "image": "nginx"}]}
+        }))?;
+        pod.metadata.uid.context("pod without uid")
+    }
+
+    /// A bound token for the pod, valid for `audiences`, expiring at `exp`.
+    #[allow(clippy::too_many_arguments)]
+    fn token_with(
+        &self,
+        namespace: &str,
+        sa: &str,
+        pod: &str,
+        uid: &str,
+        node: &str,
+        audiences: &[&str],
+        exp: u64,
+    ) -> String {
+        let id = {
+            let mut n = self.next_token.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        let token = jwt(exp, id);
+        let extra = BTreeMap::from([
+            (
+                "authentication.kubernetes.io/pod-name".to_owned(),
+                vec![pod.to_owned()],
+            ),
+            (
+                "authentication.kubernetes.io/pod-uid".to_owned(),
+                vec![uid.to_owned()],
+            ),
+            (
+                "authentication.kubernetes.io/node-name".to_owned(),
+                vec![node.to_owned()],
+            ),
+        ]);
+        self.tokens.lock().unwrap().insert(
+            token.clone(),
+            TokenFacts {
+                username: format!("system:serviceaccount:{namespace}:{sa}"),
+                extra,
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+            },
+        );
+        token
+    }
+
+    fn token(&self, namespace: &str, sa: &str, pod: &str, uid: &str, node: &str) -> String {
+        self.token_with(
+            namespace,
+            sa,
+            pod,
+            uid,
+            node,
+            &[AUDIENCE],
+            unix_now() + 3600,
+        )
+    }
+
+    fn bundle_pem(&self) -> String {
+        self.keys.trust_bundle().pem.clone()
+    }
+
+    /// A client trusting `roots_pem`, with an optional client certificate.
+    async fn client(
+        &self,
+        roots_pem: &str,
+        client_cert: Option<(&str, &str)>,
+    ) -> Result<CertificateAuthorityClient<Channel>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots);
+        let mut config = match client_cert {
+            Some((chain_pem, key_pem)) => {
+                let chain =
+                    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                        .collect::<Result<Vec<_>, _>>()?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+                builder.with_client_auth_cert(chain, key)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let addr = self.addr;
+        let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    let tls = connector
+                        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                        .await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await?;
+        Ok(CertificateAuthorityClient::new(channel))
+    }
+
+    /// Bootstraps an agent on `node`: its pod, token, key and client
+    /// certificate; returns an mTLS client.
+    async fn agent(
+        &self,
+        node: &str,
+    ) -> Result<(
+        CertificateAuthorityClient<Channel>,
+        IssuedCertificate,
+        PrivateKey,
+    )> {
+        let pod = format!("credlet-agent-{node}");
+        let uid = self.pod("credlet", &pod, "credlet-agent", node)?;
+        let token = self.token("credlet", "credlet-agent", &pod, &uid, node);
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+        let mut anonymous = self.client(&self.bundle_pem(), None).await?;
+        let issued = anonymous
+            .issue_agent_certificate(IssueAgentCertificateRequest {
+                csr_der: key.certificate_signing_request()?,
+                token,
+                node_name: node.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let client = self
+            .client(&self.bundle_pem(), Some((&issued.chain_pem, key.pem())))
+            .await?;
+        Ok((client, issued, key))
+    }
+
+    fn token_reviews(&self) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/tokenreviews"))
+            .count()
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(10), server)
+                .await
+                .context("drain took too long")??;
+        }
+        Ok(())
+    }
+}
+
+fn review_token(tokens: &Tokens, review: &TokenReview) -> TokenReviewStatus {
+    let token = review.spec.token.clone().unwrap_or_default();
+    let wanted = review.spec.audiences.clone().unwrap_or_default();
+    let Some(facts) = tokens.lock().unwrap().get(&token).cloned() else {
+        return TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(
+                "[invalid bearer token, square/go-jose: error in cryptographic primitive]".into(),
+            ),
+            ..Default::default()
+        };
+    };
+    let common: Vec<String> = facts
+        .audiences
+        .iter()
+        .filter(|a| wanted.contains(a))
+        .cloned()
+        .collect();
+    if common.is_empty() {
+        return TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(format!(
+                "[invalid bearer token, token audiences {:?} is invalid for the target audiences {:?}]",
+                facts.audiences, wanted
+            )),
+            ..Default::default()
+        };
+    }
+    TokenReviewStatus {
+        authenticated: Some(true),
+        audiences: Some(common),
+        user: Some(UserInfo {
+            username: Some(facts.username.clone()),
+            uid: Some("sa-uid".into()),
+            groups: Some(vec!["system:serviceaccounts".into()]),
+            extra: Some(facts.extra.clone()),
+        }),
+        error: None,
+    }
+}
+
+fn pod_request(token: String, templates: &[&str]) -> IssuePodCertificateRequest {
+    IssuePodCertificateRequest {
+        csr_der: PrivateKey::generate(KeyType::EcdsaP256)
+            .unwrap()
+            .certificate_signing_request()
+            .unwrap(),
+        token,
+        dns_name_templates: templates.iter().map(|t| t.to_string()).collect(),
+        duration_seconds: 3600,
+        ..Default::default()
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, contains: &str) {
+    match result {
+        Ok(ok) => panic!("expected {code:?}, got {ok:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(
+                status.message().contains(contains),
+                "{:?} does not contain {contains:?}",
+                status.message()
+            );
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
+    for _ in 0..100 {
+        if check() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("timed out waiting for {what}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_bootstraps_and_issues_a_pod_certificate_from_verified_facts() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, agent_cert, _) = h.agent("node-a").await?;
+    let agent_leaf = inspect_leaf(&agent_cert.chain_pem)?;
+    assert_eq!(
+        agent_leaf.uris,
+        ["spiffe://cluster.local/credlet/node/node-a"]
+    );
+    verify_chain(
+        &agent_cert.chain_pem,
+        &agent_cert.trust_bundle_pem,
+        SystemTime::now(),
+    )?;
+
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let request = IssuePodCertificateRequest {
+        csr_der: key.certificate_signing_request()?,
+        token: token.clone(),
+        pod_namespace: "team-a".into(),
+        pod_name: "web-0".into(),
+        pod_uid: uid.clone(),
+        service_account: "web".into(),
+        dns_name_templates: vec![
+            "$POD_NAME.$POD_NAMESPACE.svc".into(),
+            "api.$POD_NAMESPACE.example.com".into(),
+        ],
+        common_name_template: "$POD_NAME".into(),
+        // 10 years: shortened to the 90-day cap, not refused.
+        duration_seconds: 10 * 365 * 86400,
+        ..Default::default()
+    };
+    let reviews_before = h.token_reviews();
+    let issued = agent
+        .issue_pod_certificate(request.clone())
+        .await?
+        .into_inner();
+    assert_eq!(h.token_reviews(), reviews_before + 1);
+    verify_chain(
+        &issued.chain_pem,
+        &issued.trust_bundle_pem,
+        SystemTime::now(),
+    )?;
+    assert!(credlet_ca::key_matches_certificate(
+        key.pem(),
+        &issued.chain_pem
+    )?);
+    let leaf = inspect_leaf(&issued.chain_pem)?;
+    assert_eq!(leaf.uris, ["spiffe://cluster.local/ns/team-a/sa/web"]);
+    assert_eq!(
+        leaf.dns_names,
+        ["web-0.team-a.svc", "api.team-a.example.com"]
+    );
+    assert_eq!(leaf.subject, "CN=web-0");
+    let lifetime = issued.not_after_unix - issued.not_before_unix;
+    assert_eq!(lifetime, 90 * 86400);
+    let renew_s = issued.renew_at_unix_ms / 1000;
+    assert!(
+        renew_s >= issued.not_before_unix + lifetime / 2
+            && renew_s <= issued.not_before_unix + lifetime * 7 / 10,
+        "renew_at outside 50-70 % of the lifetime"
+    );
+
+    // The same token again: the review is cached (no API request).
+    let again = agent.issue_pod_certificate(request).await?.into_inner();
+    assert_ne!(again.serial_hex, issued.serial_hex);
+    assert_eq!(
+        h.token_reviews(),
+        reviews_before + 1,
+        "second call hit the API server"
+    );
+
+    // The trust bundle stream starts with the current bundle.
+    let mut stream = agent
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await?
+        .into_inner();
+    let first = stream.message().await?.context("no bundle")?;
+    assert_eq!(first.generation, 1);
+    assert_eq!(first.pem, h.bundle_pem());
+    drop(stream);
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_denials() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+
+    let wrong_audience = h.token_with(
+        "team-a",
+        "web",
+        "web-0",
+        &uid,
+        "node-a",
+        &["vault"],
+        unix_now() + 3600,
+    );
+    expect_code(
+        agent
+            .issue_pod_certificate(pod_request(wrong_audience, &[]))
+            .await,
+        Code::Unauthenticated,
+        "audience",
+    );
+
+    let reviews = h.token_reviews();
+    let expired = h.token_with(
+        "team-a",
+        "web",
+        "web-0",
+        &uid,
+        "node-a",
+        &[AUDIENCE],
+        unix_now() - 10,
+    );
+    expect_code(
+        agent.issue_pod_certificate(pod_request(expired, &[])).await,
+        Code::Unauthenticated,
+        "expired",
+    );
+    assert_eq!(
+        h.token_reviews(),
+        reviews,
+        "an expired token needs no review"
+    );
+
+    expect_code(
+        agent
+            .issue_pod_certificate(pod_request("not-a-token".into(), &[]))
+            .await,
+        Code::Unauthenticated,
+        "not authenticated",
+    );
+
+    // A pod's token can not get an agent certificate.
+    let pod_token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+    expect_code(
+        anonymous
+            .issue_agent_certificate(IssueAgentCertificateRequest {
+                csr_der: pod_request(String::new(), &[]).csr_der,
+                token: pod_token.clone(),
+                node_name: "node-a".into(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "credlet/credlet-agent",
+    );
+
+    // Request fields that contradict the token.
+    let mut request = pod_request(pod_token, &[]);
+    request.pod_name = "db-0".into();
+    expect_code(
+        agent.issue_pod_certificate(request).await,
+        Code::PermissionDenied,
+        "pod_name",
+    );
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_and_node_denials() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent_a, _, _) = h.agent("node-a").await?;
+    let (mut agent_b, _, _) = h.agent("node-b").await?;
+
+    // Pod gone.
+    let uid = h.pod("team-a", "gone-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "gone-0", &uid, "node-a");
+    h.api.delete_pod("team-a", "gone-0")?;
+    expect_code(
+        agent_a.issue_pod_certificate(pod_request(token, &[])).await,
+        Code::FailedPrecondition,
+        "team-a/gone-0",
+    );
+
+    // Token replayed for another pod of the same name (uid mismatch).
+    let old_uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let old_token = h.token("team-a", "web", "web-0", &old_uid, "node-a");
+    h.api.delete_pod("team-a", "web-0")?;
+    let new_uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    assert_ne!(old_uid, new_uid);
+    expect_code(
+        agent_a
+            .issue_pod_certificate(pod_request(old_token, &[]))
+            .await,
+        Code::PermissionDenied,
+        "uid",
+    );
+
+    // The agent of node B asks for a pod on node A.
+    let token = h.token("team-a", "web", "web-0", &new_uid, "node-a");
+    expect_code(
+        agent_b
+            .issue_pod_certificate(pod_request(token.clone(), &[]))
+            .await,
+        Code::PermissionDenied,
+        "node-b",
+    );
+    // ... even with a token that does not name a node (older clusters):
+    // the pod's spec.nodeName decides.
+    let unbound_node = h.token("team-a", "web", "web-0", &new_uid, "");
+    h.tokens
+        .lock()
+        .unwrap()
+        .get_mut(&unbound_node)
+        .unwrap()
+        .extra
+        .remove("authentication.kubernetes.io/node-name");
+    expect_code(
+        agent_b
+            .issue_pod_certificate(pod_request(unbound_node, &[]))
+            .await,
+        Code::PermissionDenied,
+        "node-b",
+    );
+
+    // SAN templates outside the policy.
+    expect_code(
+        agent_a
+            .issue_pod_certificate(pod_request(token.clone(), &["admin.example.com"]))
+            .await,
+        Code::PermissionDenied,
+        "not allowed",
+    );
+    expect_code(
+        agent_a
+            .issue_pod_certificate(pod_request(token.clone(), &["a.b.team-a.example.com"]))
+            .await,
+        Code::PermissionDenied,
+        "not allowed",
+    );
+    let mut request = pod_request(token.clone(), &[]);
+    request.ip_addresses = vec!["10.0.0.1".into()];
+    expect_code(
+        agent_a.issue_pod_certificate(request).await,
+        Code::PermissionDenied,
+        "IP SAN",
+    );
+    // The same token is fine for what the policy allows.
+    agent_a
+        .issue_pod_certificate(pod_request(token, &["$POD_NAME.$POD_NAMESPACE.svc"]))
+        .await?;
+    h.stop().await
+}
+
+fn replace(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let at = haystack
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    let mut out = haystack.to_vec();
+    out[at..at + from.len()].copy_from_slice(to);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_and_client_certificate_denials() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+
+    // Unsupported key type: an Ed448 key (the OID of an Ed25519 CSR
+    // relabelled).
+    let ed = PrivateKey::generate(KeyType::Ed25519)?.certificate_signing_request()?;
+    let mut request = pod_request(token.clone(), &[]);
+    request.csr_der = replace(
+        &ed,
+        &[0x06, 0x03, 0x2b, 0x65, 0x70],
+        &[0x06, 0x03, 0x2b, 0x65, 0x71],
+    );
+    expect_code(
+        agent.issue_pod_certificate(request).await,
+        Code::InvalidArgument,
+        "supported are ECDSA P-256",
+    );
+
+    // Proof of possession does not verify (signature altered).
+    let mut request = pod_request(token.clone(), &[]);
+    request.csr_der = ed.clone();
+    let last = request.csr_der.len() - 1;
+    request.csr_der[last] ^= 0x01;
+    expect_code(
+        agent.issue_pod_certificate(request).await,
+        Code::InvalidArgument,
+        "proof of possession",
+    );
+
+    // Malformed CSR.
+    let mut request = pod_request(token.clone(), &[]);
+    request.csr_der = b"not a csr".to_vec();
+    expect_code(
+        agent.issue_pod_certificate(request).await,
+        Code::InvalidArgument,
+        "malformed",
+    );
+
+    // No client certificate.
+    let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+    expect_code(
+        anonymous
+            .issue_pod_certificate(pod_request(token.clone(), &[]))
+            .await,
+        Code::Unauthenticated,
+        "client certificate",
+    );
+
+    // A client certificate from another CA naming node-a: the handshake is
+    // refused, nothing is issued.
+    let other = Authority::generate_self_signed(Policy::new(TD))?;
+    let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let forged = other.issue_component(
+        &key.certificate_signing_request()?,
+        "spiffe://cluster.local/credlet/node/node-a",
+        &[],
+        &[],
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    )?;
+    let result = async {
+        let mut client = h
+            .client(&h.bundle_pem(), Some((&forged.chain_pem, key.pem())))
+            .await?;
+        Ok::<_, anyhow::Error>(
+            client
+                .issue_pod_certificate(pod_request(token.clone(), &[]))
+                .await?,
+        )
+    }
+    .await;
+    assert!(result.is_err(), "a foreign client certificate was accepted");
+
+    // A pod certificate (not an agent certificate) does not name a node.
+    let pod_key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let mut request = pod_request(token.clone(), &[]);
+    request.csr_der = pod_key.certificate_signing_request()?;
+    let pod_cert = agent.issue_pod_certificate(request).await?.into_inner();
+    let mut as_pod = h
+        .client(&h.bundle_pem(), Some((&pod_cert.chain_pem, pod_key.pem())))
+        .await?;
+    expect_code(
+        as_pod.issue_pod_certificate(pod_request(token, &[])).await,
+        Code::Unauthenticated,
+        "client certificate",
+    );
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_key_file_keeps_the_old_ca_serving() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let root_before = h.bundle_pem();
+    assert_eq!(h.keys.status().reload_errors, 0);
+
+    write_atomically(
+        &h.files.key,
+        b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+    )?;
+    wait_for("the reload error", || h.keys.status().reload_errors > 0).await?;
+    let status = h.keys.status();
+    assert!(!status.healthy());
+    assert!(status.last_error.unwrap().contains("ca.key"));
+
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    let issued = agent
+        .issue_pod_certificate(pod_request(token, &[]))
+        .await?
+        .into_inner();
+    verify_chain(&issued.chain_pem, &root_before, SystemTime::now())?;
+    assert_eq!(h.bundle_pem(), root_before);
+    assert_eq!(h.keys.trust_bundle().generation, 1);
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_rollover_publishes_old_and_new_roots() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, agent_cert, agent_key) = h.agent("node-a").await?;
+    let old_root = h.bundle_pem();
+    let mut stream = agent
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await?
+        .into_inner();
+    let first = stream.message().await?.context("no bundle")?;
+    assert_eq!(
+        (first.generation, first.pem.as_str()),
+        (1, old_root.as_str())
+    );
+
+    let (new_cert, new_key) = new_ca_pems()?;
+    write_atomically(&h.files.key, new_key.as_bytes())?;
+    write_atomically(&h.files.cert, new_cert.as_bytes())?;
+
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .context("no bundle update")??
+        .context("stream ended")?;
+    assert!(next.generation > 1);
+    let roots: Vec<_> =
+        CertificateDer::pem_slice_iter(next.pem.as_bytes()).collect::<Result<_, _>>()?;
+    assert_eq!(roots.len(), 2, "old and new roots during the rollover");
+    assert!(next.pem.contains(new_cert.trim()));
+    assert!(next.pem.contains(old_root.trim()));
+    wait_for("a healthy reload", || h.keys.status().healthy()).await?;
+
+    // New leaves chain to the new root (and not to the old one); the
+    // agent's existing connection and certificate keep working.
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    let issued = agent
+        .issue_pod_certificate(pod_request(token.clone(), &[]))
+        .await?
+        .into_inner();
+    verify_chain(&issued.chain_pem, &new_cert, SystemTime::now())?;
+    assert!(verify_chain(&issued.chain_pem, &old_root, SystemTime::now()).is_err());
+    assert_eq!(issued.trust_bundle_pem, next.pem);
+
+    // A new connection with the agent's old-CA certificate is still
+    // accepted (the old root stays trusted for client certificates).
+    let mut reconnected = h
+        .client(&next.pem, Some((&agent_cert.chain_pem, agent_key.pem())))
+        .await?;
+    reconnected
+        .issue_pod_certificate(pod_request(token, &[]))
+        .await?;
+    // The serving certificate is re-issued by the new CA.
+    let mut served_by_new = false;
+    for _ in 0..40 {
+        if let Ok(mut client) = h.client(&new_cert, None).await
+            && client
+                .watch_trust_bundle(WatchTrustBundleRequest {})
+                .await
+                .is_ok()
+        {
+            served_by_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served_by_new,
+        "the serving certificate was not re-issued by the new CA"
+    );
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_with_open_trust_bundle_streams() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let mut stream = agent
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await?
+        .into_inner();
+    stream.message().await?;
+    h.stop().await?;
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await?;
+    assert!(matches!(end, Ok(None) | Err(_)));
+    Ok(())
+}

@@ -1,0 +1,784 @@
+//! The remote CA client: [`RemoteIssuer`] asks credlet's CA service
+//! (`credlet ca`, proto `credlet.ca.v1.CertificateAuthority`) for pod
+//! certificates over mutual TLS.
+//!
+//! - One long-lived HTTP/2 connection per CA endpoint (TLS 1.3, ring),
+//!   opened lazily and reused by every call; a deadline on every call.
+//! - The agent's own client certificate comes from `IssueAgentCertificate`,
+//!   proven by the agent pod's projected service account token (re-read from
+//!   its file on every use: the kubelet rotates it). Its key lives in memory
+//!   only. [`RemoteIssuer::run_agent_certificate`] obtains it and renews it
+//!   at 50-70 % of its life; every new certificate gets a new connection.
+//!   Until there is one, the issuer is not ready.
+//! - [`RemoteIssuer::run_trust_bundle_watch`] follows `WatchTrustBundle` and
+//!   writes every change into the published volumes without re-issuing.
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use credlet_ca::{KeyType, PrivateKey};
+use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
+use credlet_proto::ca::{
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate,
+    WatchTrustBundleRequest,
+};
+use hyper_util::rt::TokioIo;
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, SignatureScheme};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::attributes::RenewBefore;
+use crate::issuer::{BoxFuture, IssueRequest, Issued, Issuer, IssuerError};
+use crate::schedule::{backoff, renewal_time, until};
+use crate::volumes::VolumeManager;
+
+/// Default deadline of one CA call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default path of the agent's projected service account token.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/credlet/token";
+
+/// Settings of the remote CA client.
+#[derive(Clone, Debug)]
+pub struct RemoteConfig {
+    /// `https://host:port` of the CA service.
+    pub url: String,
+    /// PEM roots that sign the CA service's serving certificate.
+    pub trust_pem: String,
+    /// The agent's projected service account token (audience: the CA's);
+    /// read again on every use.
+    pub token_file: PathBuf,
+    /// This node's name, sent with the agent certificate request.
+    pub node_name: String,
+    /// The trust domain of issued SPIFFE IDs.
+    pub trust_domain: String,
+    /// Deadline of every unary call (and of opening the bundle stream).
+    pub timeout: Duration,
+    /// First retry delay of the agent certificate and the bundle watch.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_cap: Duration,
+}
+
+impl RemoteConfig {
+    /// Defaults for a CA URL, its trust roots and a node name.
+    pub fn new(url: impl Into<String>, trust_pem: impl Into<String>, node_name: &str) -> Self {
+        Self {
+            url: url.into(),
+            trust_pem: trust_pem.into(),
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
+            node_name: node_name.to_owned(),
+            trust_domain: "cluster.local".into(),
+            timeout: DEFAULT_TIMEOUT,
+            retry_base: Duration::from_secs(1),
+            retry_cap: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the remote CA client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The CA URL is not an `https://host:port` URL.
+    #[error("CA URL {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CA trust bundle has no usable certificate.
+    #[error("CA trust bundle: {reason}")]
+    Trust {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the TLS settings.
+    #[error("TLS settings for the CA client: {source}")]
+    Tls {
+        /// The rustls error.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Facts about the agent's current client certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentCertificateInfo {
+    /// Serial, hex.
+    pub serial_hex: String,
+    /// notBefore.
+    pub not_before: SystemTime,
+    /// notAfter.
+    pub not_after: SystemTime,
+}
+
+struct Current {
+    key: Arc<CertifiedKey>,
+    info: AgentCertificateInfo,
+}
+
+/// The agent's client certificate for rustls, swapped in place when it is
+/// renewed. Resolves nothing until the first certificate arrives.
+#[derive(Default)]
+pub struct AgentCertificate {
+    current: RwLock<Option<Current>>,
+}
+
+impl fmt::Debug for AgentCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentCertificate")
+            .field("current", &self.info())
+            .finish()
+    }
+}
+
+impl AgentCertificate {
+    /// The current certificate's facts.
+    pub fn info(&self) -> Option<AgentCertificateInfo> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.info.clone())
+    }
+
+    /// Whether a certificate is there and not expired.
+    pub fn is_valid(&self, now: SystemTime) -> bool {
+        self.info().is_some_and(|i| i.not_after > now)
+    }
+
+    fn set(&self, key: Arc<CertifiedKey>, info: AgentCertificateInfo) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Current { key, info });
+    }
+}
+
+impl ResolvesClientCert for AgentCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| Arc::clone(&c.key))
+    }
+
+    fn has_certs(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+}
+
+/// Opens TCP + TLS to the CA for tonic; counts handshakes.
+#[derive(Clone)]
+struct TlsConnector {
+    tls: tokio_rustls::TlsConnector,
+    handshakes: Arc<AtomicU64>,
+}
+
+impl tonic::codegen::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        let handshakes = Arc::clone(&self.handshakes);
+        Box::pin(async move {
+            let (host, port) = host_port(&uri).map_err(std::io::Error::other)?;
+            let name = server_name(&host).map_err(std::io::Error::other)?;
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(name, tcp).await?;
+            handshakes.fetch_add(1, Ordering::Relaxed);
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+impl fmt::Debug for TlsConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConnector").finish_non_exhaustive()
+    }
+}
+
+fn host_port(uri: &Uri) -> Result<(String, u16), String> {
+    let host = uri.host().ok_or("no host")?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Ok((host.to_owned(), uri.port_u16().unwrap_or(443)))
+}
+
+fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => Ok(ServerName::IpAddress(ip.into())),
+        Err(_) => ServerName::try_from(host.to_owned()).map_err(|e| format!("host {host:?}: {e}")),
+    }
+}
+
+/// Issues pod certificates through credlet's CA service.
+pub struct RemoteIssuer {
+    config: RemoteConfig,
+    endpoint: Endpoint,
+    mtls: Arc<ClientConfig>,
+    identity: Arc<AgentCertificate>,
+    handshakes: Arc<AtomicU64>,
+    /// The connection for pod certificates and the bundle watch: made anew
+    /// for every agent certificate.
+    pods: RwLock<Option<CertificateAuthorityClient<Channel>>>,
+    /// The connection for the agent's own certificate (no client
+    /// certificate).
+    bootstrap: CertificateAuthorityClient<Channel>,
+}
+
+impl fmt::Debug for RemoteIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteIssuer")
+            .field("url", &self.config.url)
+            .field("trust_domain", &self.config.trust_domain)
+            .field("agent_certificate", &self.identity.info())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteIssuer {
+    /// Builds the client; connects on first use.
+    pub fn new(config: RemoteConfig) -> Result<Self, RemoteError> {
+        let url_error = |reason: &str| RemoteError::Url {
+            url: config.url.clone(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = config
+            .url
+            .parse()
+            .map_err(|e: tonic::codegen::http::uri::InvalidUri| url_error(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(url_error("must start with https://"));
+        }
+        let (host, _) = host_port(&uri).map_err(|e| url_error(&e))?;
+        server_name(&host).map_err(|e| url_error(&e))?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(url_error("must not have a path"));
+        }
+
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(config.trust_pem.as_bytes()) {
+            let cert = cert.map_err(|e| RemoteError::Trust {
+                reason: e.to_string(),
+            })?;
+            roots.add(cert).map_err(|e| RemoteError::Trust {
+                reason: e.to_string(),
+            })?;
+        }
+        if roots.is_empty() {
+            return Err(RemoteError::Trust {
+                reason: "no certificate in the PEM bundle".into(),
+            });
+        }
+        let roots = Arc::new(roots);
+        let identity = Arc::new(AgentCertificate::default());
+        let tls_config = |resolver: Option<Arc<AgentCertificate>>| {
+            let builder = ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|source| RemoteError::Tls { source })?
+            .with_root_certificates(Arc::clone(&roots));
+            let mut tls = match resolver {
+                Some(resolver) => builder.with_client_cert_resolver(resolver),
+                None => builder.with_no_client_auth(),
+            };
+            tls.alpn_protocols = vec![b"h2".to_vec()];
+            // A resumed session carries the client certificate of the
+            // session it resumes: a renewed agent certificate must be
+            // presented in a full handshake. Connections are long-lived, so
+            // resumption saves little.
+            tls.resumption = rustls::client::Resumption::disabled();
+            Ok::<_, RemoteError>(Arc::new(tls))
+        };
+        let mtls = tls_config(Some(Arc::clone(&identity)))?;
+        let plain = tls_config(None)?;
+
+        let endpoint = Endpoint::from(uri)
+            .connect_timeout(config.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let handshakes = Arc::new(AtomicU64::new(0));
+        let bootstrap =
+            CertificateAuthorityClient::new(endpoint.connect_with_connector_lazy(TlsConnector {
+                tls: tokio_rustls::TlsConnector::from(plain),
+                handshakes: Arc::clone(&handshakes),
+            }));
+        Ok(Self {
+            config,
+            endpoint,
+            mtls,
+            identity,
+            handshakes,
+            pods: RwLock::new(None),
+            bootstrap,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RemoteConfig {
+        &self.config
+    }
+
+    /// The agent's current client certificate.
+    pub fn agent_certificate(&self) -> Option<AgentCertificateInfo> {
+        self.identity.info()
+    }
+
+    /// TLS handshakes made so far (both connections, reconnects included).
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(Ordering::Relaxed)
+    }
+
+    fn pod_client(&self) -> Option<CertificateAuthorityClient<Channel>> {
+        self.pods.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn not_ready() -> IssuerError {
+        IssuerError::Unavailable {
+            reason: "the agent has no client certificate from the CA yet".into(),
+        }
+    }
+
+    /// Obtains a new client certificate for the agent (fresh key and CSR,
+    /// the token read from its file now) and puts it in place; later
+    /// connections present it.
+    pub async fn refresh_agent_certificate(&self) -> Result<AgentCertificateInfo, IssuerError> {
+        let path = &self.config.token_file;
+        let token = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
+            IssuerError::Unavailable {
+                reason: format!("reading the agent token {}: {e}", path.display()),
+            }
+        })?);
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(IssuerError::Unavailable {
+                reason: format!("the agent token file {} is empty", path.display()),
+            });
+        }
+        let internal = |reason: String| IssuerError::Internal { reason };
+        let key = PrivateKey::generate(KeyType::EcdsaP256)
+            .map_err(|e| internal(format!("agent key: {e}")))?;
+        let csr_der = key
+            .certificate_signing_request()
+            .map_err(|e| internal(format!("agent CSR: {e}")))?;
+        let mut request = tonic::Request::new(IssueAgentCertificateRequest {
+            csr_der,
+            token: token.to_owned(),
+            node_name: self.config.node_name.clone(),
+        });
+        request.set_timeout(self.config.timeout);
+        let mut client = self.bootstrap.clone();
+        let answer = call(self.config.timeout, client.issue_agent_certificate(request)).await?;
+        let issued = convert(answer)?;
+        let leaf = credlet_ca::inspect_leaf(&issued.chain_pem)
+            .map_err(|e| internal(format!("agent certificate: {e}")))?;
+        if leaf.public_key_der != key.public_key_der() {
+            return Err(internal(
+                "the CA's agent certificate does not match the agent's key".into(),
+            ));
+        }
+        let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| internal(format!("agent certificate chain: {e}")))?;
+        let mut der = PrivateKeyDer::from_pem_slice(key.pem().as_bytes())
+            .map_err(|e| internal(format!("agent key: {e}")))?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der);
+        der.zeroize();
+        let signing = signing.map_err(|e| internal(format!("agent key: {e}")))?;
+        let info = AgentCertificateInfo {
+            serial_hex: issued.serial_hex,
+            not_before: issued.not_before,
+            not_after: issued.not_after,
+        };
+        self.identity
+            .set(Arc::new(CertifiedKey::new(chain, signing)), info.clone());
+        // A new connection, so the new certificate is what the CA sees;
+        // calls in flight finish on the old one.
+        let channel = self.endpoint.connect_with_connector_lazy(TlsConnector {
+            tls: tokio_rustls::TlsConnector::from(Arc::clone(&self.mtls)),
+            handshakes: Arc::clone(&self.handshakes),
+        });
+        *self.pods.write().unwrap_or_else(|e| e.into_inner()) =
+            Some(CertificateAuthorityClient::new(channel));
+        Ok(info)
+    }
+
+    /// Obtains the agent's client certificate (retrying with backoff until
+    /// it succeeds) and renews it at 50-70 % of its life, until `stop`.
+    pub async fn run_agent_certificate(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut failures = 0u32;
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.refresh_agent_certificate().await {
+                Ok(info) => {
+                    failures = 0;
+                    let at = renewal_time(
+                        info.not_before,
+                        info.not_after,
+                        RenewBefore::Default,
+                        fastrand::f64(),
+                    );
+                    delay = until(at, SystemTime::now()).max(Duration::from_millis(50));
+                    tracing::info!(
+                        serial = %info.serial_hex,
+                        renew_in_s = delay.as_secs(),
+                        "agent client certificate from the CA"
+                    );
+                }
+                Err(error) => {
+                    delay = backoff(
+                        failures,
+                        self.config.retry_base,
+                        self.config.retry_cap,
+                        fastrand::f64(),
+                    );
+                    failures = failures.saturating_add(1);
+                    let expires_in = self
+                        .identity
+                        .info()
+                        .map(|i| until(i.not_after, SystemTime::now()).as_secs());
+                    tracing::warn!(
+                        %error,
+                        attempt = failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        current_certificate_expires_in_s = expires_in,
+                        "could not get the agent client certificate from the CA"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Follows the CA's trust bundle, reconnecting with backoff, and writes
+    /// every change into the manager's volumes (at most `concurrency` at
+    /// once), until `stop`.
+    pub async fn run_trust_bundle_watch(
+        self: Arc<Self>,
+        manager: Arc<VolumeManager>,
+        concurrency: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut watch = BundleWatch {
+            failures: 0,
+            applied: None,
+        };
+        loop {
+            let Some(reason) = self
+                .watch_once(&mut watch, &manager, concurrency, &mut stop)
+                .await
+            else {
+                return;
+            };
+            let delay = backoff(
+                watch.failures,
+                self.config.retry_base,
+                self.config.retry_cap,
+                fastrand::f64(),
+            );
+            watch.failures = watch.failures.saturating_add(1);
+            if self.pod_client().is_some() {
+                tracing::warn!(
+                    %reason,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "trust bundle watch interrupted; reconnecting"
+                );
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One stream: `None` when stopped, else why it ended.
+    async fn watch_once(
+        &self,
+        watch: &mut BundleWatch,
+        manager: &Arc<VolumeManager>,
+        concurrency: usize,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<String> {
+        if *stop.borrow() {
+            return None;
+        }
+        let Some(mut client) = self.pod_client() else {
+            return Some("no agent client certificate yet".into());
+        };
+        let opened = tokio::select! {
+            opened = tokio::time::timeout(
+                self.config.timeout,
+                client.watch_trust_bundle(tonic::Request::new(WatchTrustBundleRequest {})),
+            ) => opened,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        let mut stream = match opened {
+            Err(_) => return Some("the CA did not answer in time".into()),
+            Ok(Err(status)) => return Some(format!("{}: {}", status.code(), status.message())),
+            Ok(Ok(stream)) => stream.into_inner(),
+        };
+        loop {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            let bundle = match next {
+                Ok(Some(bundle)) => bundle,
+                Ok(None) => return Some("the CA ended the stream".into()),
+                Err(status) => return Some(format!("{}: {}", status.code(), status.message())),
+            };
+            watch.failures = 0;
+            if watch.applied.as_deref() == Some(bundle.pem.as_str()) {
+                continue;
+            }
+            if !has_certificate(&bundle.pem) {
+                tracing::warn!(
+                    generation = bundle.generation,
+                    "the CA sent a trust bundle without certificates; ignored"
+                );
+                continue;
+            }
+            tracing::info!(generation = bundle.generation, "trust bundle from the CA");
+            let report = manager
+                .update_trust_bundle(Arc::from(bundle.pem.as_str()), concurrency)
+                .await;
+            // Failed volumes get the bundle with the next change or the
+            // next reconnect.
+            if report.failed == 0 {
+                watch.applied = Some(bundle.pem);
+            }
+        }
+    }
+}
+
+struct BundleWatch {
+    failures: u32,
+    applied: Option<String>,
+}
+
+fn has_certificate(pem: &str) -> bool {
+    CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok())
+}
+
+/// Runs one call under the deadline, mapping every failure.
+async fn call<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, IssuerError> {
+    match tokio::time::timeout(deadline, call).await {
+        Err(_) => Err(IssuerError::Unavailable {
+            reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
+        }),
+        Ok(Err(status)) => Err(status_error(&status)),
+        Ok(Ok(answer)) => Ok(answer.into_inner()),
+    }
+}
+
+/// Maps a CA status to an issuer error.
+pub fn status_error(status: &tonic::Status) -> IssuerError {
+    use tonic::Code;
+    let reason = format!("CA: {}: {}", status.code(), status.message());
+    // A status with a source was made on this side from a broken
+    // connection (reset, refused, TLS failure), not sent by the CA.
+    let local = std::error::Error::source(status).is_some();
+    match status.code() {
+        Code::Unknown | Code::Cancelled if local => IssuerError::Unavailable { reason },
+        Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted => {
+            IssuerError::Unavailable { reason }
+        }
+        Code::PermissionDenied | Code::Unauthenticated => IssuerError::Denied { reason },
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            IssuerError::Refused { reason }
+        }
+        _ => IssuerError::Internal { reason },
+    }
+}
+
+fn unix_time(seconds: i64, what: &str) -> Result<SystemTime, IssuerError> {
+    u64::try_from(seconds)
+        .ok()
+        .filter(|s| *s > 0)
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+        .ok_or_else(|| IssuerError::Internal {
+            reason: format!("the CA sent an invalid {what}: {seconds}"),
+        })
+}
+
+fn convert(answer: IssuedCertificate) -> Result<Issued, IssuerError> {
+    let not_before = unix_time(answer.not_before_unix, "notBefore")?;
+    let not_after = unix_time(answer.not_after_unix, "notAfter")?;
+    if not_after <= not_before {
+        return Err(IssuerError::Internal {
+            reason: "the CA sent a certificate with notAfter before notBefore".into(),
+        });
+    }
+    let renew_at = u64::try_from(answer.renew_at_unix_ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    Ok(Issued {
+        chain_pem: answer.chain_pem,
+        trust_bundle_pem: Arc::from(answer.trust_bundle_pem),
+        serial_hex: answer.serial_hex,
+        not_before,
+        not_after,
+        renew_at,
+    })
+}
+
+fn renew_before_fields(renew_before: RenewBefore) -> (u64, u32) {
+    match renew_before {
+        RenewBefore::Default => (0, 0),
+        RenewBefore::Duration(d) => (d.as_secs().max(1), 0),
+        RenewBefore::Fraction(f) => (0, ((f * 100.0).round() as u32).clamp(1, 99)),
+    }
+}
+
+impl Issuer for RemoteIssuer {
+    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>> {
+        Box::pin(async move {
+            let Some(mut client) = self.pod_client().filter(|_| self.is_ready()) else {
+                return Err(Self::not_ready());
+            };
+            let Some(token) = request.token else {
+                return Err(IssuerError::Refused {
+                    reason: "no service account token for the CA; set tokenRequests with the CA's audience on the CSIDriver".into(),
+                });
+            };
+            let (renew_before_seconds, renew_before_percent) =
+                renew_before_fields(request.renew_before);
+            let identity = request.request.identity;
+            let mut call_request = tonic::Request::new(IssuePodCertificateRequest {
+                csr_der: request.request.csr_der,
+                token: token.token.as_str().to_owned(),
+                pod_namespace: identity.namespace,
+                pod_name: identity.name,
+                pod_uid: identity.uid,
+                service_account: identity.service_account,
+                dns_name_templates: request.templates.dns_names,
+                ip_addresses: request
+                    .request
+                    .ip_addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                common_name_template: request.templates.common_name.unwrap_or_default(),
+                duration_seconds: request.request.duration.as_secs(),
+                renew_before_seconds,
+                renew_before_percent,
+            });
+            call_request.set_timeout(self.config.timeout);
+            let answer = call(
+                self.config.timeout,
+                client.issue_pod_certificate(call_request),
+            )
+            .await?;
+            convert(answer)
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.identity.is_valid(SystemTime::now())
+    }
+
+    fn trust_domain(&self) -> &str {
+        &self.config.trust_domain
+    }
+
+    fn requires_token(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_issuer_errors() {
+        use tonic::{Code, Status};
+        let unavailable = status_error(&Status::new(Code::Unavailable, "down"));
+        assert!(matches!(unavailable, IssuerError::Unavailable { .. }));
+        assert!(unavailable.is_retryable());
+        assert!(matches!(
+            status_error(&Status::new(Code::DeadlineExceeded, "slow")),
+            IssuerError::Unavailable { .. }
+        ));
+        for code in [Code::PermissionDenied, Code::Unauthenticated] {
+            assert!(matches!(
+                status_error(&Status::new(code, "no")),
+                IssuerError::Denied { .. }
+            ));
+        }
+        for code in [Code::InvalidArgument, Code::FailedPrecondition] {
+            let error = status_error(&Status::new(code, "bad"));
+            assert!(matches!(error, IssuerError::Refused { .. }));
+            assert_eq!(error.code(), Code::InvalidArgument);
+        }
+        assert!(matches!(
+            status_error(&Status::new(Code::Internal, "bug")),
+            IssuerError::Internal { .. }
+        ));
+    }
+
+    #[test]
+    fn renew_before_is_sent_as_seconds_or_percent() {
+        assert_eq!(renew_before_fields(RenewBefore::Default), (0, 0));
+        assert_eq!(
+            renew_before_fields(RenewBefore::Duration(Duration::from_secs(600))),
+            (600, 0)
+        );
+        assert_eq!(renew_before_fields(RenewBefore::Fraction(0.25)), (0, 25));
+    }
+
+    #[test]
+    fn urls_must_be_https_host_port() {
+        let pem = "";
+        for url in ["http://ca:443", "ca:443", "https://ca:443/path"] {
+            assert!(
+                matches!(
+                    RemoteIssuer::new(RemoteConfig::new(url, pem, "node")),
+                    Err(RemoteError::Url { .. })
+                ),
+                "{url}"
+            );
+        }
+        assert!(matches!(
+            RemoteIssuer::new(RemoteConfig::new("https://ca:443", pem, "node")),
+            Err(RemoteError::Trust { .. })
+        ));
+    }
+}
