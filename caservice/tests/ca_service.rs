@@ -82,6 +82,17 @@ impl Harness {
     }
 
     async fn start_with(customize: impl FnOnce(&mut ServicePolicy)) -> Result<Self> {
+        Self::start_full(customize, |_| {}, None).await
+    }
+
+    /// Like [`Harness::start_with`], with the service's settings adjusted
+    /// and, given `kube_url`, the CA's Kubernetes client pointed there
+    /// instead of at the fake API server.
+    async fn start_full(
+        customize: impl FnOnce(&mut ServicePolicy),
+        adjust: impl FnOnce(&mut Settings),
+        kube_url: Option<String>,
+    ) -> Result<Self> {
         let api = FakeApiServer::start()?;
         let tokens: Tokens = Arc::default();
         let reviewer_tokens = Arc::clone(&tokens);
@@ -106,7 +117,12 @@ impl Harness {
             ServerNames::parse(&["localhost", "127.0.0.1"]),
         );
         settings.reload_debounce = Duration::from_millis(100);
-        let server = CaServer::start(settings, api.kube_client()?)?;
+        adjust(&mut settings);
+        let client = match kube_url {
+            Some(url) => kube::Client::try_from(kube::Config::new(url.parse()?))?,
+            None => api.kube_client()?,
+        };
+        let server = CaServer::start(settings, client)?;
         let keys = Arc::clone(server.keys());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -196,6 +212,44 @@ impl Harness {
             &[AUDIENCE],
             unix_now() + 3600,
         )
+    }
+
+    /// A token the TokenReview authenticates as `username` with `extra`,
+    /// for the CA's audience.
+    fn raw_token(&self, username: &str, extra: BTreeMap<String, Vec<String>>) -> String {
+        let id = {
+            let mut n = self.next_token.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        let token = jwt(unix_now() + 3600, id);
+        self.tokens.lock().unwrap().insert(
+            token.clone(),
+            TokenFacts {
+                username: username.to_owned(),
+                extra,
+                audiences: vec![AUDIENCE.to_owned()],
+            },
+        );
+        token
+    }
+
+    /// An agent client certificate for `node` signed straight from the CA
+    /// files, without asking the service (and so without the API server).
+    fn agent_certificate_from_files(&self, node: &str) -> Result<(String, PrivateKey)> {
+        let cert = std::fs::read_to_string(&self.files.cert)?;
+        let key_pem = std::fs::read_to_string(&self.files.key)?;
+        let authority = Authority::from_pem(&cert, &key_pem, &cert, Policy::new(TD))?;
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+        let issued = authority.issue_component(
+            &key.certificate_signing_request()?,
+            &format!("spiffe://{TD}/credlet/node/{node}"),
+            &[],
+            &[],
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )?;
+        Ok((issued.chain_pem, key))
     }
 
     fn bundle_pem(&self) -> String {
@@ -534,6 +588,152 @@ async fn token_denials() -> Result<()> {
         "pod_name",
     );
     h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_of_users_and_unbound_service_accounts_are_denied() -> Result<()> {
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+    let agent_request = |token: String| IssueAgentCertificateRequest {
+        csr_der: pod_request(String::new(), &[]).csr_der,
+        token,
+        node_name: "node-a".into(),
+    };
+
+    // Authenticated, but a user or a node, not a service account; even with
+    // pod extras the API server would never set for them.
+    let pod_extras = BTreeMap::from([
+        (
+            "authentication.kubernetes.io/pod-name".to_owned(),
+            vec!["web-0".to_owned()],
+        ),
+        (
+            "authentication.kubernetes.io/pod-uid".to_owned(),
+            vec![uid.clone()],
+        ),
+    ]);
+    for username in [
+        "alice@example.com",
+        "system:node:node-a",
+        "system:serviceaccount:team-a",
+        "system:serviceaccount::web",
+        "system:serviceaccount:team-a:web:extra",
+    ] {
+        let token = h.raw_token(username, pod_extras.clone());
+        expect_code(
+            agent
+                .issue_pod_certificate(pod_request(token.clone(), &[]))
+                .await,
+            Code::PermissionDenied,
+            "not a service account",
+        );
+        expect_code(
+            anonymous
+                .issue_agent_certificate(agent_request(token))
+                .await,
+            Code::PermissionDenied,
+            "not a service account",
+        );
+    }
+
+    // A service account token not bound to a pod (a legacy Secret token,
+    // or a TokenRequest without a pod binding): no pod name or uid.
+    let mut only_name = pod_extras.clone();
+    only_name.remove("authentication.kubernetes.io/pod-uid");
+    let mut two_pods = pod_extras.clone();
+    two_pods.insert(
+        "authentication.kubernetes.io/pod-name".to_owned(),
+        vec!["web-0".to_owned(), "web-1".to_owned()],
+    );
+    for extra in [BTreeMap::new(), only_name, two_pods] {
+        let token = h.raw_token("system:serviceaccount:team-a:web", extra);
+        expect_code(
+            agent.issue_pod_certificate(pod_request(token, &[])).await,
+            Code::PermissionDenied,
+            "team-a/web is not bound to a pod",
+        );
+    }
+    let unbound_agent = h.raw_token(
+        "system:serviceaccount:credlet:credlet-agent",
+        BTreeMap::new(),
+    );
+    expect_code(
+        anonymous
+            .issue_agent_certificate(agent_request(unbound_agent))
+            .await,
+        Code::PermissionDenied,
+        "credlet/credlet-agent is not bound to a pod",
+    );
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_unreachable_is_unavailable_within_the_timeout() -> Result<()> {
+    const TIMEOUT: Duration = Duration::from_millis(1500);
+    // Nothing listens on a port that was bound and released.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    // Something accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_addr = silent.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    for (case, addr) in [("closed port", closed), ("silent server", silent_addr)] {
+        let h = Harness::start_full(
+            |_| {},
+            |settings| {
+                settings.tokens.timeout = TIMEOUT;
+                settings.api_timeout = TIMEOUT;
+            },
+            Some(format!("http://{addr}")),
+        )
+        .await?;
+        let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+        let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+
+        // The agent's bootstrap: its TokenReview can not be made.
+        let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+        let started = std::time::Instant::now();
+        let result = anonymous
+            .issue_agent_certificate(IssueAgentCertificateRequest {
+                csr_der: pod_request(String::new(), &[]).csr_der,
+                token: token.clone(),
+                node_name: "node-a".into(),
+            })
+            .await;
+        let took = started.elapsed();
+        expect_code(result, Code::Unavailable, "Kubernetes API server");
+        assert!(
+            took < TIMEOUT + Duration::from_secs(1),
+            "{case}: IssueAgentCertificate took {took:?}"
+        );
+
+        // A pod certificate through an agent whose certificate the CA made
+        // earlier: denied as unavailable, not as an identity problem.
+        let (chain, key) = h.agent_certificate_from_files("node-a")?;
+        let mut agent = h.client(&h.bundle_pem(), Some((&chain, key.pem()))).await?;
+        let started = std::time::Instant::now();
+        let result = agent.issue_pod_certificate(pod_request(token, &[])).await;
+        let took = started.elapsed();
+        eprintln!("{case}: {took:?}: {result:?}");
+        expect_code(
+            result.map(|_| ()),
+            Code::Unavailable,
+            "the Kubernetes API server is unavailable for TokenReview",
+        );
+        assert!(
+            took < TIMEOUT + Duration::from_secs(1),
+            "{case}: IssuePodCertificate took {took:?}"
+        );
+        h.stop().await?;
+    }
+    holder.abort();
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,6 +151,149 @@ fn invalid_configuration_exits_64_with_a_clear_message() {
     );
 }
 
+/// Runs `args` through the binary and asserts exit code 64 with a message on
+/// stderr naming `mention`.
+fn assert_config_error(env: &TestEnv, name: &str, args: &[String], mention: &str) {
+    let mut command = env.command();
+    command.args(args);
+    let output = run(command, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "{name}: {args:?} exited {}; stderr:\n{stderr}",
+        output.status
+    );
+    assert!(
+        stderr.contains(mention),
+        "{name}: stderr does not mention {mention:?}:\n{stderr}"
+    );
+}
+
+#[test]
+fn invalid_ca_configuration_exits_64_with_a_clear_message() {
+    let env = TestEnv::new(agent_bin!());
+    let (_, cert, key) = credlet_ca::Authority::generate_self_signed_with_pems(
+        credlet_ca::Policy::new("cluster.local"),
+    )
+    .expect("CA");
+    let cert_path = env.base().join("ca.crt");
+    let key_path = env.base().join("ca.key");
+    std::fs::write(&cert_path, cert).expect("write CA certificate");
+    std::fs::write(&key_path, key.as_bytes()).expect("write CA key");
+    let missing = env.base().join("no-such-ca.crt");
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let valid = |overrides: &[(&str, Option<&str>)]| -> Vec<String> {
+        let mut flags: Vec<(&str, Option<String>)> = vec![
+            ("--listen", Some("127.0.0.1:0".into())),
+            ("--ca-cert", Some(path(&cert_path))),
+            ("--ca-key", Some(path(&key_path))),
+            ("--server-name", Some("credlet-ca.credlet.svc".into())),
+            (
+                "--dns-template",
+                Some("$POD_NAME.$POD_NAMESPACE.svc".into()),
+            ),
+        ];
+        for (flag, value) in overrides {
+            flags.retain(|(f, _)| f != flag);
+            if *value != Some("<remove>") {
+                flags.push((flag, value.map(str::to_owned)));
+            }
+        }
+        let mut args = vec!["ca".to_owned()];
+        for (flag, value) in flags {
+            args.push(flag.to_owned());
+            args.extend(value);
+        }
+        args
+    };
+    let missing = path(&missing);
+    let cases: Vec<(&str, Vec<String>, &[&str])> = vec![
+        (
+            "bad listen address",
+            valid(&[("--listen", Some("localhost:https"))]),
+            &["--listen", "ip:port"],
+        ),
+        (
+            "listen without a port",
+            valid(&[("--listen", Some("127.0.0.1"))]),
+            &["--listen"],
+        ),
+        (
+            "missing CA certificate file",
+            valid(&[("--ca-cert", Some(&missing))]),
+            &["--ca-cert", "no-such-ca.crt", "not a readable file"],
+        ),
+        (
+            "CA certificate flag absent",
+            valid(&[("--ca-cert", Some("<remove>"))]),
+            &["--ca-cert"],
+        ),
+        (
+            "DNS template with a second wildcard",
+            valid(&[("--dns-template", Some("$POD_NAME.*.example.com"))]),
+            &["--dns-template", "$POD_NAME.*.example.com", "host name"],
+        ),
+        (
+            "DNS template with an unknown variable",
+            valid(&[("--dns-template", Some("$NODE_NAME.example.com"))]),
+            &["--dns-template", "$NODE_NAME"],
+        ),
+        (
+            "missing server name",
+            valid(&[("--server-name", Some("<remove>"))]),
+            &["--server-name"],
+        ),
+        (
+            "empty server name",
+            valid(&[("--server-name", Some(" "))]),
+            &["--server-name", "empty"],
+        ),
+    ];
+    for (name, args, mentions) in cases {
+        for mention in mentions {
+            assert_config_error(&env, name, &args, mention);
+        }
+    }
+}
+
+#[test]
+fn agent_with_dev_ca_and_ca_url_exits_64() {
+    let env = TestEnv::new(agent_bin!());
+    let trust = env.base().join("ca-trust.pem");
+    let (_, cert, _) = credlet_ca::Authority::generate_self_signed_with_pems(
+        credlet_ca::Policy::new("cluster.local"),
+    )
+    .expect("CA");
+    std::fs::write(&trust, cert).expect("write trust bundle");
+    let args: Vec<String> = [
+        "agent",
+        "--csi-endpoint",
+        &env.socket.to_string_lossy(),
+        "--node-id",
+        "node-a",
+        "--state-dir",
+        &env.state_dir.to_string_lossy(),
+        "--kubelet-root",
+        &env.root.to_string_lossy(),
+        "--dev-ca",
+        "--ca-url",
+        "https://127.0.0.1:8443",
+        "--ca-trust",
+        &trust.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    assert_config_error(
+        &env,
+        "--dev-ca with --ca-url",
+        &args,
+        "--dev-ca and --ca-url",
+    );
+    assert!(!env.socket.exists(), "socket created");
+}
+
 #[test]
 fn help_and_version_exit_zero() {
     let env = TestEnv::new(agent_bin!());
