@@ -257,6 +257,11 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
             remote.token_file = ca.token_file.clone();
             remote.trust_domain = config.trust_domain.clone();
             remote.timeout = ca.timeout;
+            // Roots the CA publishes (a rollover's new root) stay trusted
+            // for the CA connection across restarts.
+            fs::create_dir_all(&config.state_dir)
+                .with_context(|| format!("creating {}", config.state_dir.display()))?;
+            remote.bundle_cache = Some(config.state_dir.join("ca-trust-bundle.pem"));
             let issuer = Arc::new(RemoteIssuer::new(remote).context("the CA client")?);
             tracing::info!(
                 url = %ca.url,

@@ -65,7 +65,7 @@ pub struct AgentArgs {
     pub trust_domain: String,
     /// Audience of the service account token the CSIDriver requests for the
     /// CA.
-    #[arg(long, env = "CREDLET_TOKEN_AUDIENCE", default_value = "credlet")]
+    #[arg(long, env = "CREDLET_TOKEN_AUDIENCE", default_value = "credlet-ca")]
     pub token_audience: String,
     /// Sign with an embedded development CA that trusts the pod identity in
     /// the volume context WITHOUT checking a token. Local testing only.

@@ -79,7 +79,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         kubelet_root: kubelet_root.canonicalize()?,
         driver_name: credlet_csi::server::DEFAULT_DRIVER_NAME.into(),
         trust_domain: "cluster.local".into(),
-        token_audience: "credlet".into(),
+        token_audience: "credlet-ca".into(),
         plain_directories: !is_root,
         tmpfs_size_bytes: 1 << 20,
         backoff_base: Duration::from_millis(200),

@@ -69,6 +69,10 @@ pub struct RemoteConfig {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_cap: Duration,
+    /// Where the last trust bundle from the CA is kept (public roots only),
+    /// so that after a CA rollover a restarted agent still trusts the CA's
+    /// new serving certificate. `None`: not kept.
+    pub bundle_cache: Option<PathBuf>,
 }
 
 impl RemoteConfig {
@@ -83,6 +87,7 @@ impl RemoteConfig {
             timeout: DEFAULT_TIMEOUT,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(60),
+            bundle_cache: None,
         }
     }
 }
@@ -241,6 +246,9 @@ fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 /// Issues pod certificates through credlet's CA service.
 pub struct RemoteIssuer {
     config: RemoteConfig,
+    /// Roots for the CA's serving certificate: `--ca-trust` plus the
+    /// bundle the CA last sent.
+    server_roots: Arc<ServerRoots>,
     endpoint: Endpoint,
     mtls: Arc<ClientConfig>,
     identity: Arc<AgentCertificate>,
@@ -283,21 +291,12 @@ impl RemoteIssuer {
             return Err(url_error("must not have a path"));
         }
 
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(config.trust_pem.as_bytes()) {
-            let cert = cert.map_err(|e| RemoteError::Trust {
-                reason: e.to_string(),
-            })?;
-            roots.add(cert).map_err(|e| RemoteError::Trust {
-                reason: e.to_string(),
-            })?;
-        }
-        if roots.is_empty() {
-            return Err(RemoteError::Trust {
-                reason: "no certificate in the PEM bundle".into(),
-            });
-        }
-        let roots = Arc::new(roots);
+        let learned = config
+            .bundle_cache
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .unwrap_or_default();
+        let server_roots = Arc::new(ServerRoots::new(&config.trust_pem, &learned)?);
         let identity = Arc::new(AgentCertificate::default());
         let tls_config = |resolver: Option<Arc<AgentCertificate>>| {
             let builder = ClientConfig::builder_with_provider(Arc::new(
@@ -305,7 +304,8 @@ impl RemoteIssuer {
             ))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|source| RemoteError::Tls { source })?
-            .with_root_certificates(Arc::clone(&roots));
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::clone(&server_roots) as _);
             let mut tls = match resolver {
                 Some(resolver) => builder.with_client_cert_resolver(resolver),
                 None => builder.with_no_client_auth(),
@@ -335,6 +335,7 @@ impl RemoteIssuer {
             }));
         Ok(Self {
             config,
+            server_roots,
             endpoint,
             mtls,
             identity,
@@ -572,6 +573,7 @@ impl RemoteIssuer {
                 continue;
             }
             tracing::info!(generation = bundle.generation, "trust bundle from the CA");
+            self.learn_roots(&bundle.pem);
             let report = manager
                 .update_trust_bundle(Arc::from(bundle.pem.as_str()), concurrency)
                 .await;
@@ -587,6 +589,152 @@ impl RemoteIssuer {
 struct BundleWatch {
     failures: u32,
     applied: Option<String>,
+}
+
+impl RemoteIssuer {
+    /// Trusts the roots of a bundle received over the authenticated CA
+    /// connection for later connections to the CA too (a rollover
+    /// re-issues the CA's serving certificate from the new root), and
+    /// keeps them for the next start.
+    fn learn_roots(&self, bundle_pem: &str) {
+        if let Err(error) = self.server_roots.learn(bundle_pem) {
+            tracing::warn!(%error, "trust bundle from the CA not usable for the CA connection");
+            return;
+        }
+        if let Some(path) = &self.config.bundle_cache
+            && let Err(error) = write_file_atomically(path, bundle_pem.as_bytes())
+        {
+            tracing::warn!(path = %path.display(), %error, "keeping the CA's trust bundle");
+        }
+    }
+}
+
+fn write_file_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+/// Verifies the CA's serving certificate against the configured roots plus
+/// the roots the CA itself published (swapped atomically on change).
+#[derive(Debug)]
+struct ServerRoots {
+    configured: Vec<CertificateDer<'static>>,
+    verifier: RwLock<Arc<rustls::client::WebPkiServerVerifier>>,
+}
+
+impl ServerRoots {
+    fn new(configured_pem: &str, learned_pem: &str) -> Result<Self, RemoteError> {
+        let configured = parse_roots(configured_pem)?;
+        if configured.is_empty() {
+            return Err(RemoteError::Trust {
+                reason: "no certificate in the PEM bundle".into(),
+            });
+        }
+        // A damaged cache is ignored: the configured roots still hold.
+        let learned = parse_roots(learned_pem).unwrap_or_default();
+        let verifier = Self::build(&configured, &learned)?;
+        Ok(Self {
+            configured,
+            verifier: RwLock::new(verifier),
+        })
+    }
+
+    fn build(
+        configured: &[CertificateDer<'static>],
+        learned: &[CertificateDer<'static>],
+    ) -> Result<Arc<rustls::client::WebPkiServerVerifier>, RemoteError> {
+        let mut roots = RootCertStore::empty();
+        for cert in configured {
+            roots.add(cert.clone()).map_err(|e| RemoteError::Trust {
+                reason: e.to_string(),
+            })?;
+        }
+        // Learned roots that do not parse as trust anchors are skipped.
+        roots.add_parsable_certificates(learned.iter().cloned());
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| RemoteError::Trust {
+            reason: e.to_string(),
+        })
+    }
+
+    fn learn(&self, bundle_pem: &str) -> Result<(), RemoteError> {
+        let learned = parse_roots(bundle_pem)?;
+        let verifier = Self::build(&self.configured, &learned)?;
+        *self
+            .verifier
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = verifier;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<rustls::client::WebPkiServerVerifier> {
+        Arc::clone(
+            &self
+                .verifier
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+fn parse_roots(pem: &str) -> Result<Vec<CertificateDer<'static>>, RemoteError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|cert| {
+            cert.map_err(|e| RemoteError::Trust {
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
 }
 
 fn has_certificate(pem: &str) -> bool {

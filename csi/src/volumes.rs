@@ -53,7 +53,7 @@ impl VolumeConfig {
         Self {
             kubelet_root,
             state_dir,
-            token_audience: "credlet".into(),
+            token_audience: "credlet-ca".into(),
             tmpfs_size_bytes: 1 << 20,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(300),

@@ -580,6 +580,30 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
         BTreeSet::from([old_root.clone(), new_root.clone()])
     );
 
+    // The agent restarts with only the old root in --ca-trust: it still
+    // reaches the CA (whose serving certificate now comes from the new
+    // root) through the bundle it kept, and gets its certificate again.
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent before the restart").await;
+    let offset = std::fs::metadata(&agent.log_path).map_or(0, |m| m.len());
+    let command = agent_command(&agent, &cluster, &ca);
+    agent.spawn_command(command);
+    let csi = agent.wait_ready().await;
+    wait_for_log(
+        "the restarted agent's certificate",
+        &agent,
+        offset,
+        &["agent client certificate from the CA"],
+    )
+    .await;
+    let (c2, _) = cluster.app(&agent, "c2")?;
+    csi.publish(&c2).await.expect("publish after restarting");
+    verify_chain(
+        &check_volume(&c2.target, &c2.files(), CheckTime::Now)?.chain,
+        &new_root_pem,
+        SystemTime::now(),
+    )?;
+
     // A garbage key file: the CA says so and keeps serving with the key it
     // has.
     let offset = ca.log_len();
