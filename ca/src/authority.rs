@@ -272,11 +272,24 @@ impl Authority {
         request: &IssuanceRequest,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
-        let spiffe_id = self.policy.check_request(request)?;
         let csr = VerifiedCsr::from_der(&request.csr_der)?;
+        self.issue_verified(&csr, request, now)
+    }
+
+    /// [`Authority::issue`] for a CSR the caller has already verified (a
+    /// service that checks the proof of possession before asking the API
+    /// server about the token): `csr` is used, `request.csr_der` is not
+    /// read again.
+    pub fn issue_verified(
+        &self,
+        csr: &VerifiedCsr,
+        request: &IssuanceRequest,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let spiffe_id = self.policy.check_request(request)?;
         self.policy.check_key_type(csr.key_type())?;
         self.sign_leaf(
-            &csr,
+            csr,
             spiffe_id.into_owned(),
             &request.dns_names,
             &request.ip_addresses,

@@ -152,9 +152,9 @@ impl CaService {
                 .common_name(&facts, &request.common_name_template, &dns_names)?;
         self.pods.check(&token, node).await?;
         let duration = self.policy.duration(request.duration_seconds);
-        drop(csr);
         let issuance = IssuanceRequest {
-            csr_der: request.csr_der.clone(),
+            // Verified above; `issue_verified` does not read it again.
+            csr_der: Vec::new(),
             identity: PodIdentity {
                 namespace: token.namespace.clone(),
                 name: token.pod_name.clone(),
@@ -167,7 +167,11 @@ impl CaService {
             common_name,
             duration,
         };
-        let issued = self.keys.authority().issue(&issuance, SystemTime::now())?;
+        // The proof of possession was checked once, above.
+        let issued = self
+            .keys
+            .authority()
+            .issue_verified(&csr, &issuance, SystemTime::now())?;
         tracing::info!(
             node,
             namespace = %token.namespace,
