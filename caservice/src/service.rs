@@ -80,16 +80,7 @@ impl CaService {
                 reason: format!("{node:?} is not a node name"),
             });
         }
-        if let Some(token_node) = &token.node_name
-            && token_node != node
-        {
-            return Err(Error::NodeMismatch {
-                namespace: token.namespace,
-                name: token.pod_name,
-                pod_node: token_node.clone(),
-                caller_node: node.to_owned(),
-            });
-        }
+        same_node(&token, node)?;
         self.pods.check(&token, node).await?;
         let authority = self.keys.authority();
         let duration = self
@@ -134,16 +125,7 @@ impl CaService {
         let csr = VerifiedCsr::from_der(&request.csr_der)?;
         let token = self.tokens.verify(&request.token).await?;
         cross_check(&token, request)?;
-        if let Some(token_node) = &token.node_name
-            && token_node != node
-        {
-            return Err(Error::NodeMismatch {
-                namespace: token.namespace,
-                name: token.pod_name,
-                pod_node: token_node.clone(),
-                caller_node: node.to_owned(),
-            });
-        }
+        same_node(&token, node)?;
         let facts = Facts::from(&token);
         let dns_names = self.policy.dns_names(&facts, &request.dns_name_templates)?;
         let ip_addresses = self.policy.ip_addresses(&facts, &request.ip_addresses)?;
@@ -319,5 +301,18 @@ impl CertificateAuthority for CaService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// A token whose binding names a node must name the caller's.
+fn same_node(token: &VerifiedToken, node: &str) -> Result<(), Error> {
+    match &token.node_name {
+        Some(token_node) if token_node != node => Err(Error::NodeMismatch {
+            namespace: token.namespace.clone(),
+            name: token.pod_name.clone(),
+            pod_node: token_node.clone(),
+            caller_node: node.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }

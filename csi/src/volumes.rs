@@ -729,12 +729,7 @@ impl VolumeManager {
             return Ok(false);
         };
         let files = &volume.attributes.files;
-        let mut names = vec![
-            files.key.as_str(),
-            files.certificate.as_str(),
-            files.ca.as_str(),
-        ];
-        names.extend(files.credential_bundle.as_deref());
+        let names: Vec<&str> = files.iter().collect();
         // Nothing written yet (or an incomplete set): the next issuance
         // writes the bundle the CA returns with it.
         let Some(contents) = read_current(&dir, &names)
@@ -927,13 +922,7 @@ impl VolumeManager {
         volume: &Volume,
         recorded: Option<&CertificateRecord>,
     ) -> Option<CertificateRecord> {
-        let files = &volume.attributes.files;
-        let mut names = vec![
-            files.key.as_str(),
-            files.certificate.as_str(),
-            files.ca.as_str(),
-        ];
-        names.extend(files.credential_bundle.as_deref());
+        let names: Vec<&str> = volume.attributes.files.iter().collect();
         let contents = read_current(dir, &names).ok()??;
         // A writer killed between the ..data swap and the links leaves a
         // complete payload the pod can not see: restore the links.
