@@ -515,6 +515,12 @@ pub struct CaArgs {
     /// Lifetime when a request asks for none, and of agent certificates.
     #[arg(long, env = "CREDLET_DEFAULT_DURATION", default_value = "24h")]
     pub default_duration: String,
+    /// Shortest certificate lifetime; shorter requests are lengthened
+    /// (`30s`, `1h`). Default: 1 h, or --max-duration if that is shorter.
+    /// Lifetimes of minutes or less are a test and benchmark setting: they
+    /// make every pod renew that often.
+    #[arg(long, env = "CREDLET_MIN_DURATION")]
+    pub min_duration: Option<String>,
     /// Allowed DNS SAN template (repeatable): an exact template such as
     /// `$POD_NAME.$POD_NAMESPACE.svc`, or `*.` + suffix template
     /// (one label in front); `namespace=template` applies to one namespace
@@ -599,7 +605,19 @@ impl CaArgs {
             .map_err(|e| err(format!("--max-duration: {e}")))?;
         policy.default_duration = credlet_csi::attributes::parse_duration(&self.default_duration)
             .map_err(|e| err(format!("--default-duration: {e}")))?;
-        policy.min_duration = policy.min_duration.min(policy.max_duration);
+        match &self.min_duration {
+            Some(min) => {
+                policy.min_duration = credlet_csi::attributes::parse_duration(min)
+                    .map_err(|e| err(format!("--min-duration: {e}")))?;
+                if policy.min_duration > policy.max_duration {
+                    return Err(err(format!(
+                        "--min-duration {min} must not be above --max-duration {}",
+                        self.max_duration
+                    )));
+                }
+            }
+            None => policy.min_duration = policy.min_duration.min(policy.max_duration),
+        }
         policy.agent_duration = policy.default_duration;
         for template in &self.dns_template {
             policy
@@ -664,6 +682,57 @@ mod remote_ca_tests {
         )
         .expect("write");
         file
+    }
+
+    fn ca_args(extra: &[&str]) -> Result<CaConfig, ConfigError> {
+        let cert = tempfile::NamedTempFile::new().expect("tmp");
+        let key = tempfile::NamedTempFile::new().expect("tmp");
+        let cert_path = cert.path().to_string_lossy().into_owned();
+        let key_path = key.path().to_string_lossy().into_owned();
+        let mut args = vec![
+            "credlet",
+            "ca",
+            "--ca-cert",
+            &cert_path,
+            "--ca-key",
+            &key_path,
+            "--server-name",
+            "credlet-ca.credlet.svc",
+        ];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args).expect("parses");
+        let Command::Ca(ca) = cli.command else {
+            panic!("not the ca command");
+        };
+        ca.validate()
+    }
+
+    #[test]
+    fn ca_lifetime_bounds() {
+        let policy = |extra: &[&str]| ca_args(extra).expect("valid").settings.policy;
+        // Default: 1 h, or the maximum when that is shorter.
+        assert_eq!(policy(&[]).min_duration, Duration::from_secs(3600));
+        assert_eq!(
+            policy(&["--max-duration", "20m"]).min_duration,
+            Duration::from_secs(1200)
+        );
+        // A short minimum (tests, benchmarks) lets short requests through.
+        let short = policy(&["--min-duration", "30s"]);
+        assert_eq!(short.min_duration, Duration::from_secs(30));
+        assert_eq!(short.duration(45), Duration::from_secs(45));
+        assert_eq!(short.duration(5), Duration::from_secs(30));
+        assert_eq!(short.ca_policy().min_duration, Duration::from_secs(30));
+        for (flags, mention) in [
+            (&["--min-duration", "0s"][..], "--min-duration"),
+            (&["--min-duration", "soon"], "--min-duration"),
+            (
+                &["--min-duration", "2h", "--max-duration", "1h"],
+                "must not be above --max-duration",
+            ),
+        ] {
+            let error = ca_args(flags).expect_err("invalid");
+            assert!(error.0.contains(mention), "{flags:?}: {error}");
+        }
     }
 
     #[test]

@@ -240,6 +240,19 @@ fn invalid_ca_configuration_exits_64_with_a_clear_message() {
             &["--dns-template", "$NODE_NAME"],
         ),
         (
+            "minimum lifetime above the maximum",
+            valid(&[
+                ("--min-duration", Some("2h")),
+                ("--max-duration", Some("1h")),
+            ]),
+            &["--min-duration", "--max-duration"],
+        ),
+        (
+            "zero minimum lifetime",
+            valid(&[("--min-duration", Some("0s"))]),
+            &["--min-duration"],
+        ),
+        (
             "missing server name",
             valid(&[("--server-name", Some("<remove>"))]),
             &["--server-name"],

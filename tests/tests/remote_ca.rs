@@ -10,276 +10,25 @@
 //! rollover reaching every volume's `ca.crt` without re-issuing, a broken CA
 //! key file, the CA process gone, and SIGTERM to both processes.
 
-use std::collections::{BTreeSet, HashMap};
-use std::ffi::OsString;
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail, ensure};
-use credlet_ca::{Authority, Policy, inspect_leaf, verify_chain};
-use credlet_test_util::{FakeApiServer, free_port};
+use anyhow::{Result, bail, ensure};
+use credlet_ca::{inspect_leaf, verify_chain};
 use credlet_tests::agent_bin;
-use credlet_tests::harness::{
-    CheckTime, Csi, NAMESPACE, Pod, SERVICE_ACCOUNT, TestEnv, Volume, check_volume, mount_at,
-    read_volume, wait_until,
+use credlet_tests::cluster::{
+    CA_TIMEOUT, CaProcess, Cluster, NODE, agent_command, new_root, tokens_json, write_atomically,
 };
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use credlet_tests::harness::{
+    CheckTime, Csi, TestEnv, Volume, check_volume, mount_at, read_volume, wait_until,
+};
 use tonic::Code;
 
-/// The audience of every token here (`--token-audience` of both processes).
-const AUDIENCE: &str = "credlet-ca";
-/// The node the agent runs on and every pod is scheduled to.
-const NODE: &str = "node-a";
-/// The agent's pod and service account (the CA's default
-/// `--agent-service-account credlet/credlet-agent`).
-const AGENT_NAMESPACE: &str = "credlet";
-const AGENT_SERVICE_ACCOUNT: &str = "credlet-agent";
-const AGENT_POD: &str = "credlet-agent-node-a";
-/// The agent's `--ca-timeout-ms`.
-const CA_TIMEOUT: Duration = Duration::from_millis(2000);
 /// How long anything asynchronous may take (start-up, reloads, bundle
 /// propagation).
 const WAIT: Duration = Duration::from_secs(60);
 /// How long a SIGTERMed process may take to exit.
 const EXIT_WITHIN: Duration = Duration::from_secs(15);
-/// The DNS SAN template the volumes ask for and the CA allows.
-const DNS_TEMPLATE: &str = "$POD_NAME.$POD_NAMESPACE.svc";
-
-/// What the API server knows about one token.
-#[derive(Clone, Debug)]
-struct BoundToken {
-    namespace: String,
-    service_account: String,
-    pod: String,
-    uid: String,
-    node: String,
-}
-
-type Tokens = Arc<Mutex<HashMap<String, BoundToken>>>;
-
-/// The fake API server (TokenReview + pods) and the files both processes
-/// read: kubeconfig, CA certificate and key, the agent's trust bundle and
-/// its projected token.
-struct Cluster {
-    api: FakeApiServer,
-    tokens: Tokens,
-    next_token: AtomicU64,
-    _dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-    ca_cert: PathBuf,
-    ca_key: PathBuf,
-    /// The agent's `--ca-trust`: the first root, never rewritten.
-    ca_trust: PathBuf,
-    agent_token_file: PathBuf,
-    /// The first CA root, PEM.
-    root_pem: String,
-}
-
-impl Cluster {
-    fn start() -> Result<Self> {
-        let api = FakeApiServer::start()?;
-        let tokens: Tokens = Arc::default();
-        let reviewer = Arc::clone(&tokens);
-        api.set_token_reviewer(move |review: &TokenReview| review_token(&reviewer, review));
-        let dir = tempfile::Builder::new()
-            .prefix("credlet-remote-ca-")
-            .tempdir()?;
-        let base = dir.path().canonicalize()?;
-        let kubeconfig = base.join("kubeconfig");
-        fs::write(&kubeconfig, kubeconfig_yaml(&api.url()))?;
-        let ca_dir = base.join("ca");
-        fs::create_dir(&ca_dir)?;
-        let (root_pem, key_pem) = new_root()?;
-        let cluster = Self {
-            api,
-            tokens,
-            next_token: AtomicU64::new(0),
-            kubeconfig,
-            ca_cert: ca_dir.join("ca.crt"),
-            ca_key: ca_dir.join("ca.key"),
-            ca_trust: base.join("ca-trust.pem"),
-            agent_token_file: base.join("agent-token"),
-            root_pem,
-            _dir: dir,
-        };
-        write_atomically(&cluster.ca_key, key_pem.as_bytes())?;
-        write_atomically(&cluster.ca_cert, cluster.root_pem.as_bytes())?;
-        fs::write(&cluster.ca_trust, &cluster.root_pem)?;
-        Ok(cluster)
-    }
-
-    /// Creates a pod on [`NODE`]; returns its uid (set by the API server).
-    fn pod(&self, namespace: &str, name: &str, service_account: &str) -> Result<String> {
-        let pod = self.api.create_pod(&serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                "nodeName": NODE,
-                "serviceAccountName": service_account,
-                "containers": [{"name": "app", "image": "registry.example/app:1"}],
-            },
-        }))?;
-        pod.metadata.uid.context("pod without uid")
-    }
-
-    /// A projected token for [`AUDIENCE`] bound to the pod, known to the
-    /// TokenReview from now on.
-    fn token(&self, bound: BoundToken) -> String {
-        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let token = format!("test-token-{}-{n}-{}", bound.pod, fastrand::u64(..));
-        self.tokens.lock().unwrap().insert(token.clone(), bound);
-        token
-    }
-
-    /// The agent's pod and its token (not yet in the token file).
-    fn agent_pod(&self) -> Result<String> {
-        let uid = self.pod(AGENT_NAMESPACE, AGENT_POD, AGENT_SERVICE_ACCOUNT)?;
-        Ok(self.token(BoundToken {
-            namespace: AGENT_NAMESPACE.into(),
-            service_account: AGENT_SERVICE_ACCOUNT.into(),
-            pod: AGENT_POD.into(),
-            uid,
-            node: NODE.into(),
-        }))
-    }
-
-    /// What the kubelet does for the agent's projected token volume.
-    fn write_agent_token(&self, token: &str) -> Result<()> {
-        write_atomically(&self.agent_token_file, token.as_bytes())
-    }
-
-    /// An application pod `web-<name>` on [`NODE`] in the API server, its
-    /// token, and its inline volume as the kubelet would publish it (target
-    /// parent created, the token map in the volume context).
-    fn app(&self, env: &TestEnv, name: &str) -> Result<(Volume, String)> {
-        let pod_name = format!("web-{name}");
-        let uid = self.pod(NAMESPACE, &pod_name, SERVICE_ACCOUNT)?;
-        let token = self.token(BoundToken {
-            namespace: NAMESPACE.into(),
-            service_account: SERVICE_ACCOUNT.into(),
-            pod: pod_name.clone(),
-            uid: uid.clone(),
-            node: NODE.into(),
-        });
-        let target = env.target_path(&uid, "certs");
-        fs::create_dir_all(target.parent().context("target parent")?)?;
-        let volume = Volume {
-            id: format!("csi-{name}"),
-            target,
-            pod: Pod {
-                name: pod_name,
-                namespace: NAMESPACE.into(),
-                uid,
-                service_account: SERVICE_ACCOUNT.into(),
-            },
-            attributes: Default::default(),
-            volume_mount_group: String::new(),
-            tokens: Some(tokens_json(&token)),
-        }
-        .with("credlet.io/dns-names", DNS_TEMPLATE);
-        Ok((volume, token))
-    }
-
-    /// Replaces the CA's certificate and key files (key first, each by
-    /// rename, as a Secret update or an operator would).
-    fn replace_ca(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
-        write_atomically(&self.ca_key, key_pem.as_bytes())?;
-        write_atomically(&self.ca_cert, cert_pem.as_bytes())
-    }
-}
-
-/// TokenReview as the API server answers it for bound service account
-/// tokens: the user is `system:serviceaccount:<ns>:<sa>` with the pod name,
-/// uid and node name in `extra`; unknown tokens and other audiences are not
-/// authenticated.
-fn review_token(tokens: &Tokens, review: &TokenReview) -> TokenReviewStatus {
-    let token = review.spec.token.clone().unwrap_or_default();
-    let audiences = review.spec.audiences.clone().unwrap_or_default();
-    let Some(bound) = tokens.lock().unwrap().get(&token).cloned() else {
-        return TokenReviewStatus {
-            authenticated: Some(false),
-            error: Some(
-                "[invalid bearer token, square/go-jose: error in cryptographic primitive]".into(),
-            ),
-            ..Default::default()
-        };
-    };
-    if !audiences.iter().any(|a| a == AUDIENCE) {
-        return TokenReviewStatus {
-            authenticated: Some(false),
-            error: Some(format!(
-                "[invalid bearer token, token audiences [\"{AUDIENCE}\"] is invalid for the target audiences {audiences:?}]"
-            )),
-            ..Default::default()
-        };
-    }
-    let extra = [
-        ("authentication.kubernetes.io/pod-name", bound.pod),
-        ("authentication.kubernetes.io/pod-uid", bound.uid),
-        ("authentication.kubernetes.io/node-name", bound.node),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), vec![v]))
-    .collect();
-    TokenReviewStatus {
-        authenticated: Some(true),
-        audiences: Some(vec![AUDIENCE.into()]),
-        user: Some(UserInfo {
-            username: Some(format!(
-                "system:serviceaccount:{}:{}",
-                bound.namespace, bound.service_account
-            )),
-            uid: Some(format!("sa-uid-{}", bound.service_account)),
-            groups: Some(vec![
-                "system:serviceaccounts".into(),
-                format!("system:serviceaccounts:{}", bound.namespace),
-            ]),
-            extra: Some(extra),
-        }),
-        error: None,
-    }
-}
-
-/// A kubeconfig for the fake API server (plain HTTP, no credentials).
-fn kubeconfig_yaml(server: &str) -> String {
-    format!(
-        "apiVersion: v1\n\
-         kind: Config\n\
-         clusters:\n\
-         - name: fake\n  cluster:\n    server: {server}\n\
-         users:\n\
-         - name: fake\n  user: {{}}\n\
-         contexts:\n\
-         - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-         current-context: fake\n"
-    )
-}
-
-/// The kubelet's `csi.storage.k8s.io/serviceAccount.tokens` for one token.
-fn tokens_json(token: &str) -> String {
-    serde_json::json!({
-        AUDIENCE: {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}
-    })
-    .to_string()
-}
-
-/// A new self-signed CA root: (certificate PEM, PKCS#8 key PEM).
-fn new_root() -> Result<(String, String)> {
-    let (_, cert, key) = Authority::generate_self_signed_with_pems(Policy::new("cluster.local"))?;
-    Ok((cert, key.to_string()))
-}
-
-fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".new");
-    fs::write(&tmp, contents).with_context(|| format!("write {}", path.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("rename onto {}", path.display()))?;
-    Ok(())
-}
 
 /// Serials of the certificates in a PEM bundle, in order.
 fn serials(bundle_pem: &str) -> Result<Vec<String>> {
@@ -331,106 +80,6 @@ fn expect_code(result: Result<(), tonic::Status>, code: Code, mention: &str) -> 
 
 // --- the processes -------------------------------------------------------------
 
-/// `credlet-under-test ca` in a [`TestEnv`] (log capture; killed, with its
-/// log printed, when a test fails).
-struct CaProcess {
-    env: TestEnv,
-    port: u16,
-    args: Vec<OsString>,
-}
-
-impl CaProcess {
-    fn new(cluster: &Cluster) -> Result<Self> {
-        let env = TestEnv::new(agent_bin!());
-        let port = free_port()?;
-        let args: Vec<OsString> = vec![
-            "ca".into(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}").into(),
-            "--ca-cert".into(),
-            cluster.ca_cert.clone().into(),
-            "--ca-key".into(),
-            cluster.ca_key.clone().into(),
-            "--token-audience".into(),
-            AUDIENCE.into(),
-            "--agent-service-account".into(),
-            format!("{AGENT_NAMESPACE}/{AGENT_SERVICE_ACCOUNT}").into(),
-            "--server-name".into(),
-            "127.0.0.1".into(),
-            "--server-name".into(),
-            "localhost".into(),
-            "--dns-template".into(),
-            DNS_TEMPLATE.into(),
-            "--kubeconfig".into(),
-            cluster.kubeconfig.clone().into(),
-            "--drain-timeout-s".into(),
-            "30".into(),
-        ];
-        Ok(Self { env, port, args })
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the CA and waits until it accepts TCP connections.
-    async fn start(&mut self) {
-        let mut command = self.env.command();
-        command.args(&self.args);
-        self.env.spawn_command(command);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            assert!(self.env.agent_running(), "credlet ca exited at start-up");
-            if self.env.log().contains("CA service listening")
-                && tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "credlet ca not listening after {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log_len(&self) -> u64 {
-        fs::metadata(&self.env.log_path).map_or(0, |m| m.len())
-    }
-}
-
-/// `credlet-under-test agent --ca-url ...` in a [`TestEnv`].
-fn agent_command(env: &TestEnv, cluster: &Cluster, ca: &CaProcess) -> std::process::Command {
-    let mut command = env.command();
-    command
-        .arg("agent")
-        .arg("--csi-endpoint")
-        .arg(&env.socket)
-        .arg("--node-id")
-        .arg(NODE)
-        .arg("--state-dir")
-        .arg(&env.state_dir)
-        .arg("--kubelet-root")
-        .arg(&env.root)
-        .arg("--token-audience")
-        .arg(AUDIENCE)
-        .arg("--ca-url")
-        .arg(ca.url())
-        .arg("--ca-trust")
-        .arg(&cluster.ca_trust)
-        .arg("--ca-token-file")
-        .arg(&cluster.agent_token_file)
-        .arg("--ca-timeout-ms")
-        .arg(CA_TIMEOUT.as_millis().to_string())
-        // What a DaemonSet would pass; the agent only uses it for the image
-        // guard, which is off here.
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig);
-    command
-}
-
 /// Waits until the agent's CSI socket answers `Probe`; returns the client
 /// and the answer.
 async fn connect(env: &mut TestEnv) -> (Csi, Option<bool>) {
@@ -473,8 +122,8 @@ async fn stop_cleanly(env: &mut TestEnv, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outage() -> Result<()> {
     let cluster = Cluster::start()?;
-    let mut ca = CaProcess::new(&cluster)?;
-    ca.start().await;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
     let agent_token = cluster.agent_pod()?;
 
     // The agent starts before its token is projected: it serves CSI but is
@@ -655,8 +304,8 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_ca_and_the_agent_with_exit_zero() -> Result<()> {
     let cluster = Cluster::start()?;
-    let mut ca = CaProcess::new(&cluster)?;
-    ca.start().await;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
     cluster.write_agent_token(&cluster.agent_pod()?)?;
     let mut agent = TestEnv::new(agent_bin!());
     let command = agent_command(&agent, &cluster, &ca);

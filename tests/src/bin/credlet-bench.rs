@@ -1,34 +1,62 @@
-//! credlet's CSI benchmarks against the real agent binary, real sockets and
-//! real tmpfs mounts (run as root). Not a timed test: run it by hand.
+//! credlet's CSI and CA benchmarks against the real agent binary, real
+//! sockets and real tmpfs mounts (run as root). Not a timed test: run it by
+//! hand.
 //!
 //! ```text
 //! cargo build --release -p credlet-tests --bins     # builds the bench and the agent
 //! cargo run --release -p credlet-tests --bin credlet-bench -- all
 //! ```
 //!
-//! Scenarios: `csi-publish` (NodePublishVolume latency), `csi-rotation`
-//! (memory idle and with many volumes, CPU for rotating all of them) or
-//! `all`. The agent is the release `credlet-under-test` next to this
-//! executable. Each figure is printed next to its goal and the floor cost
-//! measured on this machine (DESIGN.md §6), as a ratio.
+//! Scenarios:
+//! - `csi-publish`: NodePublishVolume latency, embedded development CA;
+//! - `csi-rotation`: memory idle and with many volumes, CPU for rotating
+//!   all of them, embedded development CA;
+//! - `ca-issue`: the CA service's throughput through its real API: a real
+//!   `credlet ca` process (TLS 1.3 mutual TLS on 127.0.0.1; TokenReviews
+//!   and pod GETs answered by a fake API server in this process), one
+//!   HTTP/2 connection with many concurrent IssuePodCertificate calls, for
+//!   new pods (every call a TokenReview and a pod GET) and for renewals
+//!   (tokens already in the CA's review cache);
+//! - `csi-publish-remote`: NodePublishVolume latency with the agent asking
+//!   a real `credlet ca` on loopback (`--ca-url`);
+//! - `csi-rotation-remote`: agent and CA CPU for rotating many volumes
+//!   through that CA (`credlet ca --min-duration 1s` lets the volumes ask
+//!   for lifetimes of seconds);
+//! - `all`: every one of them.
+//!
+//! Both processes are the `credlet-under-test` next to this executable.
+//! Each figure is printed next to its goal and the floor cost measured on
+//! this machine (DESIGN.md §6), as a ratio.
 //!
 //! Environment: `CREDLET_BENCH_VOLUMES` (rotation volumes, default 10000),
 //! `CREDLET_BENCH_CONCURRENCY` (parallel CSI calls, default 16),
 //! `CREDLET_BENCH_DURATION_S` (rotation certificate lifetime; default:
 //! chosen from a pilot run so no volume renews before publishing ends),
 //! `CREDLET_BENCH_STATE_ON_TMPFS=0` (state directory on the temporary
-//! directory's disk instead of a tmpfs like the default `/run/credlet`).
+//! directory's disk instead of a tmpfs like the default `/run/credlet`),
+//! `CREDLET_BENCH_CA_REQUESTS` (IssuePodCertificate calls per `ca-issue`
+//! variant, default 20000), `CREDLET_BENCH_CA_CONCURRENCY` (concurrent
+//! streams on the one connection, default 64).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use credlet_ca::{KeyType, PrivateKey};
+use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
+use credlet_proto::ca::{IssueAgentCertificateRequest, IssuePodCertificateRequest};
+use credlet_tests::cluster::{CaProcess, Cluster, DNS_TEMPLATE, NODE, agent_command};
 use credlet_tests::harness::{
-    CheckTime, Csi, TestEnv, Volume, check_volume, cpu_time, mounts_under, rss_kib,
+    CheckTime, Csi, Pod, TestEnv, Volume, check_volume, cpu_time, mounts_under, rss_kib,
 };
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
 
 /// DESIGN.md §6: one pod certificate (keygen, CSR, sign, PEMs, atomic write).
 const FLOOR_ONE_CERTIFICATE: Duration = Duration::from_micros(125);
@@ -43,6 +71,21 @@ const GOAL_PUBLISH_P99: Duration = Duration::from_millis(3);
 const GOAL_IDLE_RSS_KIB: f64 = 8.0 * 1024.0;
 const GOAL_LOADED_RSS_KIB: f64 = 32.0 * 1024.0;
 const GOAL_ROTATION_CPU: Duration = Duration::from_secs(3);
+
+/// DESIGN.md §6, the CA's share of one pod certificate: CSR verification
+/// (56 µs) + leaf signing (24 µs).
+const FLOOR_CA_CERTIFICATE: Duration = Duration::from_micros(80);
+/// DESIGN.md §6, the agent's share of one remote rotation: keygen (12.7 µs)
+/// + CSR signing (18 µs) + atomic write (76 µs).
+const FLOOR_AGENT_REMOTE_ROTATION: Duration = Duration::from_nanos(106_700);
+/// The CA's goal: certificates per CPU-second.
+const GOAL_CA_PER_CORE: f64 = 10_000.0;
+/// How many pods renew in the `ca-issue` renewal variant (their tokens
+/// stay in the CA's review cache, which holds 10,000).
+const CA_RENEWING_PODS: usize = 1000;
+/// Lifetime of the CA-issued certificates in `ca-issue` and
+/// `csi-publish-remote`.
+const LONG_LIFETIME_S: u64 = 24 * 3600;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -381,55 +424,711 @@ async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
     Ok(())
 }
 
-/// Runs one scenario in a fresh environment; on failure prints the tail of
-/// the agent's log before the environment (and its mounts) goes away.
-async fn scenario(bin: &Path, name: &str) -> Result<()> {
-    let mut env = TestEnv::new(bin);
-    // The agent's default state directory is /run/credlet, a tmpfs: measure
-    // that (CREDLET_BENCH_STATE_ON_TMPFS=0 measures a disk state directory).
-    if !std::env::var("CREDLET_BENCH_STATE_ON_TMPFS").is_ok_and(|v| v == "0") {
-        // The state directory on tmpfs (e.g. /run): records then cost no
-        // disk journal work. They only matter while the tmpfs volumes
-        // exist, and those do not survive a reboot either.
-        std::fs::create_dir_all(&env.state_dir)?;
-        rustix::mount::mount(
-            "credlet-bench-state",
-            &env.state_dir,
-            "tmpfs",
-            rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOSUID,
-            c"mode=0700",
-        )
-        .context("mount tmpfs on the state directory")?;
-        println!("(state directory on tmpfs)");
+// ---------------------------------------------------------------------------
+// The CA service: a real `credlet ca` process behind a fake API server
+// ---------------------------------------------------------------------------
+
+/// A real `credlet ca` and, for the CSI scenarios, a real agent using it.
+struct Remote {
+    cluster: Cluster,
+    ca: CaProcess,
+    agent: Option<TestEnv>,
+}
+
+impl Remote {
+    /// Starts the fake API server and `credlet ca` with `extra` flags.
+    async fn start(bin: &Path, extra: &[&str]) -> Result<Self> {
+        let cluster = Cluster::start()?;
+        let mut ca = CaProcess::new(bin, &cluster)?;
+        ca.args.extend(extra.iter().map(Into::into));
+        let mut remote = Self {
+            cluster,
+            ca,
+            agent: None,
+        };
+        if let Err(error) = remote.ca.start().await {
+            remote.print_logs();
+            return Err(error);
+        }
+        Ok(remote)
     }
+
+    fn ca_pid(&self) -> u32 {
+        self.ca.env.agent().pid()
+    }
+
+    /// Starts the agent with `--ca-url` (its token projected first) and
+    /// waits until it is ready: it has its client certificate.
+    async fn start_agent(&mut self, bin: &Path) -> Result<Csi> {
+        let mut env = TestEnv::new(bin);
+        state_on_tmpfs(&env)?;
+        self.cluster.write_agent_token(&self.cluster.agent_pod()?)?;
+        let command = agent_command(&env, &self.cluster, &self.ca);
+        env.spawn_command(command);
+        let env = self.agent.insert(env);
+        Ok(env.wait_ready().await)
+    }
+
+    fn agent(&mut self) -> &mut TestEnv {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    /// SIGTERM to the agent (if any), then the CA; both must exit 0.
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(agent) = self.agent.as_mut() {
+            let status = agent.stop().await;
+            ensure!(status.success(), "agent exited with {status}");
+        }
+        let status = self.ca.env.stop().await;
+        ensure!(status.success(), "credlet ca exited with {status}");
+        Ok(())
+    }
+
+    fn print_logs(&self) {
+        print_tail("credlet ca", &self.ca.env.log());
+        if let Some(agent) = &self.agent {
+            print_tail("agent", &agent.log());
+        }
+    }
+}
+
+fn print_tail(what: &str, log: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    eprintln!("---- last lines of the {what} log ----\n{tail}\n----");
+}
+
+/// The bench's own client of the CA API: TLS 1.3 (ring) to 127.0.0.1,
+/// trusting `root_pem`, with an optional client certificate; one HTTP/2
+/// connection shared by every clone.
+async fn ca_client(
+    port: u16,
+    root_pem: &str,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<CertificateAuthorityClient<Channel>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(der.context("CA root PEM")?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots);
+    let mut config = match client_cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let channel = Endpoint::try_from(format!("https://127.0.0.1:{port}"))?
+        .tcp_nodelay(true)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let tls = tls.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+                tcp.set_nodelay(true)?;
+                let name = ServerName::from(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .context("connect to the CA")?;
+    Ok(CertificateAuthorityClient::new(channel))
+}
+
+/// What an agent does first: a client certificate for [`NODE`] from
+/// IssueAgentCertificate with the agent pod's token; returns a client
+/// presenting it.
+async fn bootstrap_agent_client(remote: &Remote) -> Result<CertificateAuthorityClient<Channel>> {
+    let root = &remote.cluster.root_pem;
+    let mut bootstrap = ca_client(remote.ca.port, root, None).await?;
+    let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let issued = bootstrap
+        .issue_agent_certificate(IssueAgentCertificateRequest {
+            csr_der: key.certificate_signing_request()?,
+            token: remote.cluster.agent_pod()?,
+            node_name: NODE.into(),
+        })
+        .await
+        .context("IssueAgentCertificate")?
+        .into_inner();
+    let chain = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("agent certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key.pem().as_bytes()).context("agent key")?;
+    ca_client(remote.ca.port, root, Some((chain, key))).await
+}
+
+/// One IssuePodCertificate request as the agent sends it.
+fn pod_request(pod: &Pod, token: &str, csr_der: Vec<u8>) -> IssuePodCertificateRequest {
+    IssuePodCertificateRequest {
+        csr_der,
+        token: token.to_owned(),
+        pod_namespace: pod.namespace.clone(),
+        pod_name: pod.name.clone(),
+        pod_uid: pod.uid.clone(),
+        service_account: pod.service_account.clone(),
+        dns_name_templates: vec![DNS_TEMPLATE.into()],
+        duration_seconds: LONG_LIFETIME_S,
+        ..Default::default()
+    }
+}
+
+/// Sends every request with `concurrency` calls in flight on `client`'s
+/// connection; returns the wall time and every call's latency.
+async fn issue_all(
+    client: &CertificateAuthorityClient<Channel>,
+    requests: &Arc<Vec<IssuePodCertificateRequest>>,
+    concurrency: usize,
+) -> Result<(Duration, Vec<Duration>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let mut client = client.clone();
+        let requests = Arc::clone(requests);
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(requests.len() / concurrency.max(1) + 1);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(request) = requests.get(i) else {
+                    return Ok::<_, anyhow::Error>(latencies);
+                };
+                let request = request.clone();
+                let call = Instant::now();
+                let issued = client
+                    .issue_pod_certificate(request)
+                    .await
+                    .with_context(|| format!("IssuePodCertificate #{i}"))?
+                    .into_inner();
+                latencies.push(call.elapsed());
+                ensure!(
+                    issued.chain_pem.starts_with("-----BEGIN CERTIFICATE-----"),
+                    "IssuePodCertificate #{i}: no certificate in the answer"
+                );
+            }
+        });
+    }
+    let mut latencies = Vec::with_capacity(requests.len());
+    while let Some(result) = tasks.join_next().await {
+        latencies.extend(result??);
+    }
+    let wall = started.elapsed();
+    latencies.sort();
+    Ok((wall, latencies))
+}
+
+/// `12345.6` → `12,346`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One measured `ca-issue` run and its report.
+async fn measure_ca_issue(
+    remote: &Remote,
+    client: &CertificateAuthorityClient<Channel>,
+    label: &str,
+    requests: &Arc<Vec<IssuePodCertificateRequest>>,
+    concurrency: usize,
+) -> Result<()> {
+    let ca_pid = remote.ca_pid();
+    let (reviews_before, gets_before) = remote.cluster.api_calls();
+    let ca_before = cpu_time(ca_pid)?;
+    let own_before = cpu_time(std::process::id())?;
+    let (wall, latencies) = issue_all(client, requests, concurrency).await?;
+    let ca_cpu = cpu_time(ca_pid)? - ca_before;
+    let own_cpu = cpu_time(std::process::id())? - own_before;
+    let (reviews_after, gets_after) = remote.cluster.api_calls();
+
+    let n = requests.len() as f64;
+    let wall_rate = n / wall.as_secs_f64();
+    let per_core = n / ca_cpu.as_secs_f64().max(1e-9);
+    let cpu_each = ca_cpu.as_secs_f64() / n;
+    let floor = FLOOR_CA_CERTIFICATE.as_secs_f64();
+    line(
+        &format!("ca-issue {label} wall"),
+        &format!("{}/s", thousands(wall_rate)),
+        &format!(
+            "{} calls, {concurrency} streams on one HTTP/2 connection, {:.2} s",
+            thousands(n),
+            wall.as_secs_f64()
+        ),
+    );
+    line(
+        &format!("ca-issue {label} per core"),
+        &format!("{}/s", thousands(per_core)),
+        &format!(
+            "goal ≥ 10,000/s {}; floor 12,500/s (80 µs) → {:.1}×; {:.0} µs CA CPU per certificate",
+            verdict(per_core >= GOAL_CA_PER_CORE),
+            cpu_each / floor,
+            cpu_each * 1e6
+        ),
+    );
+    line(
+        &format!("ca-issue {label} p50"),
+        &ms(percentile(&latencies, 0.50)),
+        &format!("call latency with {concurrency} in flight"),
+    );
+    line(
+        &format!("ca-issue {label} p99"),
+        &ms(percentile(&latencies, 0.99)),
+        &format!(
+            "call latency with {concurrency} in flight; max {}",
+            ms(*latencies.last().unwrap_or(&Duration::ZERO))
+        ),
+    );
+    line(
+        &format!("ca-issue {label} API calls"),
+        &format!(
+            "{:.2} + {:.2}",
+            (reviews_after - reviews_before) as f64 / n,
+            (gets_after - gets_before) as f64 / n
+        ),
+        "TokenReviews + pod GETs per certificate at the fake API server",
+    );
+    line(
+        &format!("ca-issue {label} CPU"),
+        &format!("{:.2} s", ca_cpu.as_secs_f64()),
+        &format!(
+            "the CA process; this process (client + fake API server) {:.2} s",
+            own_cpu.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
+async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
+    let count = env_usize("CREDLET_BENCH_CA_REQUESTS", 20_000).max(1);
+    let concurrency = env_usize("CREDLET_BENCH_CA_CONCURRENCY", 64).max(1);
+    let renewing = CA_RENEWING_PODS.min(count);
+    println!(
+        "== ca-issue: {count} IssuePodCertificate calls per variant, {concurrency} concurrent streams on one HTTP/2 connection, \
+         TLS 1.3 mTLS on loopback, fake API server in this process"
+    );
+
+    // Everything before the clock: the agent's client certificate, the
+    // pods and their tokens, the CSRs.
+    let client = bootstrap_agent_client(remote).await?;
+    let prepared = Instant::now();
+    let csrs = (0..count)
+        .map(|_| {
+            PrivateKey::generate(KeyType::EcdsaP256)
+                .and_then(|key| key.certificate_signing_request())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let new_pods = (0..count)
+        .map(|i| remote.cluster.app_pod(&format!("n{i:05}")))
+        .collect::<Result<Vec<_>>>()?;
+    let renewing_pods = (0..renewing)
+        .map(|i| remote.cluster.app_pod(&format!("r{i:05}")))
+        .collect::<Result<Vec<_>>>()?;
+    let new_requests: Arc<Vec<_>> = Arc::new(
+        new_pods
+            .iter()
+            .zip(&csrs)
+            .map(|((pod, token), csr)| pod_request(pod, token, csr.clone()))
+            .collect(),
+    );
+    let renewal_requests: Arc<Vec<_>> = Arc::new(
+        csrs.iter()
+            .enumerate()
+            .map(|(i, csr)| {
+                let (pod, token) = &renewing_pods[i % renewing];
+                pod_request(pod, token, csr.clone())
+            })
+            .collect(),
+    );
+    let warm_up: Arc<Vec<_>> = Arc::new(renewal_requests[..renewing].to_vec());
+    println!(
+        "(prepared {count} CSRs and {} pods with tokens in {:.1} s)",
+        count + renewing,
+        prepared.elapsed().as_secs_f64()
+    );
+
+    // A certificate as the agent would get it.
+    let sample = client
+        .clone()
+        .issue_pod_certificate(renewal_requests[0].clone())
+        .await
+        .context("IssuePodCertificate")?
+        .into_inner();
+    let leaf = credlet_ca::inspect_leaf(&sample.chain_pem)?;
+    credlet_ca::verify_chain(
+        &sample.chain_pem,
+        &remote.cluster.root_pem,
+        SystemTime::now(),
+    )?;
+    ensure!(
+        leaf.dns_names == [format!("{}.shop.svc", renewing_pods[0].0.name)],
+        "unexpected DNS names {:?}",
+        leaf.dns_names
+    );
+
+    // (a) A burst of new pods: every token is new to the CA.
+    issue_all(&client, &warm_up, concurrency).await?;
+    measure_ca_issue(remote, &client, "new pods", &new_requests, concurrency).await?;
+
+    // (b) Renewals: the same pods' tokens again, reviewed once before the
+    // clock (the new pods' tokens pushed them out of the review cache).
+    issue_all(&client, &warm_up, concurrency).await?;
+    measure_ca_issue(remote, &client, "renewals", &renewal_requests, concurrency).await?;
+    println!(
+        "(renewals: {renewing} pods, each token reviewed once before the clock; every call still GETs its pod)"
+    );
+    let log = remote.ca.env.log();
+    let denied = log.matches("request denied").count() + log.matches("request failed").count();
+    ensure!(denied == 0, "the CA denied or failed {denied} requests");
+    Ok(())
+}
+
+/// `count` volumes of new pods (pod and token in the API server) asking
+/// for `duration` through the remote CA.
+fn remote_volumes(
+    remote: &Remote,
+    prefix: &str,
+    count: usize,
+    duration: &str,
+) -> Result<Arc<Vec<Volume>>> {
+    let env = remote.agent.as_ref().context("agent not started")?;
+    let volumes = (0..count)
+        .map(|i| {
+            let (volume, _) = remote.cluster.app(env, &format!("{prefix}{i:05}"))?;
+            Ok(volume.with("credlet.io/duration", duration))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Arc::new(volumes))
+}
+
+async fn bench_publish_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
+    println!(
+        "== csi-publish-remote: {PUBLISH_MEASURED} NodePublishVolume calls (after {PUBLISH_WARMUP} warm-up), one at a time, \
+         real credlet ca on loopback (TokenReview + pod GET each), real tmpfs"
+    );
+    let csi = remote.start_agent(bin).await?;
+    let volumes = remote_volumes(
+        remote,
+        "p",
+        PUBLISH_WARMUP + PUBLISH_MEASURED,
+        &format!("{LONG_LIFETIME_S}s"),
+    )?;
+    let agent_pid = remote.agent().agent().pid();
+    let ca_pid = remote.ca_pid();
+    let mut publish = Vec::with_capacity(PUBLISH_MEASURED);
+    let mut cpu_start = None;
+    for (i, volume) in volumes.iter().enumerate() {
+        if i == PUBLISH_WARMUP {
+            cpu_start = Some((cpu_time(agent_pid)?, cpu_time(ca_pid)?));
+        }
+        let started = Instant::now();
+        csi.publish(volume)
+            .await
+            .with_context(|| format!("publish {}", volume.id))?;
+        if i >= PUBLISH_WARMUP {
+            publish.push(started.elapsed());
+        }
+    }
+    let (agent_start, ca_start) = cpu_start.context("no measured publishes")?;
+    let agent_cpu = cpu_time(agent_pid)? - agent_start;
+    let ca_cpu = cpu_time(ca_pid)? - ca_start;
+    for volume in volumes.iter().step_by(97) {
+        let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+        credlet_ca::verify_chain(&files.chain, &remote.cluster.root_pem, SystemTime::now())?;
+    }
+    for volume in volumes.iter() {
+        csi.unpublish_volume(volume)
+            .await
+            .with_context(|| format!("unpublish {}", volume.id))?;
+    }
+    ensure!(
+        mounts_under(&remote.agent().root).is_empty(),
+        "mounts left after unpublishing"
+    );
+    drop(csi);
+    remote.stop().await?;
+
+    publish.sort();
+    let floor = (FLOOR_AGENT_REMOTE_ROTATION + FLOOR_CA_CERTIFICATE).as_secs_f64();
+    let ratio = |d: Duration| format!("{:.1}×", d.as_secs_f64() / floor);
+    let p50 = percentile(&publish, 0.50);
+    let p99 = percentile(&publish, 0.99);
+    line(
+        "csi-publish-remote p50",
+        &ms(p50),
+        &format!("floor 187 µs (agent 107 + CA 80) → {}", ratio(p50)),
+    );
+    line(
+        "csi-publish-remote p90",
+        &ms(percentile(&publish, 0.90)),
+        &format!("floor 187 µs → {}", ratio(percentile(&publish, 0.90))),
+    );
+    line(
+        "csi-publish-remote p99",
+        &ms(p99),
+        &format!(
+            "goal ≤ 3 ms {}; floor 187 µs → {}",
+            verdict(p99 <= GOAL_PUBLISH_P99),
+            ratio(p99)
+        ),
+    );
+    line(
+        "csi-publish-remote max",
+        &ms(*publish.last().unwrap_or(&Duration::ZERO)),
+        "slowest call",
+    );
+    let n = publish.len().max(1) as f64;
+    line(
+        "csi-publish-remote CPU each",
+        &format!("{:.0} µs", (agent_cpu + ca_cpu).as_secs_f64() * 1e6 / n),
+        &format!(
+            "agent {:.0} µs + CA {:.0} µs per publish",
+            agent_cpu.as_secs_f64() * 1e6 / n,
+            ca_cpu.as_secs_f64() * 1e6 / n
+        ),
+    );
+    Ok(())
+}
+
+async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
+    let count = env_usize("CREDLET_BENCH_VOLUMES", 10_000);
+    let concurrency = env_usize("CREDLET_BENCH_CONCURRENCY", 16);
+    println!(
+        "== csi-rotation-remote: {count} volumes, {concurrency} concurrent publishes, real credlet ca on loopback \
+         (--min-duration 1s), real tmpfs"
+    );
+    let csi = remote.start_agent(bin).await?;
+    let agent_pid = remote.agent().agent().pid();
+    let ca_pid = remote.ca_pid();
+
+    // The CPU both burn idle (subtracted later).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_window = Duration::from_secs(3);
+    let (agent_idle, ca_idle) = (cpu_time(agent_pid)?, cpu_time(ca_pid)?);
+    tokio::time::sleep(idle_window).await;
+    let agent_idle_rate =
+        (cpu_time(agent_pid)? - agent_idle).as_secs_f64() / idle_window.as_secs_f64();
+    let ca_idle_rate = (cpu_time(ca_pid)? - ca_idle).as_secs_f64() / idle_window.as_secs_f64();
+
+    // Lifetime: renewals start at 50 % of it (the CA spreads them over
+    // 50-70 %), which must come after the last publish.
+    let duration_s = match std::env::var("CREDLET_BENCH_DURATION_S") {
+        Ok(v) => v.parse::<u64>().context("CREDLET_BENCH_DURATION_S")?,
+        Err(_) => {
+            let pilot = remote_volumes(remote, "pilot", 500.min(count), "24h")?;
+            let took = run_all(&csi, &pilot, Op::Publish, concurrency).await?;
+            run_all(&csi, &pilot, Op::Unpublish, concurrency).await?;
+            let estimate = took.as_secs_f64() * count as f64 / pilot.len().max(1) as f64;
+            (estimate * 3.0).ceil().max(40.0) as u64
+        }
+    };
+
+    let volumes = remote_volumes(remote, "r", count, &format!("{duration_s}s"))?;
+    let publish_wall = run_all(&csi, &volumes, Op::Publish, concurrency).await?;
+    let published_at = Instant::now();
+    let agent_start = cpu_time(agent_pid)?;
+    let ca_start = cpu_time(ca_pid)?;
+    let (reviews_start, gets_start) = remote.cluster.api_calls();
+    let loaded_rss = rss_kib(agent_pid)? as f64;
+
+    let initial: Vec<_> = volumes.iter().map(payload_of).collect();
+    ensure!(
+        initial.iter().all(Option::is_some),
+        "every published volume has a payload"
+    );
+    let mut rotated = vec![false; count];
+    let early = scan_rotations(&volumes, &initial, &mut rotated);
+    let deadline = published_at + Duration::from_secs(duration_s) + Duration::from_secs(60);
+    loop {
+        let done = scan_rotations(&volumes, &initial, &mut rotated);
+        if done == count {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("only {done} of {count} volumes rotated within {duration_s} s + 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let rotation_wall = published_at.elapsed();
+    let agent_used = cpu_time(agent_pid)? - agent_start;
+    let ca_used = cpu_time(ca_pid)? - ca_start;
+    let (reviews_end, gets_end) = remote.cluster.api_calls();
+    let agent_idle_share = Duration::from_secs_f64(agent_idle_rate * rotation_wall.as_secs_f64());
+    let ca_idle_share = Duration::from_secs_f64(ca_idle_rate * rotation_wall.as_secs_f64());
+    let agent_cpu = agent_used.saturating_sub(agent_idle_share);
+    let ca_cpu = ca_used.saturating_sub(ca_idle_share);
+
+    for volume in volumes.iter().step_by((count / 200).max(1)) {
+        let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+        credlet_ca::verify_chain(&files.chain, &remote.cluster.root_pem, SystemTime::now())?;
+    }
+    let failures = remote.agent().log().matches("renewal failed").count();
+    let ca_log = remote.ca.env.log();
+    let denied =
+        ca_log.matches("request denied").count() + ca_log.matches("request failed").count();
+
+    let unpublish_wall = run_all(&csi, &volumes, Op::Unpublish, concurrency).await?;
+    ensure!(
+        mounts_under(&remote.agent().root).is_empty(),
+        "mounts left after unpublishing"
+    );
+    drop(csi);
+    remote.stop().await?;
+
+    let scale = count as f64 / 10_000.0;
+    line(
+        &format!("csi-rotation-remote publish {count}"),
+        &format!("{:.2} s", publish_wall.as_secs_f64()),
+        &format!(
+            "{concurrency} concurrent; {:.0}/s; {:.3} ms each; agent RSS then {}",
+            count as f64 / publish_wall.as_secs_f64(),
+            publish_wall.as_secs_f64() * 1e3 / count as f64,
+            mib(loaded_rss)
+        ),
+    );
+    let goal = GOAL_ROTATION_CPU.as_secs_f64() * scale;
+    let agent_floor = FLOOR_AGENT_REMOTE_ROTATION.as_secs_f64() * count as f64;
+    line(
+        &format!("csi-rotation-remote agent CPU, {count}"),
+        &format!("{:.2} s", agent_cpu.as_secs_f64()),
+        &format!(
+            "goal ≤ {goal:.1} s {}; floor {agent_floor:.2} s (107 µs each) → {:.1}×",
+            verdict(agent_cpu.as_secs_f64() <= goal),
+            agent_cpu.as_secs_f64() / agent_floor
+        ),
+    );
+    let ca_floor = FLOOR_CA_CERTIFICATE.as_secs_f64() * count as f64;
+    line(
+        &format!("csi-rotation-remote CA CPU, {count}"),
+        &format!("{:.2} s", ca_cpu.as_secs_f64()),
+        &format!(
+            "floor {ca_floor:.2} s (80 µs each) → {:.1}×; {} certificates per CA CPU-second",
+            ca_cpu.as_secs_f64() / ca_floor,
+            thousands(count as f64 / ca_cpu.as_secs_f64().max(1e-9))
+        ),
+    );
+    line(
+        "csi-rotation-remote API calls",
+        &format!(
+            "{:.2} + {:.2}",
+            (reviews_end - reviews_start) as f64 / count as f64,
+            (gets_end - gets_start) as f64 / count as f64
+        ),
+        "TokenReviews + pod GETs per rotation at the fake API server",
+    );
+    line(
+        "csi-rotation-remote details",
+        &format!("{duration_s} s"),
+        &format!(
+            "lifetime; all rotated {:.1} s after publishing; CPU measured agent {:.2} s, CA {:.2} s, \
+             idle shares subtracted {:.2} s, {:.2} s; {early} already rotated when publishing ended; \
+             {failures} failed renewals; {denied} CA denials",
+            rotation_wall.as_secs_f64(),
+            agent_used.as_secs_f64(),
+            ca_used.as_secs_f64(),
+            agent_idle_share.as_secs_f64(),
+            ca_idle_share.as_secs_f64()
+        ),
+    );
+    line(
+        &format!("csi-rotation-remote unpublish {count}"),
+        &format!("{:.2} s", unpublish_wall.as_secs_f64()),
+        &format!("{concurrency} concurrent"),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Running scenarios
+// ---------------------------------------------------------------------------
+
+/// The agent's default state directory is /run/credlet, a tmpfs: measure
+/// that (CREDLET_BENCH_STATE_ON_TMPFS=0 measures a disk state directory).
+fn state_on_tmpfs(env: &TestEnv) -> Result<()> {
+    if std::env::var("CREDLET_BENCH_STATE_ON_TMPFS").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    // The state directory on tmpfs (e.g. /run): records then cost no disk
+    // journal work. They only matter while the tmpfs volumes exist, and
+    // those do not survive a reboot either.
+    std::fs::create_dir_all(&env.state_dir)?;
+    rustix::mount::mount(
+        "credlet-bench-state",
+        &env.state_dir,
+        "tmpfs",
+        rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOSUID,
+        c"mode=0700",
+    )
+    .context("mount tmpfs on the state directory")?;
+    println!("(state directory on tmpfs)");
+    Ok(())
+}
+
+/// Runs one scenario in a fresh environment; on failure prints the tail of
+/// the logs before the environment (and its mounts) goes away.
+async fn scenario(bin: &Path, name: &str) -> Result<()> {
+    match name {
+        "csi-publish" | "csi-rotation" => local_scenario(bin, name).await,
+        "ca-issue" | "csi-publish-remote" | "csi-rotation-remote" => {
+            // Short lifetimes only where rotations are measured.
+            let flags: &[&str] = match name {
+                "csi-rotation-remote" => &["--min-duration", "1s"],
+                _ => &[],
+            };
+            let mut remote = Remote::start(bin, flags).await?;
+            let result = match name {
+                "ca-issue" => bench_ca_issue(&mut remote).await,
+                "csi-publish-remote" => bench_publish_remote(&mut remote, bin).await,
+                _ => bench_rotation_remote(&mut remote, bin).await,
+            };
+            if result.is_err() {
+                remote.print_logs();
+            }
+            result
+        }
+        other => Err(anyhow::anyhow!("unknown scenario {other:?}")),
+    }
+}
+
+async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
+    let mut env = TestEnv::new(bin);
+    state_on_tmpfs(&env)?;
     let result = match name {
         "csi-publish" => bench_publish(&mut env).await,
-        "csi-rotation" => bench_rotation(&mut env).await,
-        other => Err(anyhow::anyhow!("unknown scenario {other:?}")),
+        _ => bench_rotation(&mut env).await,
     };
     if result.is_err() {
-        let log = env.log();
-        let tail: String = log
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n");
-        eprintln!("---- last lines of the agent log ----\n{tail}\n----");
+        print_tail("agent", &env.log());
     }
     result
 }
+
+const SCENARIOS: [&str; 5] = [
+    "csi-publish",
+    "csi-rotation",
+    "ca-issue",
+    "csi-publish-remote",
+    "csi-rotation-remote",
+];
 
 async fn run(which: &str) -> Result<()> {
     let bin = agent_binary()?;
     println!("credlet-bench: agent {}", bin.display());
     match which {
         "all" => {
-            scenario(&bin, "csi-publish").await?;
-            scenario(&bin, "csi-rotation").await
+            for name in SCENARIOS {
+                scenario(&bin, name).await?;
+            }
+            Ok(())
         }
         one => scenario(&bin, one).await,
     }
@@ -438,9 +1137,9 @@ async fn run(which: &str) -> Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = match args.as_slice() {
-        [one] if ["csi-publish", "csi-rotation", "all"].contains(&one.as_str()) => one.clone(),
+        [one] if one == "all" || SCENARIOS.contains(&one.as_str()) => one.clone(),
         _ => {
-            eprintln!("usage: credlet-bench <csi-publish|csi-rotation|all>");
+            eprintln!("usage: credlet-bench <{}|all>", SCENARIOS.join("|"));
             eprintln!("build first: cargo build --release -p credlet-tests --bins");
             return ExitCode::from(2);
         }
