@@ -25,6 +25,7 @@ mod containerd;
 mod cri;
 mod fake_apiserver;
 mod image;
+pub mod kubelet;
 mod pki;
 mod process;
 mod registry;

@@ -271,7 +271,7 @@ fn review_token(tokens: &Tokens, review: &TokenReview) -> TokenReviewStatus {
 }
 
 /// A kubeconfig for the fake API server (plain HTTP, no credentials).
-fn kubeconfig_yaml(server: &str) -> String {
+pub fn kubeconfig_yaml(server: &str) -> String {
     format!(
         "apiVersion: v1\n\
          kind: Config\n\

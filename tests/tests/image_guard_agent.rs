@@ -18,22 +18,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use credlet_test_util::{
-    AccessLogEntry, Containerd, FakeApiServer, PushedImage, Registry, build_and_push_image,
-    unix_channel,
-};
+use credlet_test_util::kubelet::{Kubelet, TestPod, Traffic, auth, traffic};
+use credlet_test_util::{Containerd, FakeApiServer, PushedImage, Registry, build_and_push_image};
 use credlet_tests::agent_bin;
+use credlet_tests::cluster::kubeconfig_yaml;
 use credlet_tests::harness::TestEnv;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
-    AuthConfig, ContainerConfig, ContainerMetadata, CreateContainerRequest, Image, ImageSpec,
-    ImageStatusRequest, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    VersionRequest, VersionResponse,
-};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// The node the pods are scheduled to (`--node-id`).
@@ -149,253 +138,65 @@ impl GuardAgent {
     }
 }
 
-/// A kubeconfig for the fake API server (plain HTTP, no credentials).
-fn kubeconfig_yaml(server: &str) -> String {
-    format!(
-        "apiVersion: v1\n\
-         kind: Config\n\
-         clusters:\n\
-         - name: fake\n  cluster:\n    server: {server}\n\
-         users:\n\
-         - name: fake\n  user: {{}}\n\
-         contexts:\n\
-         - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
-         current-context: fake\n"
-    )
-}
-
 // --- pods and the kubelet ------------------------------------------------------
 
-/// A pod of [`NODE`] as the kubelet knows it.
-#[derive(Debug, Clone)]
-struct TestPod {
-    namespace: String,
-    name: String,
-    uid: String,
-    /// What its `imagePullSecrets` resolve to.
-    auth: Option<AuthConfig>,
-}
-
-impl TestPod {
-    /// Creates the pod (one container, `IfNotPresent`) in the API server.
-    fn create(
-        api: &FakeApiServer,
-        namespace: &str,
-        name: &str,
-        image: &str,
-        creds: Option<(&str, &str)>,
-    ) -> Self {
-        let pod = api
-            .create_pod(&serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {
-                    "nodeName": NODE,
-                    "containers": [{"name": "app", "image": image, "imagePullPolicy": "IfNotPresent"}],
-                },
-                "status": {"phase": "Pending"},
-            }))
-            .expect("create pod");
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-            uid: pod.metadata.uid.expect("uid"),
-            // User name and password, `server_address` empty: what the
-            // kubelet passes for a docker-config entry.
-            auth: creds.map(|(username, password)| AuthConfig {
-                username: username.into(),
-                password: password.into(),
-                ..Default::default()
-            }),
-        }
-    }
-
-    /// `pod namespace/name`, as credlet's refusals name it.
-    fn named(&self) -> String {
-        format!("pod {}/{}", self.namespace, self.name)
-    }
-
-    /// The sandbox config the kubelet builds (host network).
-    fn sandbox_config(&self) -> PodSandboxConfig {
-        PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: self.name.clone(),
-                uid: self.uid.clone(),
-                namespace: self.namespace.clone(),
-                attempt: 0,
-            }),
-            linux: Some(LinuxPodSandboxConfig {
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Node as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+/// Creates a pod of [`NODE`] (one container, `IfNotPresent`) in the API
+/// server; `creds` is what its `imagePullSecrets` resolve to.
+fn create_pod(
+    api: &FakeApiServer,
+    namespace: &str,
+    name: &str,
+    image: &str,
+    creds: Option<(&str, &str)>,
+) -> TestPod {
+    let pod = api
+        .create_pod(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": NODE,
+                "containers": [{"name": "app", "image": image, "imagePullPolicy": "IfNotPresent"}],
+            },
+            "status": {"phase": "Pending"},
+        }))
+        .expect("create pod");
+    TestPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: pod.metadata.uid.expect("uid"),
+        auth: creds.map(|(user, password)| auth(user, password)),
     }
 }
 
-/// An `ImageSpec` as the kubelet sends it for a pod spec's image.
-fn spec(image: &str) -> ImageSpec {
-    ImageSpec {
-        image: image.into(),
-        user_specified_image: image.into(),
-        ..Default::default()
-    }
+/// `pod namespace/name`, as credlet's refusals name it.
+fn named(pod: &TestPod) -> String {
+    format!("pod {}", pod.key())
 }
 
-/// A CRI client calling what the kubelet calls.
-#[derive(Debug, Clone)]
-struct Kubelet {
-    rt: RuntimeServiceClient<Channel>,
-    im: ImageServiceClient<Channel>,
-}
-
-impl Kubelet {
-    async fn connect(socket: &Path) -> Self {
-        let channel = unix_channel(socket).await.expect("CRI channel");
-        Self {
-            rt: RuntimeServiceClient::new(channel.clone()),
-            im: ImageServiceClient::new(channel),
-        }
-    }
-
-    async fn version(&mut self) -> Result<VersionResponse, Status> {
-        Ok(self
-            .rt
-            .version(VersionRequest {
-                version: "v1".into(),
-            })
-            .await?
-            .into_inner())
-    }
-
-    /// `ImageStatus`: the image if reported present.
-    async fn image_status(&mut self, image: &str) -> Result<Option<Image>, Status> {
-        Ok(self
-            .im
-            .image_status(ImageStatusRequest {
-                image: Some(spec(image)),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .image)
-    }
-
-    /// `ImageStatus` expecting success: the image id if present.
-    async fn image_id(&mut self, image: &str) -> Option<String> {
-        self.image_status(image)
-            .await
-            .unwrap_or_else(|e| panic!("ImageStatus {image}: {e:?}"))
-            .map(|i| i.id)
-    }
-
-    /// `PullImage` with the pod's credentials and sandbox config; the image
-    /// ref.
-    async fn pull(&mut self, image: &str, pod: &TestPod) -> Result<String, Status> {
-        Ok(self
-            .im
-            .pull_image(PullImageRequest {
-                image: Some(spec(image)),
-                auth: pod.auth.clone(),
-                sandbox_config: Some(pod.sandbox_config()),
-            })
-            .await?
-            .into_inner()
-            .image_ref)
-    }
-
-    async fn run_sandbox(&mut self, pod: &TestPod) -> String {
-        self.rt
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod.sandbox_config()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox {}: {e:?}", pod.named()))
-            .into_inner()
-            .pod_sandbox_id
-    }
-
-    /// `CreateContainer`: the image by the ref `PullImage` returned, the
-    /// spec's image as `user_specified_image`, the sandbox config alongside.
-    async fn create_container(
-        &mut self,
-        pod: &TestPod,
-        sandbox_id: &str,
-        name: &str,
-        image_ref: &str,
-        user_image: &str,
-    ) -> Result<String, Status> {
-        Ok(self
-            .rt
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox_id.into(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: image_ref.into(),
-                        user_specified_image: user_image.into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(pod.sandbox_config()),
-            })
-            .await?
-            .into_inner()
-            .container_id)
-    }
-
-    /// `CreateContainer` and `StartContainer`, both expected to succeed.
-    async fn run_container(
-        &mut self,
-        pod: &TestPod,
-        sandbox_id: &str,
-        name: &str,
-        image: &PushedImage,
-    ) {
-        let id = self
-            .create_container(
-                pod,
-                sandbox_id,
-                name,
-                &image.config_digest,
-                &image.reference,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name} of {}: {e:?}", pod.named()));
-        self.rt
-            .start_container(StartContainerRequest { container_id: id })
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {name} of {}: {e:?}", pod.named()));
-    }
-
-    async fn remove_sandbox(&mut self, sandbox_id: &str) {
-        self.rt
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: sandbox_id.into(),
-            })
-            .await
-            .expect("StopPodSandbox");
-        self.rt
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: sandbox_id.into(),
-            })
-            .await
-            .expect("RemovePodSandbox");
-    }
+/// `CreateContainer` (the image by the ref `PullImage` returned) and
+/// `StartContainer`, both expected to succeed.
+async fn run_container(
+    kubelet: &mut Kubelet,
+    pod: &TestPod,
+    sandbox_id: &str,
+    name: &str,
+    image: &PushedImage,
+) {
+    let id = kubelet
+        .create_container(
+            pod,
+            sandbox_id,
+            name,
+            &image.config_digest,
+            &image.reference,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer {name} of {}: {e:?}", named(pod)));
+    kubelet
+        .start_container(&id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer {name} of {}: {e:?}", named(pod)));
 }
 
 /// Asserts a gRPC error's code and that its message contains every needle.
@@ -419,71 +220,10 @@ fn assert_status<T: std::fmt::Debug>(
 
 // --- registry traffic --------------------------------------------------------
 
-/// Registry requests for one repository, from the access log.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Traffic {
-    /// `HEAD …/manifests/…`.
-    manifest_heads: usize,
-    /// `HEAD …/manifests/…` answered 200.
-    manifest_heads_ok: usize,
-    /// `GET …/manifests/…`.
-    manifest_gets: usize,
-    /// `GET …/blobs/…` (config and layer downloads).
-    blob_gets: usize,
-    /// Every request naming the repository.
-    total: usize,
-}
-
-impl std::ops::Sub for Traffic {
-    type Output = Traffic;
-    fn sub(self, before: Traffic) -> Traffic {
-        Traffic {
-            manifest_heads: self.manifest_heads - before.manifest_heads,
-            manifest_heads_ok: self.manifest_heads_ok - before.manifest_heads_ok,
-            manifest_gets: self.manifest_gets - before.manifest_gets,
-            blob_gets: self.blob_gets - before.blob_gets,
-            total: self.total - before.total,
-        }
-    }
-}
-
-/// The registry's access log once it stops growing (it writes a line as it
-/// finishes a request, just after answering).
-fn settled_log(registry: &Registry) -> Vec<AccessLogEntry> {
-    let mut last = registry.access_log();
-    loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let now = registry.access_log();
-        if now.len() == last.len() {
-            return now;
-        }
-        last = now;
-    }
-}
-
-/// Registry traffic for `image`'s repository so far.
-fn traffic(registry: &Registry, image: &PushedImage) -> Traffic {
-    let prefix = format!("/v2/{}/", image.name);
-    let mut t = Traffic::default();
-    for e in blocking(|| settled_log(registry))
-        .iter()
-        .filter(|e| e.path.starts_with(&prefix))
-    {
-        t.total += 1;
-        let manifest = e.path.contains("/manifests/");
-        match (e.method.as_str(), manifest) {
-            ("HEAD", true) => {
-                t.manifest_heads += 1;
-                if e.status == 200 {
-                    t.manifest_heads_ok += 1;
-                }
-            }
-            ("GET", true) => t.manifest_gets += 1,
-            ("GET", false) if e.path.contains("/blobs/") => t.blob_gets += 1,
-            _ => {}
-        }
-    }
-    t
+/// Registry traffic for `image`'s repository so far (waits for the
+/// registry's access log to settle, off the async workers).
+fn traffic_of(registry: &Registry, image: &PushedImage) -> Traffic {
+    blocking(|| traffic(registry, &image.name))
 }
 
 /// Waits for an Event on `pod` whose message contains `needle` (the agent
@@ -502,7 +242,7 @@ async fn denial_event(api: &FakeApiServer, pod: &TestPod, needle: &str) -> Strin
         assert!(
             Instant::now() < deadline,
             "no Event on {} containing {needle:?}; events: {:#?}",
-            pod.named(),
+            named(pod),
             api.core_events()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -523,9 +263,9 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
     let image = app.reference.as_str();
     let api = FakeApiServer::start().expect("fake API server");
     // The pods exist before the agent starts, so its first pod list has them.
-    let a = TestPod::create(&api, "team", "pod-a", image, Some(ALICE));
-    let b = TestPod::create(&api, "team", "pod-b", image, Some(BOB));
-    let c = TestPod::create(&api, "other", "pod-c", image, None);
+    let a = create_pod(&api, "team", "pod-a", image, Some(ALICE));
+    let b = create_pod(&api, "team", "pod-b", image, Some(BOB));
+    let c = create_pod(&api, "other", "pod-c", image, None);
     let mut agent = GuardAgent::new(&api, containerd.cri_socket(), Some(&registry));
     let mut kubelet = agent.start().await;
     let mut direct = Kubelet::connect(containerd.cri_socket()).await;
@@ -545,17 +285,17 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
         None,
         "absent before any pull"
     );
-    let before = traffic(&registry, &app);
+    let before = traffic_of(&registry, &app);
     assert_eq!(
         kubelet.pull(image, &a).await.expect("pod A pulls"),
         app.config_digest
     );
-    let pulled = traffic(&registry, &app) - before;
+    let pulled = traffic_of(&registry, &app) - before;
     assert!(
         pulled.blob_gets >= 2,
         "config and layer downloaded: {pulled:?}"
     );
-    kubelet.run_container(&a, &sandbox_a, "app", &app).await;
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &app).await;
 
     // Pod B, other right credentials, image cached: hidden from ImageStatus
     // (pods B and C hold no verification yet), so the kubelet pulls; credlet
@@ -572,12 +312,12 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
         None,
         "hidden from the kubelet"
     );
-    let before = traffic(&registry, &app);
+    let before = traffic_of(&registry, &app);
     assert_eq!(
         kubelet.pull(image, &b).await.expect("pod B pulls"),
         app.config_digest
     );
-    let checked = traffic(&registry, &app) - before;
+    let checked = traffic_of(&registry, &app) - before;
     assert_eq!(
         (
             checked.manifest_heads_ok,
@@ -587,7 +327,7 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
         (1, 0, 0),
         "one credential check, nothing downloaded: {checked:?}"
     );
-    kubelet.run_container(&b, &sandbox_b, "app", &app).await;
+    run_container(&mut kubelet, &b, &sandbox_b, "app", &app).await;
 
     // --- 2. Pod C, no credentials: the image stays hidden, the pull is
     // refused naming the pod, and so is a container of its sandbox.
@@ -597,14 +337,14 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
         None,
         "hidden while pod C is unverified"
     );
-    let before = traffic(&registry, &app);
+    let before = traffic_of(&registry, &app);
     let denied = assert_status(
         kubelet.pull(image, &c).await,
         Code::PermissionDenied,
-        &[&c.named(), image, "not authorized"],
+        &[&named(&c), image, "not authorized"],
     );
     eprintln!("pod C's pull: {}", denied.message());
-    let checked = traffic(&registry, &app) - before;
+    let checked = traffic_of(&registry, &app) - before;
     assert_eq!(
         (
             checked.manifest_heads_ok,
@@ -619,7 +359,7 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
             .create_container(&c, &sandbox_c, "app", &app.config_digest, image)
             .await,
         Code::FailedPrecondition,
-        &[&c.named(), "no verification"],
+        &[&named(&c), "no verification"],
     );
     denial_event(&api, &c, "not authorized").await;
 
@@ -642,23 +382,23 @@ async fn agent_binary_guards_a_cached_private_image_across_a_restart() {
             .create_container(&c, &sandbox_c, "app", &app.config_digest, image)
             .await,
         Code::FailedPrecondition,
-        &[&c.named(), "no verification"],
+        &[&named(&c), "no verification"],
     );
-    let before = traffic(&registry, &app);
+    let before = traffic_of(&registry, &app);
     for (pod, sandbox) in [(&a, &sandbox_a), (&b, &sandbox_b)] {
         assert_eq!(
             kubelet.pull(image, pod).await.unwrap_or_else(|e| panic!(
                 "{}'s verification lost in the restart: {e:?}",
-                pod.named()
+                named(pod)
             )),
             app.config_digest
         );
         kubelet
             .create_container(pod, sandbox, "app-again", &app.config_digest, image)
             .await
-            .unwrap_or_else(|e| panic!("{}'s grant lost in the restart: {e:?}", pod.named()));
+            .unwrap_or_else(|e| panic!("{}'s grant lost in the restart: {e:?}", named(pod)));
     }
-    let after_restart = traffic(&registry, &app) - before;
+    let after_restart = traffic_of(&registry, &app) - before;
     assert_eq!(
         (after_restart.manifest_heads, after_restart.total),
         (0, 0),
