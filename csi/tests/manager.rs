@@ -1,7 +1,8 @@
 //! The volume manager end to end on plain directories (no root needed):
 //! publish, republish, unpublish, renewal with an issuer outage, recovery.
 
-use std::collections::HashMap;
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,13 +12,10 @@ use credlet_ca::{Authority, Policy};
 use credlet_csi::attributes as attr;
 use credlet_csi::fsops::PlainDirectories;
 use credlet_csi::issuer::{BoxFuture, IssueRequest, Issued, IssuerError};
-use credlet_csi::metrics::{IssuanceLabels, Metrics, Operation, Outcome};
+use credlet_csi::metrics::{Metrics, Operation, Outcome};
 use credlet_csi::paths::{TargetPath, VolumeId};
-use credlet_csi::server::parse_publish_request;
 use credlet_csi::volumes::PublishRequest;
 use credlet_csi::{EmbeddedIssuer, Issuer, VolumeConfig, VolumeManager, rotation};
-use credlet_proto::csi::volume_capability::{AccessType, MountVolume};
-use credlet_proto::csi::{NodePublishVolumeRequest, VolumeCapability};
 use tokio::sync::watch;
 
 /// An issuer that can be switched off, counting calls.
@@ -102,46 +100,15 @@ impl Fixture {
     }
 
     fn target(&self, pod: &str) -> PathBuf {
-        let parent = self
-            .root
-            .join("pods")
-            .join(pod)
-            .join("volumes/kubernetes.io~csi/certs");
-        std::fs::create_dir_all(&parent).expect("parent");
-        parent.join("mount")
+        support::target(&self.root, pod)
     }
 
     fn request(&self, id: &str, target: &Path, extra: &[(&str, &str)]) -> PublishRequest {
-        let mut context: HashMap<String, String> = [
-            (attr::POD_NAME, "web-0"),
-            (attr::POD_NAMESPACE, "shop"),
-            (attr::POD_UID, "uid-1"),
-            (attr::SERVICE_ACCOUNT_NAME, "web"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-        for (k, v) in extra {
-            context.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let raw = NodePublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(VolumeCapability {
-                access_type: Some(AccessType::Mount(MountVolume::default())),
-                access_mode: None,
-            }),
-            volume_context: context,
-            ..Default::default()
-        };
-        parse_publish_request(&raw, &self.root, "credlet").expect("valid request")
+        support::publish_request(&self.root, id, target, None, extra)
     }
 
     fn count(&self, operation: Operation, outcome: Outcome) -> u64 {
-        self.metrics
-            .issuances
-            .get_or_create(&IssuanceLabels { operation, outcome })
-            .get()
+        support::count(&self.metrics, operation, outcome)
     }
 }
 

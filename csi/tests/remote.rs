@@ -3,7 +3,8 @@
 //! checks what the agent sends and signs with a real `credlet_ca::Authority`.
 //! Volumes are plain directories (no root).
 
-use std::collections::HashMap;
+mod support;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -18,9 +19,8 @@ use credlet_ca::{
 };
 use credlet_csi::attributes as attr;
 use credlet_csi::fsops::PlainDirectories;
-use credlet_csi::metrics::{IssuanceLabels, Metrics, Operation, Outcome};
+use credlet_csi::metrics::{Metrics, Operation, Outcome};
 use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
-use credlet_csi::server::parse_publish_request;
 use credlet_csi::volumes::PublishRequest;
 use credlet_csi::{Issuer, VolumeConfig, VolumeManager, rotation};
 use credlet_proto::ca::certificate_authority_server::{
@@ -30,8 +30,6 @@ use credlet_proto::ca::{
     IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate, TrustBundle,
     WatchTrustBundleRequest,
 };
-use credlet_proto::csi::volume_capability::{AccessType, MountVolume};
-use credlet_proto::csi::{NodePublishVolumeRequest, VolumeCapability};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -519,13 +517,7 @@ impl Fixture {
     }
 
     fn target(&self, pod: &str) -> PathBuf {
-        let parent = self
-            .root
-            .join("pods")
-            .join(pod)
-            .join("volumes/kubernetes.io~csi/certs");
-        std::fs::create_dir_all(&parent).expect("parent");
-        parent.join("mount")
+        support::target(&self.root, pod)
     }
 
     fn request(
@@ -535,42 +527,11 @@ impl Fixture {
         token: Option<&str>,
         extra: &[(&str, &str)],
     ) -> PublishRequest {
-        let mut context: HashMap<String, String> = [
-            (attr::POD_NAME, "web-0"),
-            (attr::POD_NAMESPACE, "shop"),
-            (attr::POD_UID, "uid-1"),
-            (attr::SERVICE_ACCOUNT_NAME, "web"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-        if let Some(token) = token {
-            context.insert(
-                attr::SERVICE_ACCOUNT_TOKENS.into(),
-                format!(r#"{{"credlet":{{"token":"{token}","expirationTimestamp":"2099-01-01T00:00:00Z"}}}}"#),
-            );
-        }
-        for (k, v) in extra {
-            context.insert((*k).to_owned(), (*v).to_owned());
-        }
-        let raw = NodePublishVolumeRequest {
-            volume_id: id.into(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(VolumeCapability {
-                access_type: Some(AccessType::Mount(MountVolume::default())),
-                access_mode: None,
-            }),
-            volume_context: context,
-            ..Default::default()
-        };
-        parse_publish_request(&raw, &self.root, "credlet").expect("valid request")
+        support::publish_request(&self.root, id, target, token, extra)
     }
 
     fn count(&self, operation: Operation, outcome: Outcome) -> u64 {
-        self.metrics
-            .issuances
-            .get_or_create(&IssuanceLabels { operation, outcome })
-            .get()
+        support::count(&self.metrics, operation, outcome)
     }
 
     fn record_count(&self) -> usize {
