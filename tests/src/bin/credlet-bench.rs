@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use credlet_ca::{KeyType, PrivateKey};
 use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
 use credlet_proto::ca::{IssueAgentCertificateRequest, IssuePodCertificateRequest};
@@ -284,6 +284,36 @@ fn scan_rotations(
     rotated.iter().filter(|r| **r).count()
 }
 
+/// Watches every volume's payload until each has been replaced once (within
+/// the lifetime plus a minute of `published_at`). Returns how many had
+/// already rotated when watching began.
+async fn wait_for_rotations(
+    volumes: &[Volume],
+    published_at: Instant,
+    duration_s: u64,
+) -> Result<usize> {
+    let count = volumes.len();
+    let initial: Vec<_> = volumes.iter().map(payload_of).collect();
+    ensure!(
+        initial.iter().all(Option::is_some),
+        "every published volume has a payload"
+    );
+    let mut rotated = vec![false; count];
+    let early = scan_rotations(volumes, &initial, &mut rotated);
+    let deadline = published_at + Duration::from_secs(duration_s) + Duration::from_secs(60);
+    loop {
+        let done = scan_rotations(volumes, &initial, &mut rotated);
+        if done == count {
+            return Ok(early);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {done} of {count} volumes rotated within {duration_s} s + 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
     let count = env_usize("CREDLET_BENCH_VOLUMES", 10_000);
     let concurrency = env_usize("CREDLET_BENCH_CONCURRENCY", 16);
@@ -320,26 +350,7 @@ async fn bench_rotation(env: &mut TestEnv) -> Result<()> {
     let cpu_start = cpu_time(pid)?;
     let loaded_rss = rss_kib(pid)? as f64;
 
-    // Watch every volume's payload until each has been replaced once.
-    let initial: Vec<_> = volumes.iter().map(payload_of).collect();
-    ensure!(
-        initial.iter().all(Option::is_some),
-        "every published volume has a payload"
-    );
-    let mut rotated = vec![false; count];
-    let early = scan_rotations(&volumes, &initial, &mut rotated);
-    let deadline = published_at + Duration::from_secs(duration_s) + Duration::from_secs(60);
-    loop {
-        let done = scan_rotations(&volumes, &initial, &mut rotated);
-        if done == count {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "only {done} of {count} volumes rotated within {duration_s} s + 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let early = wait_for_rotations(&volumes, published_at, duration_s).await?;
     let rotation_wall = published_at.elapsed();
     let cpu_used = cpu_time(pid)? - cpu_start;
     let idle_share = Duration::from_secs_f64(idle_cpu_rate * rotation_wall.as_secs_f64());
@@ -940,24 +951,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     let (reviews_start, gets_start) = remote.cluster.api_calls();
     let loaded_rss = rss_kib(agent_pid)? as f64;
 
-    let initial: Vec<_> = volumes.iter().map(payload_of).collect();
-    ensure!(
-        initial.iter().all(Option::is_some),
-        "every published volume has a payload"
-    );
-    let mut rotated = vec![false; count];
-    let early = scan_rotations(&volumes, &initial, &mut rotated);
-    let deadline = published_at + Duration::from_secs(duration_s) + Duration::from_secs(60);
-    loop {
-        let done = scan_rotations(&volumes, &initial, &mut rotated);
-        if done == count {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("only {done} of {count} volumes rotated within {duration_s} s + 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let early = wait_for_rotations(&volumes, published_at, duration_s).await?;
     let rotation_wall = published_at.elapsed();
     let agent_used = cpu_time(agent_pid)? - agent_start;
     let ca_used = cpu_time(ca_pid)? - ca_start;
