@@ -68,6 +68,12 @@ pub fn channel() -> (RotationHandle, RotationQueue) {
 /// about two years).
 const MAX_TIMER: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Renewals due within the same slot start together: the loop wakes once
+/// per slot rather than once per volume, and their CA calls share the
+/// connection's writes. A renewal starts at most this much later than its
+/// point (renewal points are minutes to hours before expiry).
+pub const RENEWAL_SLOT: Duration = Duration::from_millis(100);
+
 impl RotationQueue {
     /// Runs until `shutdown` turns true (or its sender is dropped), at most
     /// `max_concurrent` renewals at a time; then waits for those in flight.
@@ -79,6 +85,7 @@ impl RotationQueue {
     ) {
         let max_concurrent = max_concurrent.max(1);
         let mut timers: DelayQueue<VolumeId> = DelayQueue::new();
+        let slots = Slots::new();
         let mut keys: HashMap<VolumeId, Key> = HashMap::new();
         let mut due: VecDeque<VolumeId> = VecDeque::new();
         let mut in_flight: JoinSet<(VolumeId, Option<Duration>)> = JoinSet::new();
@@ -101,7 +108,7 @@ impl RotationQueue {
                 }
                 command = self.rx.recv() => match command {
                     Some(Command::Schedule(volume, after)) => {
-                        arm(&mut timers, &mut keys, volume, after);
+                        arm(&mut timers, &mut keys, &slots, volume, after);
                     }
                     Some(Command::Cancel(volume)) => {
                         if let Some(key) = keys.remove(&volume) {
@@ -113,7 +120,7 @@ impl RotationQueue {
                 },
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Ok((volume, Some(after))) = done {
-                        arm(&mut timers, &mut keys, volume, after);
+                        arm(&mut timers, &mut keys, &slots, volume, after);
                     }
                 }
                 Some(expired) = poll_fn(|cx| timers.poll_expired(cx)), if !timers.is_empty() => {
@@ -133,17 +140,40 @@ impl RotationQueue {
     }
 }
 
+/// Rounds deadlines up to the next [`RENEWAL_SLOT`] boundary.
+struct Slots {
+    base: tokio::time::Instant,
+}
+
+impl Slots {
+    fn new() -> Self {
+        Self {
+            base: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The slot boundary at or after `now + after`.
+    fn deadline(&self, after: Duration) -> tokio::time::Instant {
+        let at = tokio::time::Instant::now() + after;
+        let since = at.saturating_duration_since(self.base).as_nanos();
+        let slot = RENEWAL_SLOT.as_nanos();
+        let rounded = since.div_ceil(slot).saturating_mul(slot);
+        self.base + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX))
+    }
+}
+
 fn arm(
     timers: &mut DelayQueue<VolumeId>,
     keys: &mut HashMap<VolumeId, Key>,
+    slots: &Slots,
     volume: VolumeId,
     after: Duration,
 ) {
-    let after = after.min(MAX_TIMER);
+    let deadline = slots.deadline(after.min(MAX_TIMER));
     match keys.get(&volume) {
-        Some(key) => timers.reset(key, after),
+        Some(key) => timers.reset_at(key, deadline),
         None => {
-            let key = timers.insert(volume.clone(), after);
+            let key = timers.insert_at(volume.clone(), deadline);
             keys.insert(volume, key);
         }
     }
@@ -162,11 +192,19 @@ mod tests {
         running: AtomicUsize,
         max_running: AtomicUsize,
         again_after: Option<Duration>,
+        /// When each renewal started, if recorded.
+        started: Option<Mutex<Vec<tokio::time::Instant>>>,
     }
 
     impl Renew for Recorder {
         fn renew(&self, volume: VolumeId) -> BoxFuture<'_, Option<Duration>> {
             Box::pin(async move {
+                if let Some(started) = &self.started {
+                    started
+                        .lock()
+                        .expect("lock")
+                        .push(tokio::time::Instant::now());
+                }
                 let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max_running.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -217,6 +255,42 @@ mod tests {
         // Each renewal re-armed its volume for 100 s later.
         tokio::time::sleep(Duration::from_secs(100)).await;
         assert_eq!(recorder.calls.lock().expect("lock").len(), 40);
+        stop_tx.send(true).expect("stop");
+        task.await.expect("join");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_due_within_a_slot_start_together() {
+        let (handle, queue) = channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let recorder = Arc::new(Recorder {
+            started: Some(Mutex::new(Vec::new())),
+            ..Recorder::default()
+        });
+        let task = tokio::spawn(queue.run(Arc::clone(&recorder), 8, stop_rx));
+        let start = tokio::time::Instant::now();
+        for (i, ms) in [1_005_u64, 1_020, 1_050, 1_099].iter().enumerate() {
+            handle.schedule(id(&format!("v{i}")), Duration::from_millis(*ms));
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let started = recorder
+            .started
+            .as_ref()
+            .expect("recording")
+            .lock()
+            .expect("lock")
+            .clone();
+        assert_eq!(started.len(), 4);
+        let first = started[0] - start;
+        assert!(
+            started.iter().all(|t| *t - start == first),
+            "one wake-up for the slot: {started:?}"
+        );
+        assert!(
+            first >= Duration::from_millis(1_099)
+                && first <= Duration::from_millis(1_100) + RENEWAL_SLOT,
+            "started {first:?} after scheduling"
+        );
         stop_tx.send(true).expect("stop");
         task.await.expect("join");
     }
