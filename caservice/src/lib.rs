@@ -4,7 +4,9 @@
 //! - [`tokens`]: service account tokens verified with TokenReview, cached by
 //!   SHA-256 of the token until it expires (at most 5 minutes).
 //! - [`pods`]: the token's pod must exist, with the token's uid, on the
-//!   caller's node.
+//!   caller's node; answered from a watch-fed cache of every pod's uid and
+//!   node when it is synced and current, else (and to confirm any denial)
+//!   with a GET.
 //! - [`policy`]: SPIFFE IDs, DNS SAN templates, IP ranges, lifetimes,
 //!   renewal spread. Agent client certificates carry the URI SAN
 //!   `spiffe://<trust-domain>/credlet/node/<node>`.
@@ -30,6 +32,7 @@ pub mod tokens;
 
 pub use error::Error;
 pub use keys::{KeyFiles, KeyStatus, KeyStore, TrustBundle};
+pub use pods::{PodCache, PodCacheSettings, PodFacts};
 pub use policy::ServicePolicy;
 pub use server::{CaServer, Settings};
 pub use service::CaService;

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::error::Error;
 use crate::keys::{KeyFiles, KeyStore, KeyWatch};
-use crate::pods::PodChecker;
+use crate::pods::{PodCache, PodCacheSettings, PodChecker, PodWatch};
 use crate::policy::ServicePolicy;
 use crate::service::CaService;
 use crate::tls::{ServerNames, ServerTls};
@@ -29,12 +29,16 @@ pub struct Settings {
     pub server_names: ServerNames,
     /// Timeout of one pod GET.
     pub api_timeout: Duration,
+    /// The pod cache (a watch of every pod; needs `list` and `watch` on
+    /// `pods`); `None`: one pod GET per check.
+    pub pod_cache: Option<PodCacheSettings>,
     /// How long to wait after a key file change before reloading.
     pub reload_debounce: Duration,
 }
 
 impl Settings {
-    /// Settings with defaults: 5 s API timeouts, 200 ms reload debounce.
+    /// Settings with defaults: 5 s API timeouts, 200 ms reload debounce,
+    /// the pod cache with its defaults.
     pub fn new(
         files: KeyFiles,
         policy: ServicePolicy,
@@ -47,6 +51,7 @@ impl Settings {
             tokens: TokenReviewSettings::new(audience),
             server_names,
             api_timeout: Duration::from_secs(5),
+            pod_cache: Some(PodCacheSettings::default()),
             reload_debounce: Duration::from_millis(200),
         }
     }
@@ -60,6 +65,8 @@ pub struct CaServer {
     shutdown_tx: tokio::sync::watch::Sender<bool>,
     _watch: KeyWatch,
     reloader: tokio::task::JoinHandle<()>,
+    pod_cache: Option<Arc<PodCache>>,
+    _pod_watch: Option<PodWatch>,
 }
 
 impl std::fmt::Debug for CaServer {
@@ -72,8 +79,9 @@ impl std::fmt::Debug for CaServer {
 
 impl CaServer {
     /// Loads the key material, starts watching it, issues the serving
-    /// certificate and prepares TokenReview verification with `client`.
-    /// Must run inside a Tokio runtime.
+    /// certificate, prepares TokenReview verification with `client` and
+    /// starts the pod cache's watch (stopped when serving ends). Must run
+    /// inside a Tokio runtime.
     pub fn start(settings: Settings, client: kube::Client) -> Result<Self, Error> {
         let tokens = Arc::new(TokenReviewVerifier::new(
             client.clone(),
@@ -95,13 +103,16 @@ impl CaServer {
         let tls = ServerTls::new(&keys, Arc::clone(&policy), settings.server_names.clone())?;
         let reloader = tls.spawn_reloader(Arc::clone(&keys));
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-        let service = CaService::new(
-            Arc::clone(&keys),
-            tokens,
-            PodChecker::new(client, settings.api_timeout),
-            policy,
-            shutdown_rx,
-        );
+        let mut pods = PodChecker::new(client.clone(), settings.api_timeout);
+        let mut pod_watch = None;
+        if let Some(cache_settings) = &settings.pod_cache {
+            let (cache, watch) =
+                PodCache::start(client, cache_settings.clone(), shutdown_rx.clone());
+            pods = pods.with_cache(cache);
+            pod_watch = Some(watch);
+        }
+        let pod_cache = pods.cache().cloned();
+        let service = CaService::new(Arc::clone(&keys), tokens, pods, policy, shutdown_rx);
         Ok(Self {
             keys,
             tls,
@@ -109,6 +120,8 @@ impl CaServer {
             shutdown_tx,
             _watch: watch,
             reloader,
+            pod_cache,
+            _pod_watch: pod_watch,
         })
     }
 
@@ -117,9 +130,16 @@ impl CaServer {
         &self.keys
     }
 
+    /// The pod cache, unless [`Settings::pod_cache`] is `None`.
+    pub fn pod_cache(&self) -> Option<&Arc<PodCache>> {
+        self.pod_cache.as_ref()
+    }
+
     /// Serves gRPC over TLS on `listener` until `shutdown` completes, then
     /// stops accepting, ends trust bundle streams and waits for in-flight
-    /// requests (bound the wait from outside if needed).
+    /// requests (bound the wait from outside if needed). The pod cache's
+    /// watch stops when `shutdown` completes; checks still in flight GET
+    /// their pods.
     pub async fn serve(
         self,
         listener: TcpListener,

@@ -1,7 +1,7 @@
 //! End-to-end tests of the CA service: a real tonic client over real rustls
 //! mutual TLS on 127.0.0.1, the in-process fake Kubernetes API server
-//! answering TokenReviews and pod GETs over HTTP, and CA key files on disk
-//! watched with notify.
+//! answering TokenReviews, pod GETs and the pod cache's list and watch over
+//! HTTP, and CA key files on disk watched with notify.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use credlet_ca::{Authority, KeyType, Policy, PrivateKey, inspect_leaf, verify_chain};
-use credlet_ca_service::{CaServer, KeyFiles, ServerNames, ServicePolicy, Settings};
+use credlet_ca_service::{
+    CaServer, KeyFiles, PodCache, PodCacheSettings, ServerNames, ServicePolicy, Settings,
+};
 use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
 use credlet_proto::ca::{
     IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate,
@@ -49,6 +51,7 @@ struct Harness {
     server: Option<tokio::task::JoinHandle<()>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     keys: Arc<credlet_ca_service::KeyStore>,
+    pod_cache: Option<Arc<PodCache>>,
     next_token: Mutex<u64>,
 }
 
@@ -87,13 +90,29 @@ impl Harness {
 
     /// Like [`Harness::start_with`], with the service's settings adjusted
     /// and, given `kube_url`, the CA's Kubernetes client pointed there
-    /// instead of at the fake API server.
+    /// instead of at the fake API server. With the fake API server, returns
+    /// once the CA's pod cache is synced.
     async fn start_full(
         customize: impl FnOnce(&mut ServicePolicy),
         adjust: impl FnOnce(&mut Settings),
         kube_url: Option<String>,
     ) -> Result<Self> {
+        let wait_synced = kube_url.is_none();
+        Self::start_raw(customize, adjust, kube_url, |_| {}, wait_synced).await
+    }
+
+    /// Like [`Harness::start_full`]; `before_ca` runs on the fake API
+    /// server before the CA starts, and the pod cache is waited for only
+    /// if `wait_synced`.
+    async fn start_raw(
+        customize: impl FnOnce(&mut ServicePolicy),
+        adjust: impl FnOnce(&mut Settings),
+        kube_url: Option<String>,
+        before_ca: impl FnOnce(&FakeApiServer),
+        wait_synced: bool,
+    ) -> Result<Self> {
         let api = FakeApiServer::start()?;
+        before_ca(&api);
         let tokens: Tokens = Arc::default();
         let reviewer_tokens = Arc::clone(&tokens);
         api.set_token_reviewer(move |review: &TokenReview| review_token(&reviewer_tokens, review));
@@ -124,6 +143,12 @@ impl Harness {
         };
         let server = CaServer::start(settings, client)?;
         let keys = Arc::clone(server.keys());
+        let pod_cache = server.pod_cache().cloned();
+        if wait_synced && let Some(cache) = &pod_cache {
+            tokio::time::timeout(Duration::from_secs(10), cache.wait_synced())
+                .await
+                .context("the pod cache did not sync")?;
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -144,8 +169,46 @@ impl Harness {
             server: Some(handle),
             stop: Some(stop),
             keys,
+            pod_cache,
             next_token: Mutex::new(0),
         })
+    }
+
+    /// The CA's pod cache.
+    fn pod_cache(&self) -> &PodCache {
+        self.pod_cache.as_deref().expect("the pod cache is on")
+    }
+
+    /// Waits until the CA's pod cache holds `namespace/name` with `uid`
+    /// (`None`: does not hold it). Call on a synced cache: an event seen
+    /// there stays seen.
+    async fn cached(&self, namespace: &str, name: &str, uid: Option<&str>) -> Result<()> {
+        let cache = self.pod_cache();
+        assert!(cache.is_synced(), "the pod cache is not synced");
+        wait_for(&format!("pod cache: {namespace}/{name} = {uid:?}"), || {
+            cache.get(namespace, name).map(|f| f.uid).as_deref() == uid
+        })
+        .await
+    }
+
+    /// GETs of pod `namespace/name` the fake API server has answered.
+    fn pod_gets(&self, namespace: &str, name: &str) -> usize {
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{name}");
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    }
+
+    /// GETs of single pods the fake API server has answered (list and
+    /// watch requests are not counted).
+    fn all_pod_gets(&self) -> usize {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/pods/"))
+            .count()
     }
 
     /// A pod on `node`, returning its uid.
@@ -344,7 +407,11 @@ impl Harness {
                 .await
                 .context("drain took too long")??;
         }
-        Ok(())
+        // The pod cache's watch ended with the server.
+        if let Some(cache) = &self.pod_cache {
+            assert!(!cache.is_fresh(), "the pod cache still answers");
+        }
+        wait_for("the pod watch to close", || self.api.open_watches() == 0).await
     }
 }
 
@@ -742,10 +809,12 @@ async fn pod_and_node_denials() -> Result<()> {
     let (mut agent_a, _, _) = h.agent("node-a").await?;
     let (mut agent_b, _, _) = h.agent("node-b").await?;
 
-    // Pod gone.
+    // Pod gone: the CA's pod cache saw it come and go.
     let uid = h.pod("team-a", "gone-0", "web", "node-a")?;
     let token = h.token("team-a", "web", "gone-0", &uid, "node-a");
+    h.cached("team-a", "gone-0", Some(&uid)).await?;
     h.api.delete_pod("team-a", "gone-0")?;
+    h.cached("team-a", "gone-0", None).await?;
     expect_code(
         agent_a.issue_pod_certificate(pod_request(token, &[])).await,
         Code::FailedPrecondition,
@@ -755,9 +824,11 @@ async fn pod_and_node_denials() -> Result<()> {
     // Token replayed for another pod of the same name (uid mismatch).
     let old_uid = h.pod("team-a", "web-0", "web", "node-a")?;
     let old_token = h.token("team-a", "web", "web-0", &old_uid, "node-a");
+    h.cached("team-a", "web-0", Some(&old_uid)).await?;
     h.api.delete_pod("team-a", "web-0")?;
     let new_uid = h.pod("team-a", "web-0", "web", "node-a")?;
     assert_ne!(old_uid, new_uid);
+    h.cached("team-a", "web-0", Some(&new_uid)).await?;
     expect_code(
         agent_a
             .issue_pod_certificate(pod_request(old_token, &[]))
@@ -1038,4 +1109,197 @@ async fn shutdown_drains_with_open_trust_bundle_streams() -> Result<()> {
     let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await?;
     assert!(matches!(end, Ok(None) | Err(_)));
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_cache_follows_creates_deletes_recreations_and_relists() -> Result<()> {
+    let h = Harness::start().await?;
+    let cache = h.pod_cache();
+    assert!(cache.is_synced() && cache.is_fresh());
+
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    h.cached("team-a", "web-0", Some(&uid)).await?;
+    let facts = cache.get("team-a", "web-0").context("cached")?;
+    assert_eq!(
+        (facts.node_name.as_str(), facts.terminating),
+        ("node-a", false)
+    );
+    h.api.delete_pod("team-a", "web-0")?;
+    h.cached("team-a", "web-0", None).await?;
+    let new_uid = h.pod("team-a", "web-0", "web", "node-b")?;
+    assert_ne!(uid, new_uid);
+    h.cached("team-a", "web-0", Some(&new_uid)).await?;
+    assert_eq!(cache.get("team-a", "web-0").unwrap().node_name, "node-b");
+
+    // A watch gap the history no longer covers: the re-watch gets 410
+    // Expired and the watcher re-lists. A pod deleted and one created
+    // during the gap are only learnt from the list.
+    let errors_before = cache.watch_errors();
+    h.api
+        .delay_requests("GET", "watch=true", 1, Duration::from_millis(1500));
+    h.api.close_watches();
+    h.api.delete_pod("team-a", "web-0")?;
+    let gap_uid = h.pod("team-a", "gap-0", "web", "node-a")?;
+    h.api.expire_watch_history();
+    h.cached("team-a", "gap-0", Some(&gap_uid)).await?;
+    h.cached("team-a", "web-0", None).await?;
+    assert!(cache.watch_errors() > errors_before, "no 410 was seen");
+    assert!(cache.is_synced() && cache.is_fresh());
+    assert_eq!(cache.len(), 1);
+    let relists = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/api/v1/pods" && !r.is_watch())
+        .count();
+    assert_eq!(relists, 2, "the first list and one re-list");
+
+    // The watch carries on after the re-list.
+    h.api.delete_pod("team-a", "gap-0")?;
+    h.cached("team-a", "gap-0", None).await?;
+    assert!(cache.is_empty());
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_pod_cache_issues_without_pod_gets() -> Result<()> {
+    const PODS: usize = 4;
+    const PER_POD: usize = 5;
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let mut tokens = Vec::new();
+    for i in 0..PODS {
+        let name = format!("web-{i}");
+        let uid = h.pod("team-a", &name, "web", "node-a")?;
+        h.cached("team-a", &name, Some(&uid)).await?;
+        tokens.push(h.token("team-a", "web", &name, &uid, "node-a"));
+    }
+    h.api.clear_requests();
+    for token in &tokens {
+        for _ in 0..PER_POD {
+            agent
+                .issue_pod_certificate(pod_request(token.clone(), &[]))
+                .await?;
+        }
+    }
+    assert_eq!(h.all_pod_gets(), 0, "{:?}", h.api.requests());
+    // One TokenReview per token, none for the repeats.
+    assert_eq!(h.token_reviews(), PODS);
+
+    // A denial by the cache is confirmed with the API server: one GET.
+    let stale = h.token(
+        "team-a",
+        "web",
+        "web-0",
+        "uid-of-an-earlier-web-0",
+        "node-a",
+    );
+    expect_code(
+        agent.issue_pod_certificate(pod_request(stale, &[])).await,
+        Code::PermissionDenied,
+        "uid",
+    );
+    assert_eq!(h.pod_gets("team-a", "web-0"), 1);
+    assert_eq!(h.all_pod_gets(), 1);
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_checks_get_the_pod_until_the_cache_is_synced() -> Result<()> {
+    const CALLS: usize = 3;
+    // The pod cache's first list hangs: the cache stays unsynced for the
+    // whole test.
+    let h = Harness::start_raw(
+        |_| {},
+        |_| {},
+        None,
+        |api| api.delay_requests("GET", "/api/v1/pods?", 1, Duration::from_secs(60)),
+        false,
+    )
+    .await?;
+    let cache = h.pod_cache();
+    assert!(!cache.is_synced() && !cache.is_fresh());
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    assert_eq!(h.pod_gets("credlet", "credlet-agent-node-a"), 1);
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    for _ in 0..CALLS {
+        agent
+            .issue_pod_certificate(pod_request(token.clone(), &[]))
+            .await?;
+    }
+    assert_eq!(h.pod_gets("team-a", "web-0"), CALLS);
+    // The GET decides denials as before.
+    h.api.delete_pod("team-a", "web-0")?;
+    expect_code(
+        agent.issue_pod_certificate(pod_request(token, &[])).await,
+        Code::FailedPrecondition,
+        "team-a/web-0",
+    );
+    assert!(!cache.is_synced(), "the list was not held back");
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_checks_get_the_pod_when_the_watch_is_down_too_long() -> Result<()> {
+    let h = Harness::start_full(
+        |_| {},
+        |settings| {
+            settings.pod_cache = Some(PodCacheSettings {
+                max_watch_outage: Duration::from_millis(200),
+                ..PodCacheSettings::default()
+            })
+        },
+        None,
+    )
+    .await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    h.cached("team-a", "web-0", Some(&uid)).await?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    agent
+        .issue_pod_certificate(pod_request(token.clone(), &[]))
+        .await?;
+    assert_eq!(h.pod_gets("team-a", "web-0"), 0);
+
+    // Every list and watch of pods fails from now on (with 500: kube's
+    // client retries 503s by itself).
+    h.api.fail_requests("GET", "/api/v1/pods?", 10_000, 500);
+    h.api.close_watches();
+    let cache = h.pod_cache();
+    wait_for("the pod cache to go stale", || !cache.is_fresh()).await?;
+    assert!(cache.is_synced() && cache.watch_errors() > 0);
+    agent
+        .issue_pod_certificate(pod_request(token.clone(), &[]))
+        .await?;
+    assert_eq!(h.pod_gets("team-a", "web-0"), 1);
+    // A pod deleted while the watch is down is refused (by the GET).
+    h.api.delete_pod("team-a", "web-0")?;
+    expect_code(
+        agent.issue_pod_certificate(pod_request(token, &[])).await,
+        Code::FailedPrecondition,
+        "team-a/web-0",
+    );
+    assert_eq!(h.pod_gets("team-a", "web-0"), 2);
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_pod_cache_every_check_gets_the_pod() -> Result<()> {
+    let h = Harness::start_full(|_| {}, |settings| settings.pod_cache = None, None).await?;
+    assert!(h.pod_cache.is_none());
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    for _ in 0..2 {
+        agent
+            .issue_pod_certificate(pod_request(token.clone(), &[]))
+            .await?;
+    }
+    assert_eq!(h.pod_gets("team-a", "web-0"), 2);
+    assert!(
+        !h.api.requests().iter().any(|r| r.path == "/api/v1/pods"),
+        "no list or watch of pods"
+    );
+    h.stop().await
 }

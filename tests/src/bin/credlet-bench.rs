@@ -13,10 +13,11 @@
 //!   all of them, embedded development CA;
 //! - `ca-issue`: the CA service's throughput through its real API: a real
 //!   `credlet ca` process (TLS 1.3 mutual TLS on 127.0.0.1; TokenReviews
-//!   and pod GETs answered by a fake API server in this process), one
-//!   HTTP/2 connection with many concurrent IssuePodCertificate calls, for
-//!   new pods (every call a TokenReview and a pod GET) and for renewals
-//!   (tokens already in the CA's review cache);
+//!   and the CA's pod list and watch answered by a fake API server in this
+//!   process), one HTTP/2 connection with many concurrent
+//!   IssuePodCertificate calls, for new pods (every call a TokenReview; the
+//!   pods from the CA's pod cache) and for renewals (tokens already in the
+//!   CA's review cache);
 //! - `csi-publish-remote`: NodePublishVolume latency with the agent asking
 //!   a real `credlet ca` on loopback (`--ca-url`);
 //! - `csi-rotation-remote`: agent and CA CPU for rotating many volumes
@@ -795,7 +796,7 @@ async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
     issue_all(&client, &warm_up, concurrency).await?;
     measure_ca_issue(remote, &client, "renewals", &renewal_requests, concurrency).await?;
     println!(
-        "(renewals: {renewing} pods, each token reviewed once before the clock; every call still GETs its pod)"
+        "(renewals: {renewing} pods, each token reviewed once before the clock; pods from the CA's pod cache)"
     );
     let log = remote.ca.env.log();
     let denied = log.matches("request denied").count() + log.matches("request failed").count();
@@ -824,7 +825,7 @@ fn remote_volumes(
 async fn bench_publish_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     println!(
         "== csi-publish-remote: {PUBLISH_MEASURED} NodePublishVolume calls (after {PUBLISH_WARMUP} warm-up), one at a time, \
-         real credlet ca on loopback (TokenReview + pod GET each), real tmpfs"
+         real credlet ca on loopback (TokenReview each, pods from its pod cache), real tmpfs"
     );
     let csi = remote.start_agent(bin).await?;
     let volumes = remote_volumes(
