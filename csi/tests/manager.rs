@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::{serial, wait_for};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -120,24 +122,6 @@ impl CanonicalizeOrCreate for PathBuf {
     fn canonicalize_or_create(&self) -> PathBuf {
         std::fs::create_dir_all(self).expect("mkdir");
         self.canonicalize().expect("canonicalize")
-    }
-}
-
-fn serial(target: &Path) -> String {
-    let chain = std::fs::read_to_string(target.join("tls.crt")).expect("read chain");
-    let key = std::fs::read_to_string(target.join("tls.key")).expect("read key");
-    assert!(credlet_ca::key_matches_certificate(&key, &chain).expect("compare"));
-    credlet_ca::inspect_leaf(&chain).expect("leaf").serial_hex
-}
-
-async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use credlet_csi::attributes as attr;
 use credlet_csi::metrics::{IssuanceLabels, Metrics, Operation, Outcome};
@@ -77,4 +78,25 @@ pub fn count(metrics: &Metrics, operation: Operation, outcome: Outcome) -> u64 {
         .issuances
         .get_or_create(&IssuanceLabels { operation, outcome })
         .get()
+}
+
+/// The serial of the certificate in a volume, after checking that the
+/// volume's key belongs to it.
+pub fn serial(target: &Path) -> String {
+    let chain = std::fs::read_to_string(target.join("tls.crt")).expect("read chain");
+    let key = std::fs::read_to_string(target.join("tls.key")).expect("read key");
+    assert!(credlet_ca::key_matches_certificate(&key, &chain).expect("compare"));
+    credlet_ca::inspect_leaf(&chain).expect("leaf").serial_hex
+}
+
+/// Polls `f` every 20 ms until it holds; fails after `timeout`.
+pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
