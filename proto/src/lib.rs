@@ -39,3 +39,5 @@ pub mod cri {
 pub mod ca {
     tonic::include_proto!("credlet.ca.v1");
 }
+
+mod redact;
