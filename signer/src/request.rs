@@ -1,0 +1,2 @@
+//! PodCertificateRequests as the API server sends them, and their
+//! validation.
