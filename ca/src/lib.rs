@@ -48,6 +48,7 @@ mod inspect;
 mod key;
 mod pem;
 mod policy;
+mod public_key;
 
 #[cfg(test)]
 mod tests;
@@ -58,6 +59,7 @@ pub use error::{CaError, CsrError, IssueError, KeyTypeError, PolicyError};
 pub use inspect::{CertificateInfo, inspect_leaf, key_matches_certificate, verify_chain};
 pub use key::{KeyType, PrivateKey};
 pub use policy::{IssuanceRequest, PodIdentity, Policy};
+pub use public_key::{PublicKeyType, VerifiedPublicKey};
 /// Re-exported: the wrapper [`Authority::generate_self_signed_with_pems`]
 /// returns the CA key in.
 pub use zeroize::Zeroizing;
