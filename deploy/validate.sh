@@ -26,4 +26,5 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]]; 
 fi
 
 exec "$venv/bin/python" "$root/deploy/validate_manifests.py" \
-    --deploy "$root/deploy" --manifests "$root/tests/e2e/manifests" "$@"
+    --deploy "$root/deploy" \
+    --overlay "$root/tests/e2e/overlay" --manifests "$root/tests/e2e/manifests" "$@"

@@ -227,6 +227,13 @@ def main() -> int:
         default=[],
         help="plain manifest files or directories to validate too",
     )
+    parser.add_argument(
+        "--overlay",
+        type=pathlib.Path,
+        action="append",
+        default=[],
+        help="another kustomization to render and validate (the end-to-end install)",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="write each rendered overlay here")
     args = parser.parse_args()
 
@@ -236,9 +243,11 @@ def main() -> int:
     if not overlays:
         print("no overlays found", file=sys.stderr)
         return 1
+    overlays += args.overlay
     failures: list[str] = []
     passed = 0
     for overlay in overlays:
+        label = overlay.name if overlay.parent.resolve() == (args.deploy / "overlays").resolve() else str(overlay)
         try:
             rendered = kustomize.build(overlay.resolve())
         except RuntimeError as error:
@@ -247,16 +256,20 @@ def main() -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{overlay.name}.yaml").write_text(rendered)
-        count, errors = check_documents(f"overlay {overlay.name}", rendered)
-        errors += [f"overlay {overlay.name}: {e}" for e in consistency(
-            [doc for doc in yaml.safe_load_all(rendered) if doc]
-        )]
+        count, errors = check_documents(f"overlay {label}", rendered)
+        errors += [
+            f"overlay {label}: {e}"
+            for e in consistency([doc for doc in yaml.safe_load_all(rendered) if doc])
+        ]
         failures += errors
-        print(f"overlay {overlay.name}: {count} objects, {'ok' if not errors else 'FAILED'}")
+        print(f"overlay {label}: {count} objects, {'ok' if not errors else 'FAILED'}")
         passed += 0 if errors else 1
 
     files: list[pathlib.Path] = []
     for item in args.manifests:
+        if not item.exists():
+            print(f"{item}: no such file or directory", file=sys.stderr)
+            return 1
         files += sorted(item.glob("*.yaml")) if item.is_dir() else [item]
     for path in files:
         count, errors = check_documents(str(path), path.read_text())
