@@ -22,6 +22,7 @@ use crate::inspect::{
 use crate::key::{KeyMaterial, KeyType, PrivateKey};
 use crate::pem;
 use crate::policy::{IssuanceRequest, Policy};
+use crate::public_key::{VerifiedPublicKey, replace_spki_and_resign};
 
 /// Common name of the generated development CA.
 const DEV_CA_COMMON_NAME: &str = "credlet dev CA";
@@ -299,6 +300,38 @@ impl Authority {
         )
     }
 
+    /// Signs a leaf for `request.identity` certifying `key`, a public key
+    /// whose possession was proven without a CSR of credlet's own (a
+    /// Kubernetes PodCertificateRequest's `pkixPublicKey` with its proof, or
+    /// its stub PKCS#10 request). Everything else is as in
+    /// [`Authority::issue`]: the same policy checks on `request` (SPIFFE
+    /// ID, DNS and IP SANs, common name, lifetime bounds) and the same leaf.
+    /// `request.csr_der` is not read.
+    ///
+    /// The key type is not checked against
+    /// [`Policy::allowed_key_types`](crate::Policy), which governs CSRs:
+    /// which PodCertificateRequest key types to accept is the caller's
+    /// decision, made before the proof is verified. The leaf's validity is
+    /// whole seconds, `now` rounded down for `request.duration`, so the
+    /// returned `not_before`/`not_after` equal the certificate's exactly.
+    pub fn issue_for_public_key(
+        &self,
+        key: &VerifiedPublicKey,
+        request: &IssuanceRequest,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let spiffe_id = self.policy.check_request(request)?;
+        self.sign_leaf(
+            key,
+            spiffe_id.into_owned(),
+            &request.dns_names,
+            &request.ip_addresses,
+            request.common_name.as_deref(),
+            request.duration,
+            now,
+        )
+    }
+
     /// Signs a leaf for a credlet component rather than a pod: an agent's
     /// client certificate (URI SAN `spiffe://<trust-domain>/credlet/node/<node>`)
     /// or the CA service's own serving certificate. The caller chooses the
@@ -336,7 +369,7 @@ impl Authority {
     #[allow(clippy::too_many_arguments)]
     fn sign_leaf(
         &self,
-        csr: &VerifiedCsr,
+        subject_key: &impl SubjectKey,
         uri: String,
         dns_names: &[String],
         ip_addresses: &[IpAddr],
@@ -387,9 +420,19 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
 
         let cert = params
-            .signed_by(&csr.rcgen_public_key(), &self.issuer)
+            .signed_by(&subject_key.rcgen_key(), &self.issuer)
             .map_err(|e| signing(e.to_string()))?;
-        let der = cert.der();
+        let replaced;
+        let der: &[u8] = match subject_key.stand_in() {
+            None => cert.der(),
+            Some((written, real)) => {
+                replaced = replace_spki_and_resign(cert.der(), &written, real, |tbs| {
+                    rcgen::SigningKey::sign(self.issuer.key(), tbs).map_err(|e| e.to_string())
+                })
+                .map_err(signing)?;
+                &replaced
+            }
+        };
         let mut chain_pem = String::with_capacity(
             pem::encoded_len(pem::CERTIFICATE, der.len()) + self.intermediates_pem.len(),
         );
@@ -403,6 +446,34 @@ impl Authority {
             not_before: system_time(not_before),
             not_after: system_time(not_after),
         })
+    }
+}
+
+/// A public key a leaf can be signed for.
+trait SubjectKey {
+    /// The key as rcgen certifies it.
+    fn rcgen_key(&self) -> impl rcgen::PublicKeyData + '_;
+
+    /// When rcgen can not write this key's SubjectPublicKeyInfo: the one it
+    /// writes instead, and the real one to put in its place.
+    fn stand_in(&self) -> Option<(Vec<u8>, &[u8])> {
+        None
+    }
+}
+
+impl SubjectKey for VerifiedCsr {
+    fn rcgen_key(&self) -> impl rcgen::PublicKeyData + '_ {
+        self.rcgen_public_key()
+    }
+}
+
+impl SubjectKey for VerifiedPublicKey {
+    fn rcgen_key(&self) -> impl rcgen::PublicKeyData + '_ {
+        self.rcgen_view()
+    }
+
+    fn stand_in(&self) -> Option<(Vec<u8>, &[u8])> {
+        self.stand_in_spki().map(|s| (s, self.public_key_der()))
     }
 }
 

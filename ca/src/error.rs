@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::key::KeyType;
+use crate::public_key::PublicKeyType;
 
 /// Errors from key handling, PEM and certificate parsing, CA construction
 /// and chain verification.
@@ -183,6 +184,72 @@ pub enum CsrError {
     UnsupportedKeyType {
         /// Description of the algorithm found.
         algorithm: String,
+    },
+}
+
+/// Why a public key of a PodCertificateRequest, its proof of possession or
+/// its stub CSR was refused.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublicKeyError {
+    /// No bytes at all.
+    #[error("the {what} is empty")]
+    Empty {
+        /// Which input ("public key", "proof of possession",
+        /// "certificate signing request").
+        what: &'static str,
+    },
+    /// Larger than any such input this crate accepts.
+    #[error("the {what} is {len} bytes, more than the limit of {max}")]
+    TooLarge {
+        /// Which input.
+        what: &'static str,
+        /// Size of the input.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not a public key of a supported type: another algorithm, curve or
+    /// RSA size, or not a parseable key at all.
+    #[error(
+        "unsupported public key: {found}; supported are RSA3072, RSA4096, ECDSAP256, ECDSAP384, \
+         ECDSAP521 and ED25519"
+    )]
+    UnsupportedKeyType {
+        /// What was found instead (for example "an RSA key of 2048 bits").
+        found: String,
+    },
+    /// The input is not well-formed DER of its kind.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The CSR is signed with an algorithm that does not fit its key or is
+    /// not accepted.
+    #[error(
+        "the certificate signing request's {key_type} key signed with {algorithm}; \
+         accepted for this key type: {supported}"
+    )]
+    UnsupportedSignatureAlgorithm {
+        /// The CSR's key type.
+        key_type: PublicKeyType,
+        /// The signature algorithm found.
+        algorithm: String,
+        /// The accepted signature algorithms for the key type.
+        supported: &'static str,
+    },
+    /// The signature does not verify with the key: possession of the
+    /// private key is not proven.
+    #[error("the {what}'s signature does not verify with its {key_type} public key")]
+    BadSignature {
+        /// The key's type.
+        key_type: PublicKeyType,
+        /// What was signed ("proof of possession" or "certificate signing
+        /// request").
+        what: &'static str,
     },
 }
 

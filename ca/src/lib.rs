@@ -55,11 +55,13 @@ mod tests;
 
 pub use authority::{Authority, IssuedCertificate};
 pub use csr::VerifiedCsr;
-pub use error::{CaError, CsrError, IssueError, KeyTypeError, PolicyError};
+pub use error::{CaError, CsrError, IssueError, KeyTypeError, PolicyError, PublicKeyError};
 pub use inspect::{CertificateInfo, inspect_leaf, key_matches_certificate, verify_chain};
 pub use key::{KeyType, PrivateKey};
 pub use policy::{IssuanceRequest, PodIdentity, Policy};
-pub use public_key::{PublicKeyType, VerifiedPublicKey};
+pub use public_key::{
+    MAX_KEY_MATERIAL_LEN, PublicKeyType, UnverifiedCsr, UnverifiedPublicKey, VerifiedPublicKey,
+};
 /// Re-exported: the wrapper [`Authority::generate_self_signed_with_pems`]
 /// returns the CA key in.
 pub use zeroize::Zeroizing;
