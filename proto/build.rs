@@ -2,7 +2,12 @@
 //! needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/cri.proto", "proto/ca.proto"];
+    let protos = [
+        "proto/csi.proto",
+        "proto/cri.proto",
+        "proto/ca.proto",
+        "proto/pluginregistration.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use credlet_ca::{Authority, Policy};
 use credlet_csi::fsops::{LinuxSyscalls, NodeSyscalls, PlainDirectories};
 use credlet_csi::metrics::Metrics;
+use credlet_csi::registration::PluginRegistrar;
 use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
 use credlet_csi::server::{self, IdentityService, NodeService};
 use credlet_csi::{EmbeddedIssuer, VolumeConfig, VolumeManager, rotation};
@@ -158,6 +159,21 @@ pub async fn run(
         let csi = start_csi(&config, &socket).await?;
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move { csi.serve(stop).await });
+        // Registered only once the CSI socket is listening: the kubelet
+        // calls it right after registration.
+        if let Some(registration) = config.registration.clone() {
+            let (registrar, _status) = PluginRegistrar::new(registration);
+            let bound = registrar
+                .bind()
+                .context("binding the kubelet plugin registration socket")?;
+            let stop = wait_stop(stop_rx.clone());
+            tasks.spawn(async move {
+                bound
+                    .serve(stop)
+                    .await
+                    .context("kubelet plugin registration")
+            });
+        }
     }
     if let Some(guard) = config.image_guard.clone() {
         let (proxy, records) = start_image_guard(&config, &guard).await?;

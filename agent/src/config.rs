@@ -60,6 +60,17 @@ pub struct AgentArgs {
     /// CSI driver name (domain style, at most 63 characters).
     #[arg(long, env = "CREDLET_DRIVER_NAME", default_value = credlet_csi::server::DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
+    /// The kubelet's plugin registry directory (usually
+    /// `<kubelet root>/plugins_registry`). When set, the agent registers its
+    /// CSI driver with the kubelet itself (socket
+    /// `<dir>/<driver name>-reg.sock`): no registrar sidecar is needed.
+    #[arg(long, env = "CREDLET_REGISTRATION_DIR")]
+    pub registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as the kubelet sees it, reported at
+    /// registration (default: the --csi-endpoint path, right when the agent
+    /// mounts the host directory at the same path).
+    #[arg(long, env = "CREDLET_KUBELET_REGISTRATION_PATH")]
+    pub kubelet_registration_path: Option<PathBuf>,
     /// SPIFFE trust domain of issued identities.
     #[arg(long, env = "CREDLET_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -201,6 +212,8 @@ pub struct DemoArgs {
 pub struct AgentConfig {
     /// CSI socket path (`None`: CSI off).
     pub csi_socket: Option<PathBuf>,
+    /// Kubelet plugin registration (`None`: off).
+    pub registration: Option<credlet_csi::registration::RegistrationConfig>,
     /// The image guard (`None`: off).
     pub image_guard: Option<ImageGuardConfig>,
     /// Node name.
@@ -296,6 +309,7 @@ impl AgentArgs {
             ));
         }
         let remote_ca = self.remote_ca()?;
+        let registration = self.registration(csi_socket.as_deref())?;
         // Only volumes live under the kubelet root; the image guard alone
         // does not need it to exist.
         let kubelet_root = if csi_socket.is_some() {
@@ -328,6 +342,7 @@ impl AgentArgs {
         }
         Ok(AgentConfig {
             csi_socket,
+            registration,
             image_guard,
             node_id: self.node_id.clone(),
             state_dir: self.state_dir.clone(),
@@ -347,6 +362,44 @@ impl AgentArgs {
 }
 
 impl AgentArgs {
+    fn registration(
+        &self,
+        csi_socket: Option<&Path>,
+    ) -> Result<Option<credlet_csi::registration::RegistrationConfig>, ConfigError> {
+        let Some(dir) = &self.registration_dir else {
+            if self.kubelet_registration_path.is_some() {
+                return Err(err("--kubelet-registration-path needs --registration-dir"));
+            }
+            return Ok(None);
+        };
+        let Some(csi_socket) = csi_socket else {
+            return Err(err(
+                "--registration-dir registers the CSI driver: it needs --csi-endpoint",
+            ));
+        };
+        if !dir.is_absolute() {
+            return Err(err("--registration-dir must be an absolute path"));
+        }
+        if !dir.is_dir() {
+            return Err(err(format!(
+                "--registration-dir {}: not a directory (the kubelet creates <kubelet root>/plugins_registry)",
+                dir.display()
+            )));
+        }
+        let endpoint = match &self.kubelet_registration_path {
+            Some(path) if !path.is_absolute() => {
+                return Err(err("--kubelet-registration-path must be an absolute path"));
+            }
+            Some(path) => path.clone(),
+            None => csi_socket.to_path_buf(),
+        };
+        Ok(Some(credlet_csi::registration::RegistrationConfig::new(
+            dir.clone(),
+            self.driver_name.clone(),
+            endpoint,
+        )))
+    }
+
     fn remote_ca(&self) -> Result<Option<RemoteCaConfig>, ConfigError> {
         let Some(url) = &self.ca_url else {
             return Ok(None);

@@ -73,6 +73,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let csi_socket = base.join("csi.sock");
     let config = AgentConfig {
         csi_socket: Some(csi_socket.clone()),
+        registration: None,
         image_guard: None,
         node_id: "demo-node".into(),
         state_dir: base.join("state"),

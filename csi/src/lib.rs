@@ -13,6 +13,7 @@ pub mod fsops;
 pub mod issuer;
 pub mod metrics;
 pub mod paths;
+pub mod registration;
 pub mod remote;
 pub mod rotation;
 pub mod schedule;

@@ -40,4 +40,17 @@ pub mod ca {
     tonic::include_proto!("credlet.ca.v1");
 }
 
+/// The kubelet's plugin registration API (`pluginregistration.k8s.io` v1),
+/// served by the agent so that no registrar sidecar is needed.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}
+
 mod redact;

@@ -122,6 +122,24 @@ fn invalid_configuration_exits_64_with_a_clear_message() {
         ),
         ("no CA", valid(&[("--dev-ca", Some("<remove>"))]), "CA"),
         (
+            "registration directory missing",
+            valid(&[("--registration-dir", Some(missing_root.as_str()))]),
+            "registration-dir",
+        ),
+        (
+            "relative registration directory",
+            valid(&[("--registration-dir", Some("plugins_registry"))]),
+            "registration-dir",
+        ),
+        (
+            "registration path without a registration directory",
+            valid(&[(
+                "--kubelet-registration-path",
+                Some("/var/lib/kubelet/plugins/csi.credlet.io/csi.sock"),
+            )]),
+            "registration-dir",
+        ),
+        (
             "unknown flag",
             valid(&[("--frobnicate", None)]),
             "frobnicate",
