@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Validation
+//!
 //! [`validate`] turns a request into a [`ValidatedRequest`] (the verified
 //! public key, the identity fields, the clamped lifetime and the parsed
 //! options) or a [`Denial`] whose [`DenialReason::as_str`] is the `reason`
@@ -24,6 +26,19 @@
 //! the caller checks that the pod, service account and node exist with
 //! these UIDs, applies the CA's SAN policy to [`RequestedOptions`] and
 //! issues with `credlet_ca::Authority::issue_for_public_key`.
+//!
+//! | denial reason | when |
+//! |---|---|
+//! | `InvalidRequest` | a required name or UID is missing or malformed, `maxExpirationSeconds` < 3600, a key field over [`MAX_KEY_MATERIAL_LEN`], a stub CSR that is not DER PKCS#10 |
+//! | `InvalidKeyMaterial` | both shapes, neither, or a public key without its proof (or the reverse) |
+//! | `InvalidUnverifiedUserAnnotations` | an annotation key credlet does not read, or a malformed value |
+//! | `UnsupportedKeyType` | the key is not one of [`AcceptedKeyTypes`] (RSA2048, other curves, unparseable keys); the message suggests a type |
+//! | `InvalidProofOfPossession` | the signature over the pod UID, or the stub CSR's self-signature, does not verify |
+//!
+//! Proof-of-possession facts (which hash per curve, PSS salt, what the stub
+//! CSR proves) are in the `credlet_ca` module that verifies them
+//! (`UnverifiedPublicKey`, `UnverifiedCsr`). The stub CSR binds no pod UID
+//! (upstream: the kubelet's CSR is empty and only its key counts).
 //!
 //! # Unverified user annotations
 //!
@@ -374,7 +389,9 @@ pub struct ValidatedRequest {
     /// Which request shape proved possession.
     pub shape: RequestShape,
     /// Longest lifetime to issue: `spec.maxExpirationSeconds` (default
-    /// 86400 s) within [3600 s, 7862400 s]. Never issue longer.
+    /// 86400 s), lowered to 7862400 s when above; below 3600 s is denied.
+    /// Never issue longer: issue `min(max_expiration, CA policy maximum)`
+    /// (the API rejects lifetimes under an hour).
     pub max_expiration: Duration,
     /// The parsed unverified user annotations.
     pub options: RequestedOptions,
@@ -438,7 +455,7 @@ pub struct Denial {
 }
 
 impl Denial {
-    fn new(reason: DenialReason, message: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: DenialReason, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),
@@ -448,16 +465,20 @@ impl Denial {
 
 /// Checks `request` and proves possession of its key. See the module
 /// documentation for what is checked and what is left to the caller.
+///
+/// Cheap checks come first (names, sizes, lifetime, annotations, which key
+/// shape), then the key type against `accepted`, then the signature.
 pub fn validate(
     request: &PodCertificateRequest,
     accepted: &AcceptedKeyTypes,
 ) -> Result<ValidatedRequest, Denial> {
-    let _ = (request, accepted);
-    Err(Denial::new(
-        DenialReason::InvalidRequest,
-        "request validation is not built yet",
-    ))
+    validate::validate(request, accepted)
 }
+
+mod annotations;
+mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod validate_tests;
