@@ -40,6 +40,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::attributes::RenewBefore;
 use crate::issuer::{BoxFuture, IssueRequest, Issued, Issuer, IssuerError};
+use crate::metrics::{CaClientMetrics, CaRpc, code_label};
 use crate::schedule::{backoff, renewal_time, until};
 use crate::volumes::VolumeManager;
 
@@ -259,6 +260,9 @@ pub struct RemoteIssuer {
     /// The connection for the agent's own certificate (no client
     /// certificate).
     bootstrap: CertificateAuthorityClient<Channel>,
+    metrics: CaClientMetrics,
+    /// Whether the trust bundle stream to the CA is open, and why not.
+    link: std::sync::Mutex<Result<(), String>>,
 }
 
 impl fmt::Debug for RemoteIssuer {
@@ -272,6 +276,32 @@ impl fmt::Debug for RemoteIssuer {
 }
 
 impl RemoteIssuer {
+    /// The client's call metrics (register them with
+    /// [`CaClientMetrics::register`]).
+    pub fn metrics(&self) -> &CaClientMetrics {
+        &self.metrics
+    }
+
+    /// Whether the CA is reachable now: the agent holds a valid client
+    /// certificate and its trust bundle stream to the CA is open.
+    pub fn reachability(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("no valid agent certificate from the CA".into());
+        }
+        self.link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .map_err(|reason| format!("trust bundle stream to the CA is down: {reason}"))
+    }
+
+    fn set_link(&self, state: Result<(), String>) {
+        *self
+            .link
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+
     /// Builds the client; connects on first use.
     pub fn new(config: RemoteConfig) -> Result<Self, RemoteError> {
         let url_error = |reason: &str| RemoteError::Url {
@@ -341,6 +371,8 @@ impl RemoteIssuer {
             identity,
             handshakes,
             pods: RwLock::new(None),
+            metrics: CaClientMetrics::default(),
+            link: std::sync::Mutex::new(Err("not connected yet".into())),
             bootstrap,
         })
     }
@@ -399,7 +431,13 @@ impl RemoteIssuer {
         });
         request.set_timeout(self.config.timeout);
         let mut client = self.bootstrap.clone();
-        let answer = call(self.config.timeout, client.issue_agent_certificate(request)).await?;
+        let answer = call(
+            &self.metrics,
+            CaRpc::IssueAgentCertificate,
+            self.config.timeout,
+            client.issue_agent_certificate(request),
+        )
+        .await?;
         let issued = convert(answer)?;
         let leaf = credlet_ca::inspect_leaf(&issued.chain_pem)
             .map_err(|e| internal(format!("agent certificate: {e}")))?;
@@ -504,6 +542,7 @@ impl RemoteIssuer {
             else {
                 return;
             };
+            self.set_link(Err(reason.clone()));
             let delay = backoff(
                 watch.failures,
                 self.config.retry_base,
@@ -539,6 +578,7 @@ impl RemoteIssuer {
         let Some(mut client) = self.pod_client() else {
             return Some("no agent client certificate yet".into());
         };
+        let opening = std::time::Instant::now();
         let opened = tokio::select! {
             opened = tokio::time::timeout(
                 self.config.timeout,
@@ -546,11 +586,19 @@ impl RemoteIssuer {
             ) => opened,
             _ = stop.wait_for(|s| *s) => return None,
         };
+        let outcome = match &opened {
+            Err(_) => "timeout",
+            Ok(Err(status)) => code_label(status.code()),
+            Ok(Ok(_)) => "ok",
+        };
+        self.metrics
+            .observe(CaRpc::WatchTrustBundle, outcome, opening.elapsed());
         let mut stream = match opened {
             Err(_) => return Some("the CA did not answer in time".into()),
             Ok(Err(status)) => return Some(format!("{}: {}", status.code(), status.message())),
             Ok(Ok(stream)) => stream.into_inner(),
         };
+        self.set_link(Ok(()));
         loop {
             let next = tokio::select! {
                 next = stream.message() => next,
@@ -743,10 +791,20 @@ fn has_certificate(pem: &str) -> bool {
 
 /// Runs one call under the deadline, mapping every failure.
 async fn call<T>(
+    metrics: &CaClientMetrics,
+    rpc: CaRpc,
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, IssuerError> {
-    match tokio::time::timeout(deadline, call).await {
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(deadline, call).await;
+    let outcome = match &result {
+        Err(_) => "timeout",
+        Ok(Err(status)) => code_label(status.code()),
+        Ok(Ok(_)) => "ok",
+    };
+    metrics.observe(rpc, outcome, started.elapsed());
+    match result {
         Err(_) => Err(IssuerError::Unavailable {
             reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
         }),
@@ -850,6 +908,8 @@ impl Issuer for RemoteIssuer {
             });
             call_request.set_timeout(self.config.timeout);
             let answer = call(
+                &self.metrics,
+                CaRpc::IssuePodCertificate,
                 self.config.timeout,
                 client.issue_pod_certificate(call_request),
             )

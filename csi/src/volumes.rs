@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use credlet_ca::{IssuanceRequest, PodIdentity, PrivateKey};
 use dashmap::DashMap;
@@ -227,6 +227,20 @@ impl VolumeManager {
         self.volumes.len()
     }
 
+    /// The earliest `notAfter` among the certificates in managed volumes
+    /// (for metrics and alerts). Volumes being written right now are
+    /// skipped rather than waited for: their certificate is being replaced.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.volumes
+            .iter()
+            .filter_map(|slot| {
+                let guard = slot.value().try_lock().ok()?;
+                guard.as_ref()?.certificate.as_ref().map(|c| c.not_after)
+            })
+            .min()
+            .map(from_secs)
+    }
+
     fn slot(&self, id: &VolumeId) -> Slot {
         Arc::clone(self.volumes.entry(id.clone()).or_default().value())
     }
@@ -282,6 +296,7 @@ impl VolumeManager {
             certificate: None,
             failures: 0,
         };
+        let started = Instant::now();
         let result = async {
             // The record goes first: a crash after mounting must be found.
             self.state
@@ -303,7 +318,8 @@ impl VolumeManager {
                     id.clone(),
                     until(from_millis(renew_at), SystemTime::now()).max(MIN_RENEWAL_DELAY),
                 );
-                self.metrics.issued(Operation::Publish, Outcome::Success);
+                self.metrics
+                    .issued(Operation::Publish, Outcome::Success, started.elapsed());
                 tracing::info!(
                     volume_id = %id,
                     pod = %format_args!("{}/{}", volume.pod.namespace, volume.pod.name),
@@ -316,7 +332,8 @@ impl VolumeManager {
                 Ok(())
             }
             Err(error) => {
-                self.metrics.issued(Operation::Publish, Outcome::Error);
+                self.metrics
+                    .issued(Operation::Publish, Outcome::Error, started.elapsed());
                 tracing::warn!(volume_id = %id, %error, "publish failed; undoing");
                 if let Err(cleanup) = self.teardown(&target) {
                     tracing::error!(volume_id = %id, error = %cleanup, "cleanup after failed publish");
@@ -394,6 +411,7 @@ impl VolumeManager {
                 path: volume.target.as_path().to_owned(),
             }
         })?;
+        let started = Instant::now();
         let result = async {
             let dir = self.ensure_mounted(&target, volume.gid())?;
             // A routine renewal after a successful write: the visible links
@@ -431,14 +449,16 @@ impl VolumeManager {
                 }
                 volume.certificate = Some(certificate);
                 volume.failures = 0;
-                self.metrics.issued(operation, Outcome::Success);
+                self.metrics
+                    .issued(operation, Outcome::Success, started.elapsed());
                 // The record is not rewritten: recovery reads the facts of
                 // the current certificate back from the volume itself.
                 self.rotation.schedule(id.clone(), next);
                 Ok(next)
             }
             Err(error) => {
-                self.metrics.issued(operation, Outcome::Error);
+                self.metrics
+                    .issued(operation, Outcome::Error, started.elapsed());
                 Err(error)
             }
         }
