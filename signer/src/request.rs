@@ -355,7 +355,8 @@ impl AcceptedKeyTypes {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestedOptions {
     /// DNS SAN templates from `credlet.io/dns-names`, in request order,
-    /// without duplicates.
+    /// without duplicates; literal text lowercased, `$VARIABLES` kept as
+    /// the CA's template grammar spells them.
     pub dns_names: Vec<String>,
 }
 

@@ -69,7 +69,7 @@ fn dns_templates(value: &str) -> Result<Vec<String>, Denial> {
                 printable(template)
             ))
         })?;
-        let template = template.to_ascii_lowercase();
+        let template = lowercase_literals(template);
         if !templates.contains(&template) {
             templates.push(template);
         }
@@ -80,6 +80,26 @@ fn dns_templates(value: &str) -> Result<Vec<String>, Denial> {
         }
     }
     Ok(templates)
+}
+
+/// Lowercases a template's literal text but not its `$VARIABLES`, which
+/// the CA's template grammar spells in uppercase (names are compared
+/// case-insensitively; the variables are not).
+fn lowercase_literals(template: &str) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut in_variable = false;
+    for c in template.chars() {
+        if c == '$' {
+            in_variable = true;
+            out.push(c);
+        } else if in_variable && (c.is_ascii_uppercase() || c == '_') {
+            out.push(c);
+        } else {
+            in_variable = false;
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
 }
 
 fn check_template(template: &str) -> Result<(), String> {

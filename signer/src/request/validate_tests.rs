@@ -596,10 +596,21 @@ fn dns_name_annotation_is_parsed() {
     assert_eq!(
         v.options.dns_names,
         [
-            "$pod_name.$pod_namespace.svc",
+            "$POD_NAME.$POD_NAMESPACE.svc",
             "web.team-a.svc.cluster.local"
         ]
         .map(String::from)
+    );
+    // The templates expand with the CA's own expansion.
+    let facts = credlet_ca_service::policy::Facts {
+        namespace: "team-a".into(),
+        pod_name: "web-0".into(),
+        pod_uid: POD_UID.into(),
+        service_account: "web".into(),
+    };
+    assert_eq!(
+        credlet_ca_service::policy::expand(&v.options.dns_names[0], &facts).unwrap(),
+        "web-0.team-a.svc"
     );
 }
 
