@@ -904,6 +904,32 @@ fn is_dns_subdomain(s: &str) -> bool {
         && s.ends_with(alnum)
 }
 
+/// The real server's ClusterTrustBundle name rule: with `spec.signerName`
+/// the name is the signer name with `/` turned into `:`, then `:` and a
+/// DNS subdomain; without one it is a DNS subdomain without `:`.
+fn cluster_trust_bundle_name_error(obj: &Value, name: &str) -> Option<String> {
+    let signer = obj
+        .pointer("/spec/signerName")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let rest = if signer.is_empty() {
+        name
+    } else {
+        let prefix = format!("{}:", signer.replace('/', ":"));
+        match name.strip_prefix(&prefix) {
+            Some(rest) => rest,
+            None => {
+                return Some(format!(
+                    "metadata.name: Invalid value: \"{name}\": ClusterTrustBundle for signerName {signer} must be named with prefix {prefix}"
+                ));
+            }
+        }
+    };
+    (!is_dns_subdomain(rest)).then(|| {
+        format!("metadata.name: Invalid value: \"{name}\": a lowercase RFC 1123 subdomain must follow the signer prefix")
+    })
+}
+
 /// The checks the real server makes on Events (`ValidateEventCreate`):
 /// legacy ones for core/v1, strict ones for `events.k8s.io/v1`.
 fn validate_event(rt: &ResourceType, obj: &Value, namespace: &str) -> Vec<String> {
@@ -1180,7 +1206,11 @@ impl Store {
                 }
             }
         }
-        if !is_dns_subdomain(&name) {
+        if r.kind == "ClusterTrustBundle" {
+            if let Some(cause) = cluster_trust_bundle_name_error(&obj, &name) {
+                return Err(ApiStatus::invalid(&r, &name, &[cause]));
+            }
+        } else if !is_dns_subdomain(&name) {
             return Err(ApiStatus::invalid(
                 &r,
                 &name,
