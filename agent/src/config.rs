@@ -599,6 +599,67 @@ pub struct CaArgs {
     /// Longest wait for in-flight requests on SIGTERM, in seconds.
     #[arg(long, env = "CREDLET_DRAIN_TIMEOUT_S", default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// Signer name of PodCertificateRequests to answer (repeatable), e.g.
+    /// `credlet.io/pods`. None: the PodCertificateRequest signer is off.
+    #[arg(long, env = "CREDLET_SIGNER_NAMES", value_delimiter = ',')]
+    pub signer_name: Vec<String>,
+    /// PodCertificateRequest API version: `auto` (v1 when the server
+    /// serves it, else v1beta1), `v1beta1` or `v1`.
+    #[arg(long, env = "CREDLET_SIGNER_API_VERSION", default_value = "auto")]
+    pub signer_api_version: String,
+    /// PodCertificateRequests handled at once.
+    #[arg(long, env = "CREDLET_SIGNER_WORKERS", default_value_t = 8)]
+    pub signer_workers: usize,
+    /// Last segment of the published ClusterTrustBundle names
+    /// (`<signer name, '/' as ':'>:<suffix>`); empty: no trust bundle is
+    /// published.
+    #[arg(long, env = "CREDLET_TRUST_BUNDLE_SUFFIX", default_value = "credlet")]
+    pub trust_bundle_suffix: String,
+    /// Namespace of the signer's leader election Lease.
+    #[arg(
+        long,
+        env = "CREDLET_LEADER_ELECTION_NAMESPACE",
+        default_value = "credlet"
+    )]
+    pub leader_election_namespace: String,
+    /// Name of the signer's leader election Lease.
+    #[arg(
+        long,
+        env = "CREDLET_LEADER_ELECTION_LEASE_NAME",
+        default_value = "credlet-signer"
+    )]
+    pub leader_election_lease_name: String,
+    /// This replica's leader election identity. Default: $POD_NAME, else
+    /// the host name.
+    #[arg(long, env = "CREDLET_LEADER_ELECTION_IDENTITY")]
+    pub leader_election_identity: Option<String>,
+    /// How long an unrenewed Lease stays held.
+    #[arg(
+        long,
+        env = "CREDLET_LEADER_ELECTION_LEASE_DURATION",
+        default_value = "15s"
+    )]
+    pub leader_election_lease_duration: String,
+    /// How long the leader keeps writing without a successful renewal
+    /// (below the lease duration).
+    #[arg(
+        long,
+        env = "CREDLET_LEADER_ELECTION_RENEW_DEADLINE",
+        default_value = "10s"
+    )]
+    pub leader_election_renew_deadline: String,
+    /// Interval of Lease acquisition attempts and renewals (below the renew
+    /// deadline).
+    #[arg(
+        long,
+        env = "CREDLET_LEADER_ELECTION_RETRY_PERIOD",
+        default_value = "2s"
+    )]
+    pub leader_election_retry_period: String,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` HTTP server,
+    /// `ip:port`; empty: not served.
+    #[arg(long, env = "CREDLET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
 }
 
 /// Validated `credlet ca` configuration.
@@ -612,6 +673,10 @@ pub struct CaConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Drain bound on shutdown.
     pub drain_timeout: Duration,
+    /// The PodCertificateRequest signer, if `--signer-name` is given.
+    pub signer: Option<credlet_signer::SignerRuntimeSettings>,
+    /// Where to serve metrics and probes, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl CaArgs {
@@ -687,6 +752,15 @@ impl CaArgs {
             return Err(err("--server-name must not be empty"));
         }
         let server_names = credlet_ca_service::ServerNames::parse(&self.server_name);
+        let signer = self.signer_settings(&policy)?;
+        let metrics_listen = match self.metrics_listen.trim() {
+            "" => None,
+            text => Some(text.parse().map_err(|_| {
+                err(format!(
+                    "--metrics-listen {text:?} must be ip:port (e.g. 0.0.0.0:9090) or empty"
+                ))
+            })?),
+        };
         Ok(CaConfig {
             listen,
             settings: credlet_ca_service::Settings::new(
@@ -697,8 +771,124 @@ impl CaArgs {
             ),
             kubeconfig: self.kubeconfig.clone(),
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
+            signer,
+            metrics_listen,
         })
     }
+
+    /// The signer's settings; `None` without `--signer-name`.
+    fn signer_settings(
+        &self,
+        policy: &credlet_ca_service::ServicePolicy,
+    ) -> Result<Option<credlet_signer::SignerRuntimeSettings>, ConfigError> {
+        use credlet_signer::{LeaseSettings, PublisherSettings, SignerSettings};
+        let names: Vec<String> = self
+            .signer_name
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Ok(None);
+        }
+        for name in &names {
+            if !credlet_signer::controller::is_signer_name(name) {
+                return Err(err(format!(
+                    "--signer-name {name:?} must be <domain>/<path>, e.g. credlet.io/pods"
+                )));
+            }
+        }
+        if policy.max_duration < credlet_signer::controller::MIN_LIFETIME {
+            return Err(err(format!(
+                "--max-duration {} is below the 1h the PodCertificateRequest API requires; raise it or drop --signer-name",
+                self.max_duration
+            )));
+        }
+        let identity = match &self.leader_election_identity {
+            Some(identity) => identity.trim().to_owned(),
+            None => default_identity(),
+        };
+        if identity.is_empty() {
+            return Err(err(
+                "--leader-election-identity is empty and neither $POD_NAME nor the host name is set",
+            ));
+        }
+        let mut signer = SignerSettings::new(names.clone(), identity.clone());
+        signer.api_version = self
+            .signer_api_version
+            .parse()
+            .map_err(|e| err(format!("--signer-api-version: {e}")))?;
+        signer.workers = self.signer_workers;
+        signer
+            .validate()
+            .map_err(|e| err(format!("--signer-workers: {e}")))?;
+        let duration = |flag: &str, value: &str| {
+            credlet_csi::attributes::parse_duration(value).map_err(|e| err(format!("{flag}: {e}")))
+        };
+        let mut lease = LeaseSettings::new(
+            self.leader_election_namespace.trim(),
+            self.leader_election_lease_name.trim(),
+            identity,
+        );
+        lease.lease_duration = duration(
+            "--leader-election-lease-duration",
+            &self.leader_election_lease_duration,
+        )?;
+        lease.renew_deadline = duration(
+            "--leader-election-renew-deadline",
+            &self.leader_election_renew_deadline,
+        )?;
+        lease.retry_period = duration(
+            "--leader-election-retry-period",
+            &self.leader_election_retry_period,
+        )?;
+        lease
+            .validate()
+            .map_err(|e| err(format!("--leader-election-*: {e}")))?;
+        let suffix = self.trust_bundle_suffix.trim();
+        let publisher = if suffix.is_empty() {
+            None
+        } else {
+            if !is_bundle_suffix(suffix) {
+                return Err(err(format!(
+                    "--trust-bundle-suffix {suffix:?} must be lowercase letters, digits, '-' and '.'"
+                )));
+            }
+            let mut publisher = PublisherSettings::new(names);
+            publisher.name_suffix = suffix.to_owned();
+            Some(publisher)
+        };
+        Ok(Some(credlet_signer::SignerRuntimeSettings {
+            signer,
+            lease: Some(lease),
+            publisher,
+        }))
+    }
+}
+
+/// `$POD_NAME`, else the host name.
+fn default_identity() -> String {
+    if let Ok(name) = std::env::var("POD_NAME")
+        && !name.trim().is_empty()
+    {
+        return name.trim().to_owned();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A DNS subdomain (what the API requires after the signer prefix).
+fn is_bundle_suffix(s: &str) -> bool {
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 #[cfg(test)]
@@ -784,6 +974,82 @@ mod remote_ca_tests {
             ),
         ] {
             let error = ca_args(flags).expect_err("invalid");
+            assert!(error.0.contains(mention), "{flags:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn signer_flags() {
+        let config = ca_args(&[]).expect("valid");
+        assert!(config.signer.is_none(), "no --signer-name: signer off");
+        assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(
+            ca_args(&["--metrics-listen", ""])
+                .expect("valid")
+                .metrics_listen,
+            None
+        );
+        let config = ca_args(&[
+            "--signer-name",
+            "credlet.io/pods",
+            "--signer-name",
+            "example.com/other",
+            "--leader-election-identity",
+            "ca-0",
+            "--signer-api-version",
+            "v1beta1",
+        ])
+        .expect("valid");
+        let signer = config.signer.expect("signer on");
+        assert_eq!(
+            signer.signer.signer_names,
+            ["credlet.io/pods", "example.com/other"]
+        );
+        let lease = signer.lease.expect("lease");
+        assert_eq!(lease.identity, "ca-0");
+        assert_eq!(lease.namespace, "credlet");
+        assert_eq!(lease.lease_duration, Duration::from_secs(15));
+        assert_eq!(lease.renew_deadline, Duration::from_secs(10));
+        assert_eq!(lease.retry_period, Duration::from_secs(2));
+        assert_eq!(signer.publisher.expect("publisher").name_suffix, "credlet");
+        let signer = |extra: &[&str]| {
+            let mut flags = vec!["--signer-name", "credlet.io/pods"];
+            if !extra.contains(&"--leader-election-identity") {
+                flags.extend_from_slice(&["--leader-election-identity", "ca-0"]);
+            }
+            flags.extend_from_slice(extra);
+            ca_args(&flags)
+        };
+        assert!(
+            signer(&["--trust-bundle-suffix", ""])
+                .expect("valid")
+                .signer
+                .expect("on")
+                .publisher
+                .is_none()
+        );
+        for (flags, mention) in [
+            (&["--signer-name", "pods"][..], "--signer-name"),
+            (&["--signer-api-version", "v2"], "--signer-api-version"),
+            (&["--signer-workers", "0"], "--signer-workers"),
+            (&["--max-duration", "30m"], "--max-duration"),
+            (
+                &["--leader-election-renew-deadline", "20s"],
+                "renew deadline",
+            ),
+            (&["--leader-election-retry-period", "10s"], "retry period"),
+            (
+                &["--leader-election-lease-duration", "soon"],
+                "--leader-election-lease-duration",
+            ),
+            (
+                &["--leader-election-identity", " "],
+                "--leader-election-identity",
+            ),
+            (&["--trust-bundle-suffix", "A:b"], "--trust-bundle-suffix"),
+            (&["--metrics-listen", "localhost"], "--metrics-listen"),
+        ] {
+            let error = signer(flags).expect_err("invalid");
             assert!(error.0.contains(mention), "{flags:?}: {error}");
         }
     }

@@ -10,4 +10,5 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod logging;
