@@ -10,8 +10,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use credlet_ca::{Authority, Policy};
 use credlet_csi::fsops::{LinuxSyscalls, NodeSyscalls, PlainDirectories};
+use credlet_csi::metrics::ExpiryCollector;
 use credlet_csi::metrics::Metrics;
-use credlet_csi::registration::PluginRegistrar;
+use credlet_csi::registration::{KubeletRegistration, PluginRegistrar};
 use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
 use credlet_csi::server::{self, IdentityService, NodeService};
 use credlet_csi::{EmbeddedIssuer, VolumeConfig, VolumeManager, rotation};
@@ -155,14 +156,30 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let mut health = HealthParts {
+        registry: prometheus_client::registry::Registry::default(),
+        checks: Vec::new(),
+    };
     if let Some(socket) = config.csi_socket.clone() {
         let csi = start_csi(&config, &socket).await?;
+        csi.observe(&mut health);
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move { csi.serve(stop).await });
         // Registered only once the CSI socket is listening: the kubelet
         // calls it right after registration.
         if let Some(registration) = config.registration.clone() {
-            let (registrar, _status) = PluginRegistrar::new(registration);
+            let (registrar, status) = PluginRegistrar::new(registration);
+            // Pending is fine (the kubelet may not have looked yet); a
+            // refusal is not.
+            health.checks.push((
+                "kubelet-registration",
+                Box::new(move || match &*status.borrow() {
+                    KubeletRegistration::Rejected { error } => {
+                        Err(format!("the kubelet refused the CSI driver: {error}"))
+                    }
+                    _ => Ok(()),
+                }),
+            ));
             let bound = registrar
                 .bind()
                 .context("binding the kubelet plugin registration socket")?;
@@ -176,7 +193,7 @@ pub async fn run(
         }
     }
     if let Some(guard) = config.image_guard.clone() {
-        let (proxy, records) = start_image_guard(&config, &guard).await?;
+        let (proxy, records) = start_image_guard(&config, &guard, &mut health).await?;
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move {
             let listener = credlet_csi::server::bind_unix_socket(&guard.listen)?;
@@ -195,6 +212,22 @@ pub async fn run(
             if let Err(error) = records.flush() {
                 tracing::warn!(%error, "writing pending image records at shutdown");
             }
+            Ok(())
+        });
+    }
+    if let Some(addr) = config.health_listen {
+        let listener = crate::health::bind(addr)
+            .await
+            .with_context(|| format!("listening for health and metrics on {addr}"))?;
+        let mut state = crate::health::HealthState::new(health.registry);
+        for (name, check) in health.checks {
+            state = state.with_check(name, check);
+        }
+        let state = Arc::new(state);
+        let stop = wait_stop(stop_rx.clone());
+        tracing::info!(listen = %addr, "serving /healthz, /readyz and /metrics");
+        tasks.spawn(async move {
+            crate::health::serve(listener, state, stop).await;
             Ok(())
         });
     }
@@ -228,9 +261,45 @@ struct CsiServer {
     remote: Option<RemoteTasks>,
 }
 
+impl CsiServer {
+    /// Registers the CSI (and CA client) metrics and readiness checks.
+    fn observe(&self, health: &mut HealthParts) {
+        let manager = &self.agent.manager;
+        manager.metrics().register(&mut health.registry);
+        health
+            .registry
+            .register_collector(Box::new(ExpiryCollector::new(manager)));
+        let ready = Arc::clone(manager);
+        health.checks.push((
+            "csi",
+            Box::new(move || {
+                if ready.is_ready() {
+                    Ok(())
+                } else {
+                    Err("volumes not recovered yet, or no usable issuer".into())
+                }
+            }),
+        ));
+        if let Some(remote) = &self.remote {
+            remote.issuer.metrics().register(&mut health.registry);
+            let issuer = Arc::clone(&remote.issuer);
+            health
+                .checks
+                .push(("ca", Box::new(move || issuer.reachability())));
+        }
+    }
+}
+
+/// What the health server is built from, gathered while starting.
+struct HealthParts {
+    registry: prometheus_client::registry::Registry,
+    checks: Vec<(&'static str, crate::health::ReadinessCheck)>,
+}
+
 /// The remote CA client's background work: the agent's own certificate and
 /// the trust bundle watch.
 struct RemoteTasks {
+    issuer: Arc<RemoteIssuer>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -290,13 +359,20 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
             let (stop, stop_rx) = watch::channel(false);
             let tasks = vec![
                 tokio::spawn(Arc::clone(&issuer).run_agent_certificate(stop_rx.clone())),
-                tokio::spawn(issuer.run_trust_bundle_watch(
+                tokio::spawn(Arc::clone(&issuer).run_trust_bundle_watch(
                     Arc::clone(&agent.manager),
                     config.max_concurrent_renewals,
                     stop_rx,
                 )),
             ];
-            (agent, Some(RemoteTasks { stop, tasks }))
+            (
+                agent,
+                Some(RemoteTasks {
+                    issuer,
+                    stop,
+                    tasks,
+                }),
+            )
         }
     };
     let listener = server::bind_unix_socket(socket)?;
@@ -340,6 +416,7 @@ async fn kube_client(guard: &ImageGuardConfig) -> anyhow::Result<kube::Client> {
 async fn start_image_guard(
     config: &AgentConfig,
     guard: &ImageGuardConfig,
+    health: &mut HealthParts,
 ) -> anyhow::Result<(Arc<CriProxy>, Arc<RecordStore>)> {
     let (records, dropped) =
         RecordStore::open(&guard.records_dir).context("opening the image guard's records")?;
@@ -359,13 +436,34 @@ async fn start_image_guard(
     let (pods, _pod_watch) = KubePodIndex::start(client.clone(), &config.node_id);
     let (events, _event_sender) = KubeEvents::start(client, &config.node_id);
     let upstream = Upstream::new(guard.upstream.clone(), 2);
+    let metrics = GuardMetrics::default();
+    metrics.register(&mut health.registry);
+    let runtime = guard.upstream.clone();
+    let synced = Arc::clone(&pods);
+    health.checks.push((
+        "cri-proxy",
+        Box::new(move || {
+            use credlet_imageguard::pods::PodIndex;
+            std::os::unix::net::UnixStream::connect(&runtime).map_err(|error| {
+                format!(
+                    "the container runtime at {} is not reachable: {error}",
+                    runtime.display()
+                )
+            })?;
+            if synced.is_synced() {
+                Ok(())
+            } else {
+                Err("the pod index is not synced with the API server yet".into())
+            }
+        }),
+    ));
     let image_guard = Arc::new(ImageGuard::new(
         guard.policy.clone(),
         Arc::clone(&records),
         Arc::new(verifier),
         Arc::clone(&pods) as Arc<dyn credlet_imageguard::pods::PodIndex>,
         events,
-        GuardMetrics::default(),
+        metrics,
     ));
     let proxy = Arc::new(CriProxy::new(upstream, image_guard));
     let pruner = Arc::clone(&proxy);

@@ -60,6 +60,10 @@ pub struct AgentArgs {
     /// CSI driver name (domain style, at most 63 characters).
     #[arg(long, env = "CREDLET_DRIVER_NAME", default_value = credlet_csi::server::DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
+    /// Serve `/healthz`, `/readyz` and `/metrics` (Prometheus) on this
+    /// address, e.g. `0.0.0.0:9808`. Off when unset.
+    #[arg(long, env = "CREDLET_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
     /// The kubelet's plugin registry directory (usually
     /// `<kubelet root>/plugins_registry`). When set, the agent registers its
     /// CSI driver with the kubelet itself (socket
@@ -212,6 +216,8 @@ pub struct DemoArgs {
 pub struct AgentConfig {
     /// CSI socket path (`None`: CSI off).
     pub csi_socket: Option<PathBuf>,
+    /// Health and metrics address (`None`: off).
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Kubelet plugin registration (`None`: off).
     pub registration: Option<credlet_csi::registration::RegistrationConfig>,
     /// The image guard (`None`: off).
@@ -342,6 +348,7 @@ impl AgentArgs {
         }
         Ok(AgentConfig {
             csi_socket,
+            health_listen: self.health_listen,
             registration,
             image_guard,
             node_id: self.node_id.clone(),

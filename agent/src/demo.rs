@@ -74,6 +74,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = AgentConfig {
         csi_socket: Some(csi_socket.clone()),
         registration: None,
+        health_listen: None,
         image_guard: None,
         node_id: "demo-node".into(),
         state_dir: base.join("state"),

@@ -222,6 +222,11 @@ impl VolumeManager {
         self.recovered.load(Ordering::Acquire) && self.issuer.is_ready()
     }
 
+    /// The manager's metrics (register them with [`Metrics::register`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Number of volumes managed.
     pub fn volume_count(&self) -> usize {
         self.volumes.len()

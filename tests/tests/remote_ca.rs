@@ -8,20 +8,21 @@
 //! Covered: readiness only with the agent's own client certificate, pod
 //! certificates from verified tokens, a token of another pod refused, CA
 //! rollover reaching every volume's `ca.crt` without re-issuing, a broken CA
-//! key file, the CA process gone, and SIGTERM to both processes.
+//! key file, the CA process gone (with the agent's /readyz and CA client
+//! metrics showing it), and SIGTERM to both processes.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Result, bail, ensure};
 use credlet_ca::{inspect_leaf, verify_chain};
-use credlet_tests::agent_bin;
 use credlet_tests::cluster::{
     CA_TIMEOUT, CaProcess, Cluster, NODE, agent_command, new_root, tokens_json, write_atomically,
 };
 use credlet_tests::harness::{
     CheckTime, Csi, TestEnv, Volume, check_volume, mount_at, read_volume, wait_until,
 };
+use credlet_tests::{agent_bin, free_port, http_get, metric_value};
 use tonic::Code;
 
 /// How long anything asynchronous may take (start-up, reloads, bundle
@@ -129,7 +130,9 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     // The agent starts before its token is projected: it serves CSI but is
     // not ready, and a publish is refused before anything touches the disk.
     let mut agent = TestEnv::new(agent_bin!());
-    let command = agent_command(&agent, &cluster, &ca);
+    let health: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut command = agent_command(&agent, &cluster, &ca);
+    command.arg("--health-listen").arg(health.to_string());
     agent.spawn_command(command);
     wait_for_log(
         "the agent's first attempt at its certificate",
@@ -140,6 +143,13 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     .await;
     let (csi, ready) = connect(&mut agent).await;
     assert_eq!(ready, Some(false), "ready without a client certificate");
+    // Alive, but not ready: no client certificate, so the CA is not
+    // reachable for pod certificates.
+    assert_eq!(http_get(health, "/healthz")?.0, 200);
+    let (code, why) = http_get(health, "/readyz")?;
+    assert_eq!(code, 503, "{why}");
+    assert!(why.contains("ca: no valid agent certificate"), "{why}");
+    assert!(why.contains("csi:"), "{why}");
     let (early, _) = cluster.app(&agent, "early")?;
     expect_code(
         csi.publish(&early).await,
@@ -164,10 +174,40 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     )
     .await;
 
+    // Ready once the trust bundle stream to the CA is open too.
+    wait_until("the agent's /readyz", WAIT, || {
+        let (code, why) = http_get(health, "/readyz")?;
+        ensure!(code == 200, "{code}: {why}");
+        Ok(())
+    })
+    .await;
+
     // A pod certificate: identity from the verified token, chained to the
     // CA's root, on a tmpfs.
     let (a, a_token) = cluster.app(&agent, "a")?;
     csi.publish(&a).await.expect("publish web-a");
+    let (_, metrics) = http_get(health, "/metrics")?;
+    for (series, at_least) in [
+        (
+            r#"credlet_ca_client_requests_total{rpc="IssueAgentCertificate",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"credlet_ca_client_requests_total{rpc="WatchTrustBundle",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"credlet_csi_issuances_total{operation="Publish",outcome="Success"}"#,
+            1.0,
+        ),
+    ] {
+        let value = metric_value(&metrics, series).unwrap_or(0.0);
+        assert!(value >= at_least, "{series} = {value}:\n{metrics}");
+    }
     let mount = mount_at(&a.target).expect("a mount at the target");
     assert_eq!(mount.fstype, "tmpfs", "{mount:?}");
     let before = check_volume(&a.target, &a.files(), CheckTime::Now)?;
@@ -235,7 +275,8 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     drop(csi);
     stop_cleanly(&mut agent, "credlet agent before the restart").await;
     let offset = std::fs::metadata(&agent.log_path).map_or(0, |m| m.len());
-    let command = agent_command(&agent, &cluster, &ca);
+    let mut command = agent_command(&agent, &cluster, &ca);
+    command.arg("--health-listen").arg(health.to_string());
     agent.spawn_command(command);
     let csi = agent.wait_ready().await;
     wait_for_log(
@@ -291,6 +332,28 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
         "the failed publish took {took:?} (--ca-timeout-ms {CA_TIMEOUT:?})"
     );
     assert_nothing_on_disk(&agent, &e);
+    // The outage shows: not ready (CA unreachable), failed calls counted,
+    // and the certificates still valid.
+    wait_until("/readyz reporting the CA down", WAIT, || {
+        let (code, why) = http_get(health, "/readyz")?;
+        ensure!(code == 503 && why.contains("ca: "), "{code}: {why}");
+        Ok(())
+    })
+    .await;
+    let (_, metrics) = http_get(health, "/metrics")?;
+    let failed: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate""#)
+                && !l.contains(r#"outcome="ok""#)
+                && !l.contains(r#"outcome="permission_denied""#)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(failed >= 1.0, "the failed publish is counted:\n{metrics}");
+    let expiry =
+        metric_value(&metrics, "credlet_csi_certificate_expiry_seconds").expect("expiry gauge");
+    assert!(expiry > 0.0, "certificates still valid: {expiry}");
 
     // SIGTERM: the agent exits 0 and leaves the volumes mounted.
     drop(csi);
