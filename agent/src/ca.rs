@@ -39,6 +39,7 @@ pub async fn run(config: CaConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let metrics = SignerMetrics::default();
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    server.metrics().register(&mut registry);
     let signer = match &config.signer {
         Some(settings) => Some(
             SignerRuntime::start(

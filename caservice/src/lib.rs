@@ -13,7 +13,8 @@
 //! - [`keys`]: CA certificate and key from files, hot reload with `notify`,
 //!   trust bundle with old and new roots during a rollover.
 //! - [`tls`]: TLS 1.3 (ring) with optional, verified client certificates.
-//! - [`service`]: the `credlet.ca.v1.CertificateAuthority` handlers.
+//! - [`service`]: the `credlet.ca.v1.CertificateAuthority` handlers, with
+//!   [`metrics`] by RPC and outcome.
 //! - [`server`]: everything started together on one listener.
 //!
 //! Tokens and private keys are never logged; denials are logged with pod,
@@ -23,6 +24,7 @@
 
 pub mod error;
 pub mod keys;
+pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod server;

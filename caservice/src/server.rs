@@ -125,6 +125,11 @@ impl CaServer {
         })
     }
 
+    /// The API's metrics.
+    pub fn metrics(&self) -> &crate::metrics::CaServiceMetrics {
+        self.service.metrics()
+    }
+
     /// The key store (trust bundle, reload status).
     pub fn keys(&self) -> &Arc<KeyStore> {
         &self.keys

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use credlet_ca::{IssuanceRequest, IssuedCertificate, PodIdentity, VerifiedCsr};
 use credlet_proto::ca::certificate_authority_server::CertificateAuthority;
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::keys::KeyStore;
+use crate::metrics::{CaServiceMetrics, Rpc};
 use crate::pods::PodChecker;
 use crate::policy::{Facts, ServicePolicy, is_node_name, renew_at_unix_ms};
 use crate::tls::PeerInfo;
@@ -27,6 +28,7 @@ pub struct CaService {
     pods: PodChecker,
     policy: Arc<ServicePolicy>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    metrics: CaServiceMetrics,
 }
 
 impl std::fmt::Debug for CaService {
@@ -54,7 +56,14 @@ impl CaService {
             pods,
             policy,
             shutdown,
+            metrics: CaServiceMetrics::default(),
         }
+    }
+
+    /// The API's metrics (register them with
+    /// [`CaServiceMetrics::register`]).
+    pub fn metrics(&self) -> &CaServiceMetrics {
+        &self.metrics
     }
 
     /// IssueAgentCertificate without the gRPC wrapping.
@@ -246,7 +255,14 @@ impl CertificateAuthority for CaService {
     ) -> Result<Response<IssuedProto>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let body = request.into_inner();
-        match self.issue_agent(&body).await {
+        let started = Instant::now();
+        let result = self.issue_agent(&body).await;
+        self.metrics.observe(
+            Rpc::IssueAgentCertificate,
+            result.as_ref().map_or_else(Error::reason, |_| "Issued"),
+            started.elapsed(),
+        );
+        match result {
             Ok(issued) => Ok(Response::new(issued)),
             Err(error) => {
                 let who = format!("node {}", body.node_name);
@@ -262,7 +278,14 @@ impl CertificateAuthority for CaService {
     ) -> Result<Response<IssuedProto>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let body = request.into_inner();
-        match self.issue_pod(peer.as_ref(), &body).await {
+        let started = Instant::now();
+        let result = self.issue_pod(peer.as_ref(), &body).await;
+        self.metrics.observe(
+            Rpc::IssuePodCertificate,
+            result.as_ref().map_or_else(Error::reason, |_| "Issued"),
+            started.elapsed(),
+        );
+        match result {
             Ok(issued) => Ok(Response::new(issued)),
             Err(error) => {
                 let pod = format!("{}/{}", body.pod_namespace, body.pod_name);

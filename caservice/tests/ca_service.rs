@@ -52,6 +52,7 @@ struct Harness {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     keys: Arc<credlet_ca_service::KeyStore>,
     pod_cache: Option<Arc<PodCache>>,
+    metrics: credlet_ca_service::metrics::CaServiceMetrics,
     next_token: Mutex<u64>,
 }
 
@@ -144,6 +145,7 @@ impl Harness {
         let server = CaServer::start(settings, client)?;
         let keys = Arc::clone(server.keys());
         let pod_cache = server.pod_cache().cloned();
+        let metrics = server.metrics().clone();
         if wait_synced && let Some(cache) = &pod_cache {
             tokio::time::timeout(Duration::from_secs(10), cache.wait_synced())
                 .await
@@ -170,6 +172,7 @@ impl Harness {
             stop: Some(stop),
             keys,
             pod_cache,
+            metrics,
             next_token: Mutex::new(0),
         })
     }
@@ -653,6 +656,34 @@ async fn token_denials() -> Result<()> {
         agent.issue_pod_certificate(request).await,
         Code::PermissionDenied,
         "pod_name",
+    );
+
+    // Every answer is counted by RPC and outcome.
+    use credlet_ca_service::metrics::Rpc;
+    let count = |rpc, outcome| h.metrics.count(rpc, outcome);
+    assert_eq!(count(Rpc::IssueAgentCertificate, "Issued"), 1);
+    assert_eq!(
+        count(Rpc::IssueAgentCertificate, "NotAgentServiceAccount"),
+        1
+    );
+    assert_eq!(count(Rpc::IssuePodCertificate, "TokenWrongAudience"), 1);
+    assert_eq!(count(Rpc::IssuePodCertificate, "TokenExpired"), 1);
+    assert_eq!(count(Rpc::IssuePodCertificate, "TokenNotAuthenticated"), 1);
+    assert_eq!(count(Rpc::IssuePodCertificate, "TokenForAnotherPod"), 1);
+    assert_eq!(count(Rpc::IssuePodCertificate, "Issued"), 0);
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    h.metrics.register(&mut registry);
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    assert!(
+        text.contains(
+            r#"credlet_ca_requests_total{rpc="IssuePodCertificate",outcome="TokenExpired"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"credlet_ca_request_duration_seconds_count{rpc="IssuePodCertificate"} 4"#),
+        "{text}"
     );
     h.stop().await
 }
