@@ -198,6 +198,20 @@ async fn denials_carry_the_reason_and_an_event() -> anyhow::Result<()> {
     r.max_expiration_seconds = 7200;
     cases.push((r, "ServiceAccountNotFound"));
 
+    // The request names a real service account, but not the pod's.
+    let mut r = cluster.pod_with_request("ns1", "other-sa", KeyKind::P256)?;
+    r.service_account = "spare".into();
+    r.service_account_uid = cluster.add_service_account("ns1", "spare")?;
+    cases.push((r, "PodServiceAccountMismatch"));
+
+    // The pod is bound to a node that does not exist (any more).
+    let mut r = cluster.pod_with_request("ns1", "ghost-node", KeyKind::P256)?;
+    cluster.server.delete_pod("ns1", "ghost-node")?;
+    r.pod_uid = cluster.add_pod("ns1", "ghost-node", "ghost-node-sa", "node-gone")?;
+    r.node = "node-gone".into();
+    r.node_uid = "3b7d3c36-7ad9-4cf1-9f0c-3d5a7c1f2e10".into();
+    cases.push((r, "NodeNotFound"));
+
     let mut r = cluster.pod_with_request("ns1", "annotated", KeyKind::P256)?;
     r.annotations = vec![("example.com/unknown".into(), "x".into())];
     cases.push((r, "InvalidUnverifiedUserAnnotations"));
@@ -609,15 +623,25 @@ async fn metrics_name_the_outcomes() -> anyhow::Result<()> {
         cluster.bundle().is_some()
     })
     .await?;
-    let text = credlet_signer::metrics::encode(&registry);
-    for needle in [
+    let needles = [
         r#"credlet_signer_requests_total{signer="credlet.io/pods",outcome="Issued",reason="Issued"} 1"#,
         r#"credlet_signer_requests_total{signer="credlet.io/pods",outcome="Denied",reason="InvalidUnverifiedUserAnnotations"} 1"#,
         "credlet_signer_leader 1",
         "credlet_signer_issue_latency_seconds_count 1",
         r#"credlet_signer_trust_bundle_publications_total{signer="credlet.io/pods",result="Created"} 1"#,
-    ] {
-        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    ];
+    // Counted right after the writes the test saw.
+    let complete = || {
+        let text = credlet_signer::metrics::encode(&registry);
+        needles.iter().all(|n| text.contains(n))
+    };
+    if wait_for("the metrics", Duration::from_secs(5), complete)
+        .await
+        .is_err()
+    {
+        let text = credlet_signer::metrics::encode(&registry);
+        let missing: Vec<_> = needles.iter().filter(|n| !text.contains(*n)).collect();
+        panic!("missing {missing:?}:\n{text}");
     }
     signer.shutdown().await?;
     let text = credlet_signer::metrics::encode(&registry);
@@ -634,5 +658,111 @@ async fn discovery_prefers_v1_when_served() -> anyhow::Result<()> {
         credlet_signer::controller::discover(&client, Duration::from_secs(5)).await?,
         credlet_signer::request::ApiVersion::V1
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_requests_with_a_stub_csr_are_issued_when_discovery_finds_v1() -> anyhow::Result<()> {
+    let cluster = Cluster::new()?;
+    let mut settings = cluster.settings("ca-0");
+    settings.signer.api_version = credlet_signer::ApiVersionChoice::Auto;
+    let signer = cluster.start(settings, SignerMetrics::default()).await?;
+    // A 1.37 kubelet: certificates.k8s.io/v1, stubPKCS10Request only.
+    let request = cluster.pod_with_request("ns", "ga", KeyKind::P256)?;
+    let key = credlet_ca::PrivateKey::generate(credlet_ca::KeyType::EcdsaP256)?;
+    let mut json = request.json();
+    json["apiVersion"] = json!("certificates.k8s.io/v1");
+    let spec = json["spec"].as_object_mut().expect("spec");
+    spec.remove("pkixPublicKey");
+    spec.remove("proofOfPossession");
+    spec.insert(
+        "stubPKCS10Request".into(),
+        json!(STANDARD.encode(key.certificate_signing_request()?)),
+    );
+    cluster.server.create(&json)?;
+    let path = "/apis/certificates.k8s.io/v1/namespaces/ns/podcertificaterequests/req-ga/status";
+    wait_for("the v1 answer", Duration::from_secs(10), || {
+        cluster
+            .server
+            .get(
+                "certificates.k8s.io/v1",
+                "PodCertificateRequest",
+                Some("ns"),
+                "req-ga",
+            )
+            .is_some_and(|r| condition(&r).is_some())
+    })
+    .await?;
+    let stored = cluster
+        .server
+        .get(
+            "certificates.k8s.io/v1",
+            "PodCertificateRequest",
+            Some("ns"),
+            "req-ga",
+        )
+        .expect("stored");
+    assert_eq!(
+        condition(&stored),
+        Some(("Issued".to_owned(), "Issued".to_owned())),
+        "{stored}"
+    );
+    let chain = stored["status"]["certificateChain"]
+        .as_str()
+        .expect("chain");
+    let leaf = credlet_ca::inspect_leaf(chain)?;
+    assert_eq!(leaf.public_key_der, key.public_key_der());
+    assert_eq!(
+        cluster
+            .server
+            .requests()
+            .iter()
+            .filter(|r| r.path == path && r.method == "PUT" && r.status == 200)
+            .count(),
+        1
+    );
+    signer.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_cannot_sign_the_lifetime_fails_the_request() -> anyhow::Result<()> {
+    let cluster = Cluster::new()?;
+    // The CA expires in 2 h; the request wants a day (at least 1 h is
+    // always issued, so this is the signer's fault, not the requester's).
+    cluster.install_short_lived_ca(Duration::from_secs(7200))?;
+    let request = cluster.pod_with_request("ns", "doomed", KeyKind::P256)?;
+    cluster.create(&request)?;
+    let metrics = SignerMetrics::default();
+    let signer = cluster
+        .start(cluster.settings("ca-0"), metrics.clone())
+        .await?;
+    let stored = cluster.answered("ns", "req-doomed").await?;
+    assert_eq!(
+        condition(&stored),
+        Some(("Failed".to_owned(), "SigningFailed".to_owned())),
+        "{stored}"
+    );
+    let message = stored["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("outside the CA certificate's validity"),
+        "{message}"
+    );
+    assert!(stored.pointer("/status/certificateChain").is_none());
+    wait_for("the failure event", Duration::from_secs(5), || {
+        cluster
+            .server
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "SigningFailed" && e["regarding"]["name"] == "req-doomed")
+    })
+    .await?;
+    wait_for("the failure count", Duration::from_secs(5), || {
+        metrics.answered_for(SIGNER, Outcome::Failed, "SigningFailed") == 1
+    })
+    .await?;
+    signer.shutdown().await?;
     Ok(())
 }

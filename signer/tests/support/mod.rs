@@ -90,6 +90,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Replaces the CA with one whose certificate expires in `lifetime`
+    /// (leaves outliving it can not be signed) and reloads the key store.
+    pub fn install_short_lived_ca(&self, lifetime: Duration) -> anyhow::Result<()> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "short-lived test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        let cert = params.self_signed(&key)?;
+        std::fs::write(self.dir.path().join("ca.crt"), cert.pem())?;
+        std::fs::write(self.dir.path().join("ca.key"), key.serialize_pem())?;
+        anyhow::ensure!(self.keys.reload()?, "the short-lived CA did not load");
+        Ok(())
+    }
+
     pub fn add_node(&self, name: &str) -> anyhow::Result<String> {
         let node = self.server.create(&json!({
             "apiVersion": "v1", "kind": "Node",
