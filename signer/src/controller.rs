@@ -238,15 +238,19 @@ struct Shared {
     settings: SignerSettings,
     metrics: SignerMetrics,
     events: EventSink,
-    /// UIDs of requests this replica answered recently: a watch event older
-    /// than the write (still without the condition) must not cause a second
-    /// signing. Pruned after [`RECENT_TTL`].
+    /// UIDs of requests this replica answered whose answer the watch has
+    /// not shown yet: a watch event older than the write (still without the
+    /// condition) must not cause a second signing. An entry goes when the
+    /// watch shows the answer or the deletion, else after [`RECENT_TTL`].
     recent: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 /// How long answered request UIDs are remembered: past the API server's
 /// garbage collection of requests (~15 min) nothing stale can arrive.
 const RECENT_TTL: Duration = Duration::from_secs(20 * 60);
+/// Answered request UIDs kept at most (about 100 bytes each) before older
+/// ones are dropped.
+const RECENT_MAX: usize = 16_384;
 
 type Key = (String, String);
 
@@ -401,6 +405,7 @@ fn start_session(shared: &Arc<Shared>) -> JoinSet<()> {
                         offer(&shared, &queue, request);
                     }
                     Ok(watcher::Event::Delete(request)) => {
+                        shared.forget(&request);
                         if let Some(key) = key_of(&request) {
                             queue.remove(&key);
                         }
@@ -452,7 +457,12 @@ fn offer(
     queue: &WorkQueue<Key, Arc<PodCertificateRequest>>,
     request: PodCertificateRequest,
 ) {
-    if is_terminal(&request) || shared.answered_recently(&request) {
+    if is_terminal(&request) {
+        // The watch has caught up with the answer: nothing stale can follow.
+        shared.forget(&request);
+        return;
+    }
+    if shared.answered_recently(&request) {
         return;
     }
     if !shared
@@ -475,14 +485,27 @@ impl Shared {
         lock(&self.recent).contains_key(uid)
     }
 
+    fn forget(&self, request: &PodCertificateRequest) {
+        if let Some(uid) = request.metadata.uid.as_deref() {
+            lock(&self.recent).remove(uid);
+        }
+    }
+
     fn remember(&self, request: &PodCertificateRequest) {
         let Some(uid) = request.metadata.uid.clone() else {
             return;
         };
         let now = tokio::time::Instant::now();
         let mut recent = lock(&self.recent);
-        if recent.len() >= 4096 {
+        if recent.len() >= RECENT_MAX {
             recent.retain(|_, at| now.duration_since(*at) < RECENT_TTL);
+            if recent.len() >= RECENT_MAX {
+                // Stale events arrive within moments of a write; entries
+                // this old only save a wasted signature, and the status
+                // write's resourceVersion precondition still refuses a
+                // second answer.
+                recent.retain(|_, at| now.duration_since(*at) < Duration::from_secs(10));
+            }
         }
         recent.insert(uid, now);
     }
