@@ -575,19 +575,27 @@ pub struct Csi {
     pub identity: IdentityClient<Channel>,
 }
 
+/// A gRPC channel over the Unix socket at `path` (as the kubelet dials its
+/// plugins).
+pub async fn unix_channel(path: &Path) -> Result<Channel> {
+    let path = path.to_owned();
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
 impl Csi {
     /// Connects to the socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self> {
-        let path = path.to_owned();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
+        let channel = unix_channel(path)
             .await
             .context("connect to the CSI socket")?;
         Ok(Self {

@@ -13,22 +13,13 @@ use credlet_proto::csi::GetPluginInfoRequest;
 use credlet_proto::pluginregistration::registration_client::RegistrationClient;
 use credlet_proto::pluginregistration::{InfoRequest, RegistrationStatus};
 use credlet_tests::agent_bin;
-use credlet_tests::harness::{Csi, TestEnv, wait_until};
-use tonic::transport::{Channel, Endpoint, Uri};
+use credlet_tests::harness::{Csi, TestEnv, unix_channel, wait_until};
+use tonic::transport::Channel;
 
 const DRIVER: &str = "csi.credlet.io";
 
 async fn connect(path: &Path) -> Result<RegistrationClient<Channel>> {
-    let path = path.to_owned();
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    let channel = unix_channel(path)
         .await
         .context("connect to the registration socket")?;
     Ok(RegistrationClient::new(channel))
