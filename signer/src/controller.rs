@@ -535,7 +535,9 @@ async fn handle(
             return None;
         }
         if !shared.leadership.is_leading() {
-            return None;
+            // Put back: a lapse that ends in a renewal keeps this session
+            // running, and no watch event would bring the request again.
+            return Some(current);
         }
         attempt += 1;
         let result = match answer(shared, &current).await {
@@ -544,6 +546,7 @@ async fn handle(
         };
         match result {
             Ok(Written::Done) => return None,
+            Ok(Written::NotLeading) => return Some(current),
             Ok(Written::Conflict(fresh)) => {
                 // Someone else wrote: the fresh object decides.
                 current = Arc::new(*fresh);
@@ -850,6 +853,8 @@ fn condition(
 
 enum Written {
     Done,
+    /// Not written: this replica did not lead at the write.
+    NotLeading,
     /// 409: the object as it is now.
     Conflict(Box<PodCertificateRequest>),
 }
@@ -892,7 +897,7 @@ async fn write(
     let api = shared.api(&namespace);
     // The fence: a replica past its renew deadline writes nothing.
     if !shared.leadership.is_leading() {
-        return Ok(Written::Done);
+        return Ok(Written::NotLeading);
     }
     let written = call(
         || format!("update podcertificaterequest {namespace}/{name} status"),
@@ -1107,6 +1112,59 @@ mod tests {
             Duration::from_secs(48 * 3600)
         );
         assert_eq!(lifetime(&policy, Duration::from_secs(60)), MIN_LIFETIME);
+    }
+
+    /// A request met while leadership has lapsed is put back, not dropped:
+    /// if the lapse ends in a renewal the session goes on and no watch event
+    /// would bring the request again.
+    #[tokio::test]
+    async fn requests_met_while_not_leading_are_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, cert, key) = credlet_ca::Authority::generate_self_signed_with_pems(
+            credlet_ca::Policy::new("cluster.local"),
+        )
+        .unwrap();
+        let files = credlet_ca_service::KeyFiles {
+            cert: dir.path().join("ca.crt"),
+            key: dir.path().join("ca.key"),
+            chain: None,
+        };
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key.as_bytes()).unwrap();
+        let policy = ServicePolicy::new("cluster.local");
+        let keys = KeyStore::load(files, policy.ca_policy()).unwrap();
+        let client =
+            kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+                .unwrap();
+        let settings = SignerSettings::new(vec!["credlet.io/pods".into()], "ca-0");
+        let shared = Arc::new(Shared {
+            events: EventSink::start(client.clone(), 0, settings.api_timeout),
+            client,
+            version: ApiVersion::V1beta1,
+            keys,
+            policy: Arc::new(policy),
+            leadership: Leadership::lapsed(),
+            settings,
+            metrics: SignerMetrics::default(),
+            recent: Mutex::new(HashMap::new()),
+        });
+        let mut request = PodCertificateRequest::default();
+        request.metadata.namespace = Some("team-a".into());
+        request.metadata.name = Some("req-1".into());
+        request.metadata.uid = Some("uid-1".into());
+        request.spec.signer_name = "credlet.io/pods".into();
+        let request = Arc::new(request);
+
+        assert!(handle(&shared, Arc::clone(&request)).await.is_some());
+        let answer = Answer::Denied {
+            reason: "InvalidRequest",
+            message: "test".into(),
+        };
+        assert!(matches!(
+            write(&shared, &request, answer).await,
+            Ok(Written::NotLeading)
+        ));
+        assert!(!shared.answered_recently(&request));
     }
 
     #[test]

@@ -136,6 +136,19 @@ impl Leadership {
         }
     }
 
+    /// Leadership whose deadline has just passed, as between a late renewal
+    /// and its success.
+    #[cfg(test)]
+    pub(crate) fn lapsed() -> Self {
+        let (tx, rx) = watch::channel(State {
+            leading_until: Some(Instant::now()),
+        });
+        Self {
+            state: rx,
+            _always: Some(Arc::new(tx)),
+        }
+    }
+
     /// Whether this replica leads *now*: it holds the Lease and its last
     /// renewal started less than the renew deadline ago. Checked before
     /// every write.
