@@ -17,6 +17,9 @@ use prometheus_client::registry::Registry;
 use crate::config::CaConfig;
 use crate::health::HealthState;
 
+/// Longest wait for the signer to stop and release its Lease at shutdown.
+const SIGNER_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the CA service until `shutdown` completes, then drains (bounded by
 /// the configured drain timeout).
 pub async fn run(config: CaConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -97,13 +100,20 @@ pub async fn run(config: CaConfig, shutdown: impl Future<Output = ()>) -> anyhow
         result = &mut serve => Some(result),
         () = shutdown => None,
     };
-    if let Some(signer) = signer
-        && let Err(error) = signer.shutdown().await
-    {
-        tracing::warn!(
-            error = %error,
-            "releasing the signer Lease failed; another replica takes over after it expires"
-        );
+    // Bounded: a slow API server must not eat the pod's termination grace
+    // period; an unreleased Lease just expires.
+    if let Some(signer) = signer {
+        match tokio::time::timeout(SIGNER_RELEASE_TIMEOUT, signer.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                error = %error,
+                "releasing the signer Lease failed; another replica takes over after it expires"
+            ),
+            Err(_) => tracing::warn!(
+                timeout = ?SIGNER_RELEASE_TIMEOUT,
+                "releasing the signer Lease timed out; another replica takes over after it expires"
+            ),
+        }
     }
     let result = match served {
         Some(result) => result.context("serving the CA API"),

@@ -464,7 +464,13 @@ async fn campaign(shared: Arc<Shared>, mut stop: tokio::sync::oneshot::Receiver<
                 .max(Duration::from_millis(100)),
             None => settings.retry_period,
         };
-        match shared.try_acquire_or_renew(&mut observed, timeout).await {
+        // A stop does not wait for an API call in flight (up to the renew
+        // deadline): `release` settles the Lease with its own request.
+        let attempt = tokio::select! {
+            _ = &mut stop => return,
+            attempt = shared.try_acquire_or_renew(&mut observed, timeout) => attempt,
+        };
+        match attempt {
             Ok(true) => shared.set_leading(Some(started + settings.renew_deadline)),
             Ok(false) => {
                 if leading_until.is_some() {

@@ -766,3 +766,50 @@ async fn a_ca_that_cannot_sign_the_lifetime_fails_the_request() -> anyhow::Resul
     signer.shutdown().await?;
     Ok(())
 }
+
+/// SIGTERM does not wait for a Lease request the API server is slow to
+/// answer: the campaign stops at once and the release settles the Lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_slow_lease_request() -> anyhow::Result<()> {
+    let cluster = Cluster::new()?;
+    let mut settings = cluster.settings("ca-a");
+    if let Some(lease) = &mut settings.lease {
+        lease.lease_duration = Duration::from_secs(30);
+        lease.renew_deadline = Duration::from_secs(20);
+        lease.retry_period = Duration::from_millis(200);
+    }
+    let a = cluster.start(settings, SignerMetrics::default()).await?;
+    wait_for("ca-a to lead", Duration::from_secs(10), || {
+        a.leadership().is_leading()
+    })
+    .await?;
+    // The next renewal hangs for 15 s at the API server.
+    cluster
+        .server
+        .delay_requests("PUT", "/leases/credlet-signer", 1, Duration::from_secs(15));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = tokio::time::Instant::now();
+    a.shutdown().await?;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown waited {took:?} for a Lease request in flight"
+    );
+    let lease = cluster
+        .server
+        .get(
+            "coordination.k8s.io/v1",
+            "Lease",
+            Some("credlet"),
+            "credlet-signer",
+        )
+        .expect("lease");
+    assert!(
+        lease
+            .pointer("/spec/holderIdentity")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty),
+        "released: {lease}"
+    );
+    Ok(())
+}
