@@ -400,22 +400,7 @@ async fn a_released_lease_is_taken_over_at_once() -> anyhow::Result<()> {
     assert!(!b.leadership().is_leading());
     let released_at = tokio::time::Instant::now();
     a.shutdown().await?;
-    let lease = cluster
-        .server
-        .get(
-            "coordination.k8s.io/v1",
-            "Lease",
-            Some("credlet"),
-            "credlet-signer",
-        )
-        .expect("lease");
-    assert!(
-        lease
-            .pointer("/spec/holderIdentity")
-            .and_then(Value::as_str)
-            .is_none_or(str::is_empty),
-        "released: {lease}"
-    );
+    assert_lease_released(&cluster);
     wait_for("ca-b to lead", Duration::from_secs(5), || {
         b.leadership().is_leading()
     })
@@ -795,6 +780,12 @@ async fn shutdown_does_not_wait_for_a_slow_lease_request() -> anyhow::Result<()>
         took < Duration::from_secs(5),
         "shutdown waited {took:?} for a Lease request in flight"
     );
+    assert_lease_released(&cluster);
+    Ok(())
+}
+
+/// The signer's Lease has no holder (released).
+fn assert_lease_released(cluster: &Cluster) {
     let lease = cluster
         .server
         .get(
@@ -811,5 +802,4 @@ async fn shutdown_does_not_wait_for_a_slow_lease_request() -> anyhow::Result<()>
             .is_none_or(str::is_empty),
         "released: {lease}"
     );
-    Ok(())
 }
