@@ -826,9 +826,11 @@ impl CaArgs {
             .parse()
             .map_err(|e| err(format!("--signer-api-version: {e}")))?;
         signer.workers = self.signer_workers;
-        signer
-            .validate()
-            .map_err(|e| err(format!("--signer-workers: {e}")))?;
+        signer.validate().map_err(|e| {
+            err(format!(
+                "--signer-name / --signer-workers / --leader-election-identity: {e}"
+            ))
+        })?;
         let duration = |flag: &str, value: &str| {
             credlet_csi::attributes::parse_duration(value).map_err(|e| err(format!("{flag}: {e}")))
         };
@@ -863,6 +865,9 @@ impl CaArgs {
             }
             let mut publisher = PublisherSettings::new(names);
             publisher.name_suffix = suffix.to_owned();
+            publisher
+                .validate()
+                .map_err(|e| err(format!("--trust-bundle-suffix: {e}")))?;
             Some(publisher)
         };
         Ok(Some(credlet_signer::SignerRuntimeSettings {

@@ -160,9 +160,20 @@ impl SignerSettings {
         if self.instance.is_empty() {
             return bad("the instance identity must not be empty".into());
         }
+        // Events carry it as `reportingInstance`, which the API server
+        // caps at 128 characters: a longer one would fail every Event.
+        if self.instance.len() > MAX_REPORTING_INSTANCE_LEN {
+            return bad(format!(
+                "the instance identity is {} characters; Events allow at most {MAX_REPORTING_INSTANCE_LEN}",
+                self.instance.len()
+            ));
+        }
         Ok(())
     }
 }
+
+/// Longest `reportingInstance` the API server accepts on an Event.
+pub const MAX_REPORTING_INSTANCE_LEN: usize = 128;
 
 /// A signer name: a DNS subdomain, `/`, then a path of at least one
 /// character without `:` (the API's rule).

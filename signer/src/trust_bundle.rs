@@ -38,6 +38,9 @@ pub fn bundle_name(signer_name: &str, suffix: &str) -> String {
     format!("{}:{suffix}", signer_name.replace('/', ":"))
 }
 
+/// Longest object name the API server accepts for a ClusterTrustBundle.
+pub const MAX_BUNDLE_NAME_LEN: usize = 253;
+
 /// How bundles are published.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PublisherSettings {
@@ -60,6 +63,25 @@ impl PublisherSettings {
             resync: Duration::from_secs(60),
             api_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+impl PublisherSettings {
+    /// Checks that every bundle name fits the API's limit (a long signer
+    /// name plus the suffix could exceed it and then fail at every resync).
+    pub fn validate(&self) -> Result<(), SignerError> {
+        for signer in &self.signer_names {
+            let name = bundle_name(signer, &self.name_suffix);
+            if name.len() > MAX_BUNDLE_NAME_LEN {
+                return Err(SignerError::Config {
+                    reason: format!(
+                        "the ClusterTrustBundle name for signer {signer:?} would be {} characters (at most {MAX_BUNDLE_NAME_LEN}); shorten the signer name or the suffix",
+                        name.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -226,6 +226,9 @@ fn invalid_ca_configuration_exits_64_with_a_clear_message() {
         args
     };
     let missing = path(&missing);
+    // A valid signer name whose ClusterTrustBundle name would be too long.
+    let long_signer = format!("credlet.io/{}", "p".repeat(250));
+    let long_identity = "i".repeat(129);
     let cases: Vec<(&str, Vec<String>, &[&str])> = vec![
         (
             "bad listen address",
@@ -279,6 +282,24 @@ fn invalid_ca_configuration_exits_64_with_a_clear_message() {
             "empty server name",
             valid(&[("--server-name", Some(" "))]),
             &["--server-name", "empty"],
+        ),
+        (
+            "signer name without a path",
+            valid(&[("--signer-name", Some("credlet.io"))]),
+            &["--signer-name", "<domain>/<path>"],
+        ),
+        (
+            "trust bundle name over the API's limit",
+            valid(&[("--signer-name", Some(long_signer.as_str()))]),
+            &["--trust-bundle-suffix", "253"],
+        ),
+        (
+            "leader identity too long for Events",
+            valid(&[
+                ("--signer-name", Some("credlet.io/pods")),
+                ("--leader-election-identity", Some(long_identity.as_str())),
+            ]),
+            &["--leader-election-identity", "128"],
         ),
     ];
     for (name, args, mentions) in cases {
