@@ -558,7 +558,15 @@ async fn upstream_fixtures_round_trip_through_kube() {
     let load = |file: &str| -> Option<Value> {
         let text = std::fs::read_to_string(dir.join(file)).ok()?;
         let mut v: Value = serde_json::from_str(&text).ok()?;
-        v["metadata"]["name"] = json!("fixture");
+        // A ClusterTrustBundle linked to a signer must carry the signer's
+        // name as its prefix, as the real API server insists.
+        let name = match v["spec"]["signerName"].as_str() {
+            Some(signer) if v["kind"] == "ClusterTrustBundle" => {
+                format!("{}:fixture", signer.replace('/', ":"))
+            }
+            _ => "fixture".to_owned(),
+        };
+        v["metadata"]["name"] = json!(name);
         if v["metadata"].get("namespace").is_some() {
             v["metadata"]["namespace"] = json!("namespaceValue");
         }
@@ -575,7 +583,8 @@ async fn upstream_fixtures_round_trip_through_kube() {
             + serde::Serialize,
     {
         let stored = server.create(&fixture).unwrap();
-        let typed = api.get("fixture").await.unwrap();
+        let name = fixture["metadata"]["name"].as_str().unwrap();
+        let typed = api.get(name).await.unwrap();
         let back = serde_json::to_value(&typed).unwrap();
         let mut diffs = Vec::new();
         subset_diffs(&back, &stored, "", &mut diffs);
