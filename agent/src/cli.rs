@@ -49,7 +49,11 @@ pub fn main() -> ExitCode {
 
 /// Runtime threads: `CREDLET_WORKER_THREADS`, default 1. A node agent's work
 /// is short CPU bursts; one thread avoids cross-thread wake-ups, which cost
-/// more than the work itself.
+/// more than the work itself. One thread means tokio's current-thread
+/// scheduler: a task it wakes runs after the tasks already queued, so the
+/// HTTP/2 connection task writes the answers of many finished calls in one
+/// `writev` instead of one each (the multi-thread scheduler's LIFO slot runs
+/// it straight after every call).
 fn worker_threads() -> usize {
     std::env::var("CREDLET_WORKER_THREADS")
         .ok()
@@ -59,11 +63,15 @@ fn worker_threads() -> usize {
 }
 
 fn run_async(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads())
-        .enable_all()
-        .build()
-    {
+    let threads = worker_threads();
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("credlet: cannot start the async runtime: {error}");
