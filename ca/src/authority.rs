@@ -300,6 +300,30 @@ impl Authority {
         )
     }
 
+    /// Signs a leaf for `request.identity` certifying the public half of
+    /// `key`, a key held in this process: possession needs no proof, so no
+    /// CSR is built or verified (the in-process issuer of `--dev-ca` and the
+    /// demo). Everything else is as in [`Authority::issue`], including the
+    /// key type check; `request.csr_der` is not read.
+    pub fn issue_for_own_key(
+        &self,
+        key: &PrivateKey,
+        request: &IssuanceRequest,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let spiffe_id = self.policy.check_request(request)?;
+        self.policy.check_key_type(key.key_type())?;
+        self.sign_leaf(
+            key,
+            spiffe_id.into_owned(),
+            &request.dns_names,
+            &request.ip_addresses,
+            request.common_name.as_deref(),
+            request.duration,
+            now,
+        )
+    }
+
     /// Signs a leaf for `request.identity` certifying `key`, a public key
     /// whose possession was proven without a CSR of credlet's own (a
     /// Kubernetes PodCertificateRequest's `pkixPublicKey` with its proof, or
@@ -464,6 +488,12 @@ trait SubjectKey {
 impl SubjectKey for VerifiedCsr {
     fn rcgen_key(&self) -> impl rcgen::PublicKeyData + '_ {
         self.rcgen_public_key()
+    }
+}
+
+impl SubjectKey for PrivateKey {
+    fn rcgen_key(&self) -> impl rcgen::PublicKeyData + '_ {
+        self.material()
     }
 }
 

@@ -748,3 +748,60 @@ fn component_certificates_carry_only_credlet_uris() {
         assert!(err.is_client_error(), "{uri}: {err}");
     }
 }
+
+/// A key held in this process is certified without a CSR, with the same
+/// leaf as the CSR path and the same policy (names and key types).
+#[test]
+fn own_key_issuance_matches_csr_issuance() {
+    let authority = dev_ca();
+    let roots = [first_der(authority.trust_bundle_pem())];
+    for key_type in KeyType::ALL {
+        let (key, der) = csr(key_type);
+        let now = SystemTime::now();
+        let request = request_for(der);
+        let by_csr = authority.issue(&request, now).unwrap();
+        let without_csr = request_for(Vec::new());
+        let by_key = authority
+            .issue_for_own_key(&key, &without_csr, now)
+            .unwrap();
+
+        let leaf_by_key = inspect_leaf(&by_key.chain_pem).unwrap();
+        let leaf_by_csr = inspect_leaf(&by_csr.chain_pem).unwrap();
+        assert_eq!(leaf_by_key.public_key_der, key.public_key_der());
+        assert_eq!(leaf_by_key.uris, leaf_by_csr.uris);
+        assert_eq!(leaf_by_key.dns_names, leaf_by_csr.dns_names);
+        assert_eq!(leaf_by_key.not_after, leaf_by_csr.not_after);
+        let chain = [first_der(&by_key.chain_pem)];
+        crate::inspect::verify_ders(&chain, &roots, now, false).unwrap();
+
+        // A leaf with the same TBS fields except key and serial: the
+        // extensions are identical in count and order.
+        let (_, a) = x509_parser::certificate::X509Certificate::from_der(&chain[0]).unwrap();
+        let csr_der = first_der(&by_csr.chain_pem);
+        let (_, b) = x509_parser::certificate::X509Certificate::from_der(&csr_der).unwrap();
+        let oids = |c: &x509_parser::certificate::X509Certificate<'_>| {
+            c.extensions()
+                .iter()
+                .map(|e| (e.oid.to_id_string(), e.critical))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(oids(&a), oids(&b));
+    }
+
+    let mut policy = Policy::new("cluster.local");
+    policy.allowed_key_types = vec![KeyType::EcdsaP256];
+    let narrow = Authority::generate_self_signed(policy).unwrap();
+    let ed = PrivateKey::generate(KeyType::Ed25519).unwrap();
+    let request = request_for(Vec::new());
+    assert!(matches!(
+        narrow.issue_for_own_key(&ed, &request, SystemTime::now()),
+        Err(IssueError::Policy(PolicyError::KeyTypeNotAllowed { .. }))
+    ));
+    let p256 = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let mut outside = request_for(Vec::new());
+    outside.dns_names = vec!["*.evil.example".into()];
+    assert!(matches!(
+        narrow.issue_for_own_key(&p256, &outside, SystemTime::now()),
+        Err(IssueError::Policy(_))
+    ));
+}

@@ -1,4 +1,4 @@
-//! The `Issuer` seam: where a CSR and a pod identity become a certificate.
+//! The `Issuer` seam: where a key and a pod identity become a certificate.
 //!
 //! [`EmbeddedIssuer`] signs in-process with a [`credlet_ca::Authority`] (the
 //! `--dev-ca` mode and the demo); [`crate::remote::RemoteIssuer`] asks
@@ -10,17 +10,20 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use credlet_ca::{Authority, IssuanceRequest, IssueError};
+use credlet_ca::{Authority, IssuanceRequest, IssueError, PrivateKey};
 
 use crate::attributes::{RenewBefore, ServiceAccountToken};
 
 /// A boxed future, so issuers can be used as `dyn Issuer`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// One request to an issuer.
+/// One request to an issuer. The key to certify travels beside it (see
+/// [`Issuer::issue`]).
 #[derive(Debug)]
 pub struct IssueRequest {
-    /// CSR, pod identity as claimed by the kubelet, names and lifetime.
+    /// Pod identity as claimed by the kubelet, names and lifetime. Its
+    /// `csr_der` is empty: each issuer proves possession of the key the way
+    /// it needs to.
     pub request: IssuanceRequest,
     /// The pod's service account token for the CA's audience, if the kubelet
     /// sent one. The identity the CA trusts comes from this token.
@@ -110,8 +113,14 @@ impl IssuerError {
 
 /// Signs pod certificates.
 pub trait Issuer: Send + Sync + fmt::Debug + 'static {
-    /// Issues a certificate for the request.
-    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>>;
+    /// Issues a certificate for `key`'s public half. A remote issuer sends
+    /// a CSR signed with `key` (the proof of possession); the in-process one
+    /// needs no proof. The key never leaves the process.
+    fn issue<'a>(
+        &'a self,
+        key: &'a PrivateKey,
+        request: IssueRequest,
+    ) -> BoxFuture<'a, Result<Issued, IssuerError>>;
 
     /// Whether the issuer can serve requests now (CSI `Probe` readiness).
     fn is_ready(&self) -> bool;
@@ -149,19 +158,24 @@ impl EmbeddedIssuer {
         }
     }
 
-    /// Signs synchronously (used by benchmarks and the async wrapper).
-    pub fn issue_now(&self, request: &IssuanceRequest) -> Result<Issued, IssuerError> {
-        let issued =
-            self.authority
-                .issue(request, SystemTime::now())
-                .map_err(|error| match error {
-                    IssueError::Csr(_) | IssueError::Policy(_) => IssuerError::Refused {
-                        reason: error.to_string(),
-                    },
-                    other => IssuerError::Internal {
-                        reason: other.to_string(),
-                    },
-                })?;
+    /// Signs synchronously (used by benchmarks and the async wrapper). The
+    /// key is in this process, so no CSR is built or verified.
+    pub fn issue_now(
+        &self,
+        key: &PrivateKey,
+        request: &IssuanceRequest,
+    ) -> Result<Issued, IssuerError> {
+        let issued = self
+            .authority
+            .issue_for_own_key(key, request, SystemTime::now())
+            .map_err(|error| match error {
+                IssueError::Csr(_) | IssueError::Policy(_) => IssuerError::Refused {
+                    reason: error.to_string(),
+                },
+                other => IssuerError::Internal {
+                    reason: other.to_string(),
+                },
+            })?;
         Ok(Issued {
             chain_pem: issued.chain_pem,
             trust_bundle_pem: Arc::clone(&self.trust_bundle),
@@ -174,8 +188,12 @@ impl EmbeddedIssuer {
 }
 
 impl Issuer for EmbeddedIssuer {
-    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>> {
-        Box::pin(async move { self.issue_now(&request.request) })
+    fn issue<'a>(
+        &'a self,
+        key: &'a PrivateKey,
+        request: IssueRequest,
+    ) -> BoxFuture<'a, Result<Issued, IssuerError>> {
+        Box::pin(async move { self.issue_now(key, &request.request) })
     }
 
     fn is_ready(&self) -> bool {

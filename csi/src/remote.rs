@@ -874,7 +874,11 @@ fn renew_before_fields(renew_before: RenewBefore) -> (u64, u32) {
 }
 
 impl Issuer for RemoteIssuer {
-    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>> {
+    fn issue<'a>(
+        &'a self,
+        key: &'a PrivateKey,
+        request: IssueRequest,
+    ) -> BoxFuture<'a, Result<Issued, IssuerError>> {
         Box::pin(async move {
             let Some(mut client) = self.pod_client().filter(|_| self.is_ready()) else {
                 return Err(Self::not_ready());
@@ -886,9 +890,15 @@ impl Issuer for RemoteIssuer {
             };
             let (renew_before_seconds, renew_before_percent) =
                 renew_before_fields(request.renew_before);
+            // The proof of possession.
+            let csr_der =
+                key.certificate_signing_request()
+                    .map_err(|error| IssuerError::Internal {
+                        reason: format!("building the certificate signing request: {error}"),
+                    })?;
             let identity = request.request.identity;
             let mut call_request = tonic::Request::new(IssuePodCertificateRequest {
-                csr_der: request.request.csr_der,
+                csr_der,
                 token: token.token.as_str().to_owned(),
                 pod_namespace: identity.namespace,
                 pod_name: identity.name,

@@ -551,10 +551,9 @@ impl VolumeManager {
             source,
         };
         let key = PrivateKey::generate(volume.attributes.key_type).map_err(crypto)?;
-        let csr_der = key.certificate_signing_request().map_err(crypto)?;
         let request = IssueRequest {
             request: IssuanceRequest {
-                csr_der,
+                csr_der: Vec::new(),
                 identity: volume.pod.clone(),
                 spiffe_id: Some(volume.names.spiffe_id.clone()),
                 dns_names: volume.names.dns_names.clone(),
@@ -572,7 +571,7 @@ impl VolumeManager {
         };
         let issued = self
             .issuer
-            .issue(request)
+            .issue(&key, request)
             .await
             .map_err(|source| Error::Issue {
                 volume_id: id.to_string(),

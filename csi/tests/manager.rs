@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use credlet_ca::{Authority, Policy};
+use credlet_ca::{Authority, Policy, PrivateKey};
 use credlet_csi::attributes as attr;
 use credlet_csi::fsops::PlainDirectories;
 use credlet_csi::issuer::{BoxFuture, IssueRequest, Issued, IssuerError};
@@ -29,7 +29,11 @@ struct SwitchableIssuer {
 }
 
 impl Issuer for SwitchableIssuer {
-    fn issue(&self, request: IssueRequest) -> BoxFuture<'_, Result<Issued, IssuerError>> {
+    fn issue<'a>(
+        &'a self,
+        key: &'a PrivateKey,
+        request: IssueRequest,
+    ) -> BoxFuture<'a, Result<Issued, IssuerError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Box::pin(async {
@@ -38,7 +42,7 @@ impl Issuer for SwitchableIssuer {
                 })
             });
         }
-        self.inner.issue(request)
+        self.inner.issue(key, request)
     }
     fn is_ready(&self) -> bool {
         true
