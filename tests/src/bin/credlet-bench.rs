@@ -35,6 +35,8 @@
 //! chosen from a pilot run so no volume renews before publishing ends),
 //! `CREDLET_BENCH_STATE_ON_TMPFS=0` (state directory on the temporary
 //! directory's disk instead of a tmpfs like the default `/run/credlet`),
+//! `CREDLET_BENCH_TMPDIR_FS=host` (keep `TMPDIR` instead of a fresh
+//! journaled ext4 loop filesystem for it, see [`on_journaled_tmpdir`]),
 //! `CREDLET_BENCH_CA_REQUESTS` (IssuePodCertificate calls per `ca-issue`
 //! variant, default 20000), `CREDLET_BENCH_CA_CONCURRENCY` (concurrent
 //! streams on the one connection, default 64).
@@ -1129,6 +1131,59 @@ async fn run(which: &str) -> Result<()> {
     }
 }
 
+/// Set in the re-executed bench whose `TMPDIR` is ready.
+const TMPDIR_READY: &str = "CREDLET_BENCH_TMPDIR_READY";
+
+/// Runs the bench again with `TMPDIR` (the kubelet root, agent logs and
+/// test pods of every scenario) on a fresh ext4 filesystem with a journal,
+/// in a loop-mounted sparse file, and removes it afterwards.
+///
+/// A node's kubelet directory lives on a journaling filesystem. ext4 without
+/// a journal (the root filesystem of some virtual machines) checks, on every
+/// new inode, whether candidates were deleted in the last seconds and skips
+/// them; after the bench's own unpublishes that scan dominates `mkdir` of a
+/// target path, which is not what a node sees. `CREDLET_BENCH_TMPDIR_FS=host`
+/// keeps the inherited `TMPDIR`.
+fn on_journaled_tmpdir(which: &str) -> Result<ExitCode> {
+    use std::process::Command;
+    let holder = tempfile::Builder::new()
+        .prefix("credlet-bench-fs-")
+        .tempdir()?;
+    let image = holder.path().join("kubelet.ext4");
+    let mount_point = holder.path().join("mnt");
+    std::fs::create_dir(&mount_point)?;
+    std::fs::File::create(&image)?.set_len(2 << 30)?;
+    let run = |command: &mut Command| -> Result<()> {
+        let status = command
+            .status()
+            .with_context(|| format!("run {command:?}"))?;
+        ensure!(status.success(), "{command:?} exited with {status}");
+        Ok(())
+    };
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(&image))
+    .context("make the journaled test filesystem (or set CREDLET_BENCH_TMPDIR_FS=host)")?;
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&mount_point))?;
+    println!("(TMPDIR and the kubelet root on a fresh journaled ext4 loop filesystem)");
+    let status = Command::new(std::env::current_exe()?)
+        .arg(which)
+        .env("TMPDIR", &mount_point)
+        .env(TMPDIR_READY, "1")
+        .status();
+    let unmounted = run(Command::new("umount").arg(&mount_point));
+    let status = status.context("run the bench")?;
+    unmounted?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = match args.as_slice() {
@@ -1142,6 +1197,17 @@ fn main() -> ExitCode {
     if !rustix::process::geteuid().is_root() {
         eprintln!("credlet-bench: needs root (the agent mounts tmpfs volumes)");
         return ExitCode::from(2);
+    }
+    if std::env::var_os(TMPDIR_READY).is_none()
+        && std::env::var("CREDLET_BENCH_TMPDIR_FS").as_deref() != Ok("host")
+    {
+        return match on_journaled_tmpdir(&which) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("credlet-bench: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
