@@ -11,6 +11,8 @@ use prometheus_client::registry::Registry;
 pub enum Rpc {
     /// `IssuePodCertificate`.
     IssuePodCertificate,
+    /// One entry of `IssuePodCertificates`.
+    IssuePodCertificates,
     /// `IssueAgentCertificate`.
     IssueAgentCertificate,
 }

@@ -7,8 +7,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use credlet_ca::{IssuanceRequest, IssuedCertificate, PodIdentity, VerifiedCsr};
 use credlet_proto::ca::certificate_authority_server::CertificateAuthority;
 use credlet_proto::ca::{
-    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate as IssuedProto,
-    TrustBundle as TrustBundleProto, WatchTrustBundleRequest,
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuePodCertificateResult,
+    IssuePodCertificatesRequest, IssuePodCertificatesResponse, IssueRefusal,
+    IssuedCertificate as IssuedProto, TrustBundle as TrustBundleProto, WatchTrustBundleRequest,
+    issue_pod_certificate_result,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -20,6 +22,9 @@ use crate::pods::PodChecker;
 use crate::policy::{Facts, ServicePolicy, is_node_name, renew_at_unix_ms};
 use crate::tls::PeerInfo;
 use crate::tokens::{TokenVerifier, VerifiedToken};
+
+/// Most entries one `IssuePodCertificates` call may carry.
+pub const MAX_BATCH_ENTRIES: usize = 256;
 
 /// The CA service's handlers.
 pub struct CaService {
@@ -178,6 +183,80 @@ impl CaService {
         ))
     }
 
+    /// One pod certificate request with its metrics and denial log, as
+    /// both `IssuePodCertificate` and each entry of `IssuePodCertificates`
+    /// answer it.
+    async fn issue_pod_observed(
+        &self,
+        rpc: Rpc,
+        peer: Option<&PeerInfo>,
+        request: &IssuePodCertificateRequest,
+    ) -> Result<IssuedProto, Error> {
+        let started = Instant::now();
+        let result = self.issue_pod(peer, request).await;
+        self.metrics.observe(
+            rpc,
+            result.as_ref().map_or_else(Error::reason, |_| "Issued"),
+            started.elapsed(),
+        );
+        if let Err(error) = &result {
+            let pod = format!("{}/{}", request.pod_namespace, request.pod_name);
+            let name = match rpc {
+                Rpc::IssuePodCertificates => "IssuePodCertificates",
+                _ => "IssuePodCertificate",
+            };
+            log_denial(name, peer, &pod, error);
+        }
+        result
+    }
+
+    /// IssuePodCertificates without the gRPC wrapping: every entry answered
+    /// on its own, the trust bundle once.
+    pub async fn issue_pods(
+        &self,
+        peer: Option<&PeerInfo>,
+        batch: &IssuePodCertificatesRequest,
+    ) -> Result<IssuePodCertificatesResponse, Error> {
+        let entries = batch.requests.len();
+        if !(1..=MAX_BATCH_ENTRIES).contains(&entries) {
+            return Err(Error::InvalidField {
+                field: "requests",
+                reason: format!("{entries} entries; 1 to {MAX_BATCH_ENTRIES} are accepted"),
+            });
+        }
+        // Token reviews of different entries overlap; signing is CPU work
+        // and runs one entry after the other.
+        let answers = futures_util::future::join_all(
+            batch
+                .requests
+                .iter()
+                .map(|request| self.issue_pod_observed(Rpc::IssuePodCertificates, peer, request)),
+        )
+        .await;
+        let results = answers
+            .into_iter()
+            .map(|answer| IssuePodCertificateResult {
+                result: Some(match answer {
+                    Ok(mut issued) => {
+                        issued.trust_bundle_pem.clear();
+                        issue_pod_certificate_result::Result::Issued(issued)
+                    }
+                    Err(error) => {
+                        let status = tonic::Status::from(error);
+                        issue_pod_certificate_result::Result::Refused(IssueRefusal {
+                            code: status.code() as i32,
+                            message: status.message().to_owned(),
+                        })
+                    }
+                }),
+            })
+            .collect();
+        Ok(IssuePodCertificatesResponse {
+            results,
+            trust_bundle_pem: self.keys.trust_bundle().pem.clone(),
+        })
+    }
+
     fn answer(&self, issued: IssuedCertificate, before_s: u64, percent: u32) -> IssuedProto {
         let unix = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
@@ -278,18 +357,22 @@ impl CertificateAuthority for CaService {
     ) -> Result<Response<IssuedProto>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let body = request.into_inner();
-        let started = Instant::now();
-        let result = self.issue_pod(peer.as_ref(), &body).await;
-        self.metrics.observe(
-            Rpc::IssuePodCertificate,
-            result.as_ref().map_or_else(Error::reason, |_| "Issued"),
-            started.elapsed(),
-        );
-        match result {
-            Ok(issued) => Ok(Response::new(issued)),
+        self.issue_pod_observed(Rpc::IssuePodCertificate, peer.as_ref(), &body)
+            .await
+            .map(Response::new)
+            .map_err(Into::into)
+    }
+
+    async fn issue_pod_certificates(
+        &self,
+        request: Request<IssuePodCertificatesRequest>,
+    ) -> Result<Response<IssuePodCertificatesResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let body = request.into_inner();
+        match self.issue_pods(peer.as_ref(), &body).await {
+            Ok(answer) => Ok(Response::new(answer)),
             Err(error) => {
-                let pod = format!("{}/{}", body.pod_namespace, body.pod_name);
-                log_denial("IssuePodCertificate", peer.as_ref(), &pod, &error);
+                log_denial("IssuePodCertificates", peer.as_ref(), "", &error);
                 Err(error.into())
             }
         }

@@ -1334,3 +1334,111 @@ async fn without_the_pod_cache_every_check_gets_the_pod() -> Result<()> {
     );
     h.stop().await
 }
+
+/// `IssuePodCertificates`: every entry is answered as the single call
+/// would answer it, a denial fails only its own entry, the trust bundle
+/// comes once, and the batch size is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_are_answered_entry_by_entry() -> Result<()> {
+    use credlet_proto::ca::{
+        IssuePodCertificatesRequest, issue_pod_certificate_result::Result as Entry,
+    };
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let mut requests = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        let name = format!("web-{i}");
+        let uid = h.pod("team-a", &name, "web", "node-a")?;
+        let token = h.token("team-a", "web", &name, &uid, "node-a");
+        let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+        let mut request = pod_request(token, &["$POD_NAME.$POD_NAMESPACE.svc"]);
+        request.csr_der = key.certificate_signing_request()?;
+        request.pod_name = name;
+        requests.push(request);
+        keys.push(key);
+    }
+    // Entry 2 names another pod than its token; entry 4 asks for a name the
+    // policy does not allow.
+    requests[2].pod_name = "db-0".into();
+    requests[4].dns_name_templates = vec!["evil.example.com".into()];
+
+    let answer = agent
+        .issue_pod_certificates(IssuePodCertificatesRequest { requests })
+        .await?
+        .into_inner();
+    assert_eq!(answer.results.len(), 5);
+    assert_eq!(answer.trust_bundle_pem, h.bundle_pem());
+    for (i, entry) in answer.results.iter().enumerate() {
+        match (i, entry.result.as_ref().context("empty entry")?) {
+            (2, Entry::Refused(refusal)) => {
+                assert_eq!(refusal.code, Code::PermissionDenied as i32);
+                assert!(refusal.message.contains("pod_name"), "{}", refusal.message);
+            }
+            (4, Entry::Refused(refusal)) => {
+                assert_eq!(refusal.code, Code::PermissionDenied as i32);
+                assert!(
+                    refusal.message.contains("evil.example.com"),
+                    "{}",
+                    refusal.message
+                );
+            }
+            (0 | 1 | 3, Entry::Issued(issued)) => {
+                assert!(issued.trust_bundle_pem.is_empty(), "bundle repeated");
+                verify_chain(
+                    &issued.chain_pem,
+                    &answer.trust_bundle_pem,
+                    SystemTime::now(),
+                )?;
+                assert!(credlet_ca::key_matches_certificate(
+                    keys[i].pem(),
+                    &issued.chain_pem
+                )?);
+                let leaf = inspect_leaf(&issued.chain_pem)?;
+                assert_eq!(leaf.dns_names, [format!("web-{i}.team-a.svc")]);
+            }
+            (i, other) => bail!("entry {i}: unexpected {other:?}"),
+        }
+    }
+
+    use credlet_ca_service::metrics::Rpc;
+    assert_eq!(h.metrics.count(Rpc::IssuePodCertificates, "Issued"), 3);
+    assert_eq!(
+        h.metrics
+            .count(Rpc::IssuePodCertificates, "TokenForAnotherPod"),
+        1
+    );
+    assert_eq!(h.metrics.count(Rpc::IssuePodCertificate, "Issued"), 0);
+
+    // Empty and oversized batches are refused as a whole.
+    expect_code(
+        agent
+            .issue_pod_certificates(IssuePodCertificatesRequest { requests: vec![] })
+            .await,
+        Code::InvalidArgument,
+        "1 to 256",
+    );
+    let one = pod_request(String::new(), &[]);
+    expect_code(
+        agent
+            .issue_pod_certificates(IssuePodCertificatesRequest {
+                requests: vec![one; 257],
+            })
+            .await,
+        Code::InvalidArgument,
+        "257 entries",
+    );
+    // Without a client certificate every entry is refused.
+    let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+    let answer = anonymous
+        .issue_pod_certificates(IssuePodCertificatesRequest {
+            requests: vec![pod_request(String::new(), &[])],
+        })
+        .await?
+        .into_inner();
+    assert!(matches!(
+        answer.results[0].result,
+        Some(Entry::Refused(ref r)) if r.code == Code::Unauthenticated as i32
+    ));
+    h.stop().await
+}

@@ -66,7 +66,7 @@ pub struct Issued {
 }
 
 /// Why an issuer did not issue.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum IssuerError {
     /// The issuer can not be reached or is not ready; retry later.
     #[error("issuer unavailable: {reason}")]

@@ -107,6 +107,8 @@ impl Metrics {
 pub enum CaRpc {
     /// `IssuePodCertificate`.
     IssuePodCertificate,
+    /// `IssuePodCertificates` (several pod certificates in one call).
+    IssuePodCertificates,
     /// `IssueAgentCertificate`.
     IssueAgentCertificate,
     /// Opening `WatchTrustBundle`.

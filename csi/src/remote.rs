@@ -44,6 +44,8 @@ use crate::metrics::{CaClientMetrics, CaRpc, code_label};
 use crate::schedule::{backoff, renewal_time, until};
 use crate::volumes::VolumeManager;
 
+mod coalesce;
+
 /// Default deadline of one CA call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -261,6 +263,8 @@ pub struct RemoteIssuer {
     /// certificate).
     bootstrap: CertificateAuthorityClient<Channel>,
     metrics: CaClientMetrics,
+    /// Pod certificate calls, coalesced under load.
+    calls: coalesce::Coalescer,
     /// Whether the trust bundle stream to the CA is open, and why not.
     link: std::sync::Mutex<Result<(), String>>,
 }
@@ -363,6 +367,8 @@ impl RemoteIssuer {
                 tls: tokio_rustls::TlsConnector::from(plain),
                 handshakes: Arc::clone(&handshakes),
             }));
+        let metrics = CaClientMetrics::default();
+        let config_timeout = config.timeout;
         Ok(Self {
             config,
             server_roots,
@@ -371,7 +377,8 @@ impl RemoteIssuer {
             identity,
             handshakes,
             pods: RwLock::new(None),
-            metrics: CaClientMetrics::default(),
+            calls: coalesce::Coalescer::new(config_timeout, metrics.clone()),
+            metrics,
             link: std::sync::Mutex::new(Err("not connected yet".into())),
             bootstrap,
         })
@@ -796,6 +803,37 @@ async fn call<T>(
     deadline: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, IssuerError> {
+    call_raw(metrics, rpc, deadline, call)
+        .await
+        .map_err(|error| error.into_issuer_error(deadline))
+}
+
+/// How a call failed, before it is mapped to an [`IssuerError`].
+enum CallError {
+    /// No answer before the deadline.
+    Timeout,
+    /// The CA's (or the connection's) status.
+    Status(tonic::Status),
+}
+
+impl CallError {
+    fn into_issuer_error(self, deadline: Duration) -> IssuerError {
+        match self {
+            Self::Timeout => IssuerError::Unavailable {
+                reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
+            },
+            Self::Status(status) => status_error(&status),
+        }
+    }
+}
+
+/// [`call`] with the failure unmapped.
+async fn call_raw<T>(
+    metrics: &CaClientMetrics,
+    rpc: CaRpc,
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CallError> {
     let started = std::time::Instant::now();
     let result = tokio::time::timeout(deadline, call).await;
     let outcome = match &result {
@@ -805,10 +843,8 @@ async fn call<T>(
     };
     metrics.observe(rpc, outcome, started.elapsed());
     match result {
-        Err(_) => Err(IssuerError::Unavailable {
-            reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
-        }),
-        Ok(Err(status)) => Err(status_error(&status)),
+        Err(_) => Err(CallError::Timeout),
+        Ok(Err(status)) => Err(CallError::Status(status)),
         Ok(Ok(answer)) => Ok(answer.into_inner()),
     }
 }
@@ -880,7 +916,7 @@ impl Issuer for RemoteIssuer {
         request: IssueRequest,
     ) -> BoxFuture<'a, Result<Issued, IssuerError>> {
         Box::pin(async move {
-            let Some(mut client) = self.pod_client().filter(|_| self.is_ready()) else {
+            let Some(client) = self.pod_client().filter(|_| self.is_ready()) else {
                 return Err(Self::not_ready());
             };
             let Some(token) = request.token else {
@@ -897,7 +933,7 @@ impl Issuer for RemoteIssuer {
                         reason: format!("building the certificate signing request: {error}"),
                     })?;
             let identity = request.request.identity;
-            let mut call_request = tonic::Request::new(IssuePodCertificateRequest {
+            let call_request = IssuePodCertificateRequest {
                 csr_der,
                 token: token.token.as_str().to_owned(),
                 pod_namespace: identity.namespace,
@@ -915,15 +951,14 @@ impl Issuer for RemoteIssuer {
                 duration_seconds: request.request.duration.as_secs(),
                 renew_before_seconds,
                 renew_before_percent,
-            });
-            call_request.set_timeout(self.config.timeout);
-            let answer = call(
-                &self.metrics,
-                CaRpc::IssuePodCertificate,
-                self.config.timeout,
-                client.issue_pod_certificate(call_request),
-            )
-            .await?;
+            };
+            // The deadline covers the wait for a call slot too.
+            let deadline = self.config.timeout;
+            let answer = tokio::time::timeout(deadline, self.calls.issue(client, call_request))
+                .await
+                .map_err(|_| IssuerError::Unavailable {
+                    reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
+                })??;
             convert(answer)
         })
     }

@@ -29,8 +29,8 @@ use credlet_proto::ca::certificate_authority_server::{
     CertificateAuthority, CertificateAuthorityServer,
 };
 use credlet_proto::ca::{
-    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuedCertificate, TrustBundle,
-    WatchTrustBundleRequest,
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuePodCertificatesRequest,
+    IssuePodCertificatesResponse, IssuedCertificate, TrustBundle, WatchTrustBundleRequest,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -62,6 +62,9 @@ struct TestCa {
     stall: AtomicBool,
     agent_calls: AtomicUsize,
     pod_calls: AtomicUsize,
+    /// `IssuePodCertificates` calls, answered `Unimplemented` as a CA
+    /// release before that call would.
+    batch_calls: AtomicUsize,
     seen: Mutex<Vec<SeenPod>>,
     bundle: watch::Sender<(u64, String)>,
     /// The renewal point sent with the last pod certificate.
@@ -220,6 +223,16 @@ impl CertificateAuthority for Service {
 
     type WatchTrustBundleStream =
         tokio_stream::wrappers::ReceiverStream<Result<TrustBundle, Status>>;
+
+    async fn issue_pod_certificates(
+        &self,
+        _request: Request<IssuePodCertificatesRequest>,
+    ) -> Result<Response<IssuePodCertificatesResponse>, Status> {
+        self.0.batch_calls.fetch_add(1, Ordering::SeqCst);
+        Err(Status::unimplemented(
+            "unknown method IssuePodCertificates for service credlet.ca.v1.CertificateAuthority",
+        ))
+    }
 
     async fn watch_trust_bundle(
         &self,
@@ -397,6 +410,7 @@ impl CaServer {
             stall: AtomicBool::new(false),
             agent_calls: AtomicUsize::new(0),
             pod_calls: AtomicUsize::new(0),
+            batch_calls: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             bundle: bundle_tx,
             last_renew_at_ms: Mutex::new(0),
@@ -845,4 +859,52 @@ async fn the_agent_certificate_is_renewed_and_used_for_new_connections() {
     assert!(last == second.serial_hex || last == current.serial_hex);
     // A new certificate means a new connection.
     assert!(fx.issuer.handshakes() > handshakes);
+}
+
+/// Publishes that queue up while calls are in flight go out as one
+/// `IssuePodCertificates`; a CA that does not know it (an older release)
+/// gets them again one by one, and the agent stops batching.
+#[tokio::test]
+async fn a_ca_without_batches_gets_single_calls() {
+    let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(5)).await;
+    let manager = fx.manager().await;
+    fx.bootstrap().await;
+    let publish_all = |round: usize| {
+        let manager = Arc::clone(&manager);
+        let requests: Vec<_> = (0..12)
+            .map(|i| {
+                let target = fx.target(&format!("r{round}-{i}"));
+                (
+                    target.clone(),
+                    fx.request(&format!("csi-{round}-{i}"), &target, Some(POD_TOKEN), &[]),
+                )
+            })
+            .collect();
+        async move {
+            let calls = requests.into_iter().map(|(target, request)| {
+                let manager = Arc::clone(&manager);
+                async move {
+                    manager.publish(request).await.expect("publish");
+                    target
+                }
+            });
+            futures_util::future::join_all(calls).await
+        }
+    };
+    let targets = publish_all(0).await;
+    assert_eq!(
+        fx.server.ca.batch_calls.load(Ordering::SeqCst),
+        1,
+        "twelve publishes at once: one batch attempt"
+    );
+    assert_eq!(fx.server.ca.pod_calls.load(Ordering::SeqCst), 12);
+    for target in &targets {
+        let key = std::fs::read_to_string(target.join("tls.key")).expect("key");
+        let chain = std::fs::read_to_string(target.join("tls.crt")).expect("chain");
+        assert!(credlet_ca::key_matches_certificate(&key, &chain).expect("parse"));
+    }
+    // Known now: no more batch attempts.
+    publish_all(1).await;
+    assert_eq!(fx.server.ca.batch_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(fx.server.ca.pod_calls.load(Ordering::SeqCst), 24);
 }

@@ -402,3 +402,78 @@ async fn sigterm_stops_the_ca_and_the_agent_with_exit_zero() -> Result<()> {
     );
     Ok(())
 }
+
+/// Publishes that arrive together reach the real CA partly as
+/// `IssuePodCertificates` batches; every volume gets its own valid
+/// certificate, and both sides count the batched calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    let ca_metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    ca.args.push("--metrics-listen".into());
+    ca.args.push(ca_metrics.to_string().into());
+    ca.start().await.expect("credlet ca listening");
+    cluster.write_agent_token(&cluster.agent_pod()?)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    let health: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let mut command = agent_command(&agent, &cluster, &ca);
+    command.arg("--health-listen").arg(health.to_string());
+    agent.spawn_command(command);
+    let csi = agent.wait_ready().await;
+
+    let mut volumes = Vec::new();
+    for i in 0..32 {
+        volumes.push(cluster.app(&agent, &format!("burst-{i}"))?.0);
+    }
+    let mut publishes = tokio::task::JoinSet::new();
+    for volume in volumes.clone() {
+        let csi = csi.clone();
+        publishes.spawn(async move { csi.publish(&volume).await });
+    }
+    while let Some(result) = publishes.join_next().await {
+        result?.expect("publish");
+    }
+    for volume in &volumes {
+        let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+        assert!(credlet_ca::key_matches_certificate(
+            &files.key,
+            &files.chain
+        )?);
+        verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
+    }
+
+    let (_, agent_side) = http_get(health, "/metrics")?;
+    let batches = metric_value(
+        &agent_side,
+        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificates",outcome="ok"}"#,
+    )
+    .unwrap_or(0.0);
+    let singles = metric_value(
+        &agent_side,
+        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="ok"}"#,
+    )
+    .unwrap_or(0.0);
+    assert!(batches >= 1.0, "no batch call:\n{agent_side}");
+    assert!(
+        singles + batches < 32.0,
+        "no fewer calls than publishes:\n{agent_side}"
+    );
+    let (_, ca_side) = http_get(ca_metrics, "/metrics")?;
+    let batched = metric_value(
+        &ca_side,
+        r#"credlet_ca_requests_total{rpc="IssuePodCertificates",outcome="Issued"}"#,
+    )
+    .unwrap_or(0.0);
+    let single = metric_value(
+        &ca_side,
+        r#"credlet_ca_requests_total{rpc="IssuePodCertificate",outcome="Issued"}"#,
+    )
+    .unwrap_or(0.0);
+    assert_eq!(batched + single, 32.0, "{ca_side}");
+    assert!(batched >= 2.0, "{ca_side}");
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
