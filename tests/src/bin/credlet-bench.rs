@@ -17,12 +17,16 @@
 //!   process), one HTTP/2 connection with many concurrent
 //!   IssuePodCertificate calls, for new pods (every call a TokenReview; the
 //!   pods from the CA's pod cache) and for renewals (tokens already in the
-//!   CA's review cache);
+//!   CA's review cache), each also in `IssuePodCertificates` batches of 64
+//!   with 2 calls open, as an agent under load sends them;
 //! - `csi-publish-remote`: NodePublishVolume latency with the agent asking
 //!   a real `credlet ca` on loopback (`--ca-url`);
 //! - `csi-rotation-remote`: agent and CA CPU for rotating many volumes
 //!   through that CA (`credlet ca --min-duration 1s` lets the volumes ask
 //!   for lifetimes of seconds);
+//! - `floors`: the crypto floor of DESIGN.md §6 measured again on this
+//!   machine now (keygen, CSR, CSR verify, leaf), so that every other
+//!   figure can be read against how fast the machine is today;
 //! - `all`: every one of them.
 //!
 //! Both processes are the `credlet-under-test` next to this executable.
@@ -51,7 +55,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, ensure};
 use credlet_ca::{KeyType, PrivateKey};
 use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
-use credlet_proto::ca::{IssueAgentCertificateRequest, IssuePodCertificateRequest};
+use credlet_proto::ca::{
+    IssueAgentCertificateRequest, IssuePodCertificateRequest, IssuePodCertificatesRequest,
+    issue_pod_certificate_result,
+};
 use credlet_tests::cluster::{CaProcess, Cluster, DNS_TEMPLATE, NODE, agent_command};
 use credlet_tests::harness::{
     CheckTime, Csi, Pod, TestEnv, Volume, check_volume, cpu_time, mounts_under, rss_kib,
@@ -86,6 +93,11 @@ const GOAL_CA_PER_CORE: f64 = 10_000.0;
 /// How many pods renew in the `ca-issue` renewal variant (their tokens
 /// stay in the CA's review cache, which holds 10,000).
 const CA_RENEWING_PODS: usize = 1000;
+/// Entries per IssuePodCertificates call in `ca-issue`'s batched variants
+/// (the agent's most).
+const CA_BATCH: usize = 64;
+/// Batch calls open at once (the agent's most).
+const CA_BATCH_CALLS: usize = 2;
 /// Lifetime of the CA-issued certificates in `ca-issue` and
 /// `csi-publish-remote`.
 const LONG_LIFETIME_S: u64 = 24 * 3600;
@@ -648,19 +660,106 @@ fn thousands(value: f64) -> String {
     out
 }
 
+/// How `ca-issue` sends its requests.
+#[derive(Clone, Copy, Debug)]
+enum CaCalls {
+    /// One IssuePodCertificate per certificate, this many in flight.
+    Single { concurrency: usize },
+    /// IssuePodCertificates with `size` entries, `in_flight` calls open
+    /// (what an agent under load sends).
+    Batched { size: usize, in_flight: usize },
+}
+
+/// Sends `requests` in batches of `size`, `in_flight` calls open; returns
+/// the wall time and every call's latency.
+async fn issue_batches(
+    client: &CertificateAuthorityClient<Channel>,
+    batches: &Arc<Vec<IssuePodCertificatesRequest>>,
+    in_flight: usize,
+) -> Result<(Duration, Vec<Duration>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..in_flight.max(1) {
+        let mut client = client.clone();
+        let batches = Arc::clone(batches);
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(batch) = batches.get(i) else {
+                    return Ok::<_, anyhow::Error>(latencies);
+                };
+                let batch = batch.clone();
+                let entries = batch.requests.len();
+                let call = Instant::now();
+                let answer = client
+                    .issue_pod_certificates(batch)
+                    .await
+                    .with_context(|| format!("IssuePodCertificates #{i}"))?
+                    .into_inner();
+                latencies.push(call.elapsed());
+                ensure!(
+                    answer.results.len() == entries
+                        && answer.results.iter().all(|r| matches!(
+                            r.result,
+                            Some(issue_pod_certificate_result::Result::Issued(_))
+                        )),
+                    "IssuePodCertificates #{i}: not every entry issued"
+                );
+            }
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        latencies.extend(result??);
+    }
+    let wall = started.elapsed();
+    latencies.sort();
+    Ok((wall, latencies))
+}
+
 /// One measured `ca-issue` run and its report.
 async fn measure_ca_issue(
     remote: &Remote,
     client: &CertificateAuthorityClient<Channel>,
     label: &str,
     requests: &Arc<Vec<IssuePodCertificateRequest>>,
-    concurrency: usize,
+    calls: CaCalls,
 ) -> Result<()> {
     let ca_pid = remote.ca_pid();
+    // Batches are cut before the clock.
+    let batches = match calls {
+        CaCalls::Batched { size, .. } => Arc::new(
+            requests
+                .chunks(size.max(1))
+                .map(|chunk| IssuePodCertificatesRequest {
+                    requests: chunk.to_vec(),
+                })
+                .collect::<Vec<_>>(),
+        ),
+        CaCalls::Single { .. } => Arc::new(Vec::new()),
+    };
     let (reviews_before, gets_before) = remote.cluster.api_calls();
     let ca_before = cpu_time(ca_pid)?;
     let own_before = cpu_time(std::process::id())?;
-    let (wall, latencies) = issue_all(client, requests, concurrency).await?;
+    let (wall, latencies) = match calls {
+        CaCalls::Single { concurrency } => issue_all(client, requests, concurrency).await?,
+        CaCalls::Batched { in_flight, .. } => issue_batches(client, &batches, in_flight).await?,
+    };
+    let (how, latency_of) = match calls {
+        CaCalls::Single { concurrency } => (
+            format!("{concurrency} streams on one HTTP/2 connection"),
+            format!("call latency with {concurrency} in flight"),
+        ),
+        CaCalls::Batched { size, in_flight } => (
+            format!(
+                "IssuePodCertificates of {size}, {in_flight} calls open on one HTTP/2 connection"
+            ),
+            format!("latency of a {size}-entry call with {in_flight} open"),
+        ),
+    };
     let ca_cpu = cpu_time(ca_pid)? - ca_before;
     let own_cpu = cpu_time(std::process::id())? - own_before;
     let (reviews_after, gets_after) = remote.cluster.api_calls();
@@ -674,7 +773,7 @@ async fn measure_ca_issue(
         &format!("ca-issue {label} wall"),
         &format!("{}/s", thousands(wall_rate)),
         &format!(
-            "{} calls, {concurrency} streams on one HTTP/2 connection, {:.2} s",
+            "{} certificates, {how}, {:.2} s",
             thousands(n),
             wall.as_secs_f64()
         ),
@@ -692,13 +791,13 @@ async fn measure_ca_issue(
     line(
         &format!("ca-issue {label} p50"),
         &ms(percentile(&latencies, 0.50)),
-        &format!("call latency with {concurrency} in flight"),
+        &latency_of,
     );
     line(
         &format!("ca-issue {label} p99"),
         &ms(percentile(&latencies, 0.99)),
         &format!(
-            "call latency with {concurrency} in flight; max {}",
+            "{latency_of}; max {}",
             ms(*latencies.last().unwrap_or(&Duration::ZERO))
         ),
     );
@@ -789,14 +888,46 @@ async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
         leaf.dns_names
     );
 
+    let single = CaCalls::Single { concurrency };
+    let batched = CaCalls::Batched {
+        size: CA_BATCH,
+        in_flight: CA_BATCH_CALLS,
+    };
     // (a) A burst of new pods: every token is new to the CA.
     issue_all(&client, &warm_up, concurrency).await?;
-    measure_ca_issue(remote, &client, "new pods", &new_requests, concurrency).await?;
+    measure_ca_issue(remote, &client, "new pods", &new_requests, single).await?;
 
     // (b) Renewals: the same pods' tokens again, reviewed once before the
     // clock (the new pods' tokens pushed them out of the review cache).
     issue_all(&client, &warm_up, concurrency).await?;
-    measure_ca_issue(remote, &client, "renewals", &renewal_requests, concurrency).await?;
+    measure_ca_issue(remote, &client, "renewals", &renewal_requests, single).await?;
+
+    // (c), (d): the same in IssuePodCertificates batches, as an agent sends
+    // the requests that queue up under load; new pods of their own.
+    let batch_requests: Arc<Vec<_>> = Arc::new(
+        (0..count)
+            .map(|i| remote.cluster.app_pod(&format!("b{i:05}")))
+            .zip(&csrs)
+            .map(|(pod, csr)| pod.map(|(pod, token)| pod_request(&pod, &token, csr.clone())))
+            .collect::<Result<Vec<_>>>()?,
+    );
+    measure_ca_issue(
+        remote,
+        &client,
+        "new pods batched",
+        &batch_requests,
+        batched,
+    )
+    .await?;
+    issue_all(&client, &warm_up, concurrency).await?;
+    measure_ca_issue(
+        remote,
+        &client,
+        "renewals batched",
+        &renewal_requests,
+        batched,
+    )
+    .await?;
     println!(
         "(renewals: {renewing} pods, each token reviewed once before the clock; pods from the CA's pod cache)"
     );
@@ -1072,8 +1203,87 @@ fn state_on_tmpfs(env: &TestEnv) -> Result<()> {
 
 /// Runs one scenario in a fresh environment; on failure prints the tail of
 /// the logs before the environment (and its mounts) goes away.
+/// Times `f` over `n` runs after a warm-up; the mean.
+fn time_each(n: u32, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    for _ in 0..n / 10 {
+        f()?;
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        f()?;
+    }
+    Ok(started.elapsed() / n)
+}
+
+/// The crypto floor of DESIGN.md §6 measured again now, on this machine,
+/// in this process: how fast this run's machine is next to the one the
+/// floors were measured on, and the most certificates per second a CA core
+/// could sign with ring if nothing but the proof-of-possession check and
+/// the leaf signature cost anything.
+fn bench_floors() -> Result<()> {
+    const RUNS: u32 = 3000;
+    println!("== floors: ring P-256 on this machine now, {RUNS} runs each, one thread");
+    let authority =
+        credlet_ca::Authority::generate_self_signed(credlet_ca::Policy::new("cluster.local"))?;
+    let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let csr = key.certificate_signing_request()?;
+    let verified = credlet_ca::VerifiedCsr::from_der(&csr)?;
+    let request = credlet_ca::IssuanceRequest {
+        csr_der: Vec::new(),
+        identity: credlet_ca::PodIdentity {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "3f1c2a9e-0000-4000-8000-000000000000".into(),
+            service_account: "web".into(),
+        },
+        spiffe_id: None,
+        dns_names: vec!["web-0.shop.svc".into()],
+        ip_addresses: Vec::new(),
+        common_name: None,
+        duration: Duration::from_secs(LONG_LIFETIME_S),
+    };
+    let keygen = time_each(RUNS, || {
+        PrivateKey::generate(KeyType::EcdsaP256)?;
+        Ok(())
+    })?;
+    let csr_sign = time_each(RUNS, || {
+        key.certificate_signing_request()?;
+        Ok(())
+    })?;
+    let csr_verify = time_each(RUNS, || {
+        credlet_ca::VerifiedCsr::from_der(&csr)?;
+        Ok(())
+    })?;
+    let leaf = time_each(RUNS, || {
+        authority.issue_verified(&verified, &request, SystemTime::now())?;
+        Ok(())
+    })?;
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    let vs = |d: Duration, floor_us: f64| {
+        format!(
+            "DESIGN.md §6: {floor_us} µs → {:.2}×",
+            d.as_secs_f64() * 1e6 / floor_us
+        )
+    };
+    line("floor P-256 keygen", &us(keygen), &vs(keygen, 12.7));
+    line("floor CSR (sign)", &us(csr_sign), &vs(csr_sign, 18.0));
+    line("floor CSR verify", &us(csr_verify), &vs(csr_verify, 56.0));
+    line("floor leaf (sign + PEM)", &us(leaf), &vs(leaf, 24.0));
+    let ca_each = csr_verify + leaf;
+    line(
+        "floor CA per core now",
+        &format!("{}/s", thousands(1.0 / ca_each.as_secs_f64())),
+        &format!(
+            "CSR verify + leaf only, {} each; DESIGN.md §6: 12,500/s (80 µs)",
+            us(ca_each)
+        ),
+    );
+    Ok(())
+}
+
 async fn scenario(bin: &Path, name: &str) -> Result<()> {
     match name {
+        "floors" => bench_floors(),
         "csi-publish" | "csi-rotation" => local_scenario(bin, name).await,
         "ca-issue" | "csi-publish-remote" | "csi-rotation-remote" => {
             // Short lifetimes only where rotations are measured.
@@ -1109,7 +1319,8 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
+    "floors",
     "csi-publish",
     "csi-rotation",
     "ca-issue",
