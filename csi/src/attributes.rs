@@ -4,6 +4,7 @@
 //!
 //! Everything here is pure and runs before anything touches the disk.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
@@ -98,15 +99,17 @@ pub enum RenewBefore {
     Fraction(f64),
 }
 
-/// Names of the files written into the volume.
+/// Names of the files written into the volume. The defaults are borrowed,
+/// so the usual volume allocates none of them (they are kept for every
+/// volume the agent manages).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileNames {
     /// Leaf then intermediates, PEM.
-    pub certificate: String,
+    pub certificate: Cow<'static, str>,
     /// PKCS#8 private key, PEM.
-    pub key: String,
+    pub key: Cow<'static, str>,
     /// Trust bundle, PEM.
-    pub ca: String,
+    pub ca: Cow<'static, str>,
     /// Optional key-then-chain bundle.
     pub credential_bundle: Option<String>,
 }
@@ -116,7 +119,7 @@ impl FileNames {
     pub fn iter(&self) -> impl Iterator<Item = &str> {
         [&self.key, &self.certificate, &self.ca]
             .into_iter()
-            .map(String::as_str)
+            .map(|name| name.as_ref())
             .chain(self.credential_bundle.as_deref())
     }
 }
@@ -125,8 +128,8 @@ impl FileNames {
 /// expanded.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumeAttributes {
-    /// SPIFFE ID template.
-    pub spiffe_id: String,
+    /// SPIFFE ID template (the default is borrowed).
+    pub spiffe_id: Cow<'static, str>,
     /// DNS SAN templates.
     pub dns_names: Vec<String>,
     /// IP SANs.
@@ -166,9 +169,9 @@ impl VolumeAttributes {
         let spiffe_id = match get(SPIFFE_ID) {
             Some(v) if !v.is_empty() => {
                 check_template(SPIFFE_ID, v)?;
-                v.to_owned()
+                Cow::Owned(v.to_owned())
             }
-            _ => DEFAULT_SPIFFE_ID.to_owned(),
+            _ => Cow::Borrowed(DEFAULT_SPIFFE_ID),
         };
         let dns_names = split_list(get(DNS_NAMES));
         if dns_names.len() > MAX_DNS_NAMES {
@@ -215,11 +218,16 @@ impl VolumeAttributes {
             None => KeyType::default(),
             Some(v) => KeyType::from_str(v).map_err(|e| attr(KEY_TYPE, e.to_string()))?,
         };
-        let file = |key: &'static str, default: &str| -> Result<String, InputError> {
-            let name = get(key).unwrap_or(default);
-            check_file_name(key, name)?;
-            Ok(name.to_owned())
-        };
+        let file =
+            |key: &'static str, default: &'static str| -> Result<Cow<'static, str>, InputError> {
+                match get(key) {
+                    None => Ok(Cow::Borrowed(default)),
+                    Some(name) => {
+                        check_file_name(key, name)?;
+                        Ok(Cow::Owned(name.to_owned()))
+                    }
+                }
+            };
         let files = FileNames {
             certificate: file(CERTIFICATE_FILE, "tls.crt")?,
             key: file(KEY_FILE, "tls.key")?,

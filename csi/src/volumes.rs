@@ -565,7 +565,7 @@ impl VolumeManager {
             templates: NameTemplates {
                 dns_names: volume.attributes.dns_names.clone(),
                 common_name: volume.attributes.common_name.clone(),
-                spiffe_id: volume.attributes.spiffe_id.clone(),
+                spiffe_id: volume.attributes.spiffe_id.to_string(),
             },
             renew_before: volume.attributes.renew_before,
         };
