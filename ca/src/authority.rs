@@ -287,17 +287,7 @@ impl Authority {
         request: &IssuanceRequest,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
-        let spiffe_id = self.policy.check_request(request)?;
-        self.policy.check_key_type(csr.key_type())?;
-        self.sign_leaf(
-            csr,
-            spiffe_id.into_owned(),
-            &request.dns_names,
-            &request.ip_addresses,
-            request.common_name.as_deref(),
-            request.duration,
-            now,
-        )
+        self.sign_request(csr, Some(csr.key_type()), request, now)
     }
 
     /// Signs a leaf for `request.identity` certifying the public half of
@@ -311,17 +301,7 @@ impl Authority {
         request: &IssuanceRequest,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
-        let spiffe_id = self.policy.check_request(request)?;
-        self.policy.check_key_type(key.key_type())?;
-        self.sign_leaf(
-            key,
-            spiffe_id.into_owned(),
-            &request.dns_names,
-            &request.ip_addresses,
-            request.common_name.as_deref(),
-            request.duration,
-            now,
-        )
+        self.sign_request(key, Some(key.key_type()), request, now)
     }
 
     /// Signs a leaf for `request.identity` certifying `key`, a public key
@@ -344,7 +324,22 @@ impl Authority {
         request: &IssuanceRequest,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        self.sign_request(key, None, request, now)
+    }
+
+    /// The policy checks of `request` (and of `key_type` when given), then
+    /// the leaf for `key`.
+    fn sign_request(
+        &self,
+        key: &impl SubjectKey,
+        key_type: Option<KeyType>,
+        request: &IssuanceRequest,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         let spiffe_id = self.policy.check_request(request)?;
+        if let Some(key_type) = key_type {
+            self.policy.check_key_type(key_type)?;
+        }
         self.sign_leaf(
             key,
             spiffe_id.into_owned(),
