@@ -443,33 +443,30 @@ async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
         verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
     }
 
+    let counted = |text: &str, series: &str| metric_value(text, series).unwrap_or(0.0);
     let (_, agent_side) = http_get(health, "/metrics")?;
-    let batches = metric_value(
+    let batches = counted(
         &agent_side,
         r#"credlet_ca_client_requests_total{rpc="IssuePodCertificates",outcome="ok"}"#,
-    )
-    .unwrap_or(0.0);
-    let singles = metric_value(
+    );
+    let singles = counted(
         &agent_side,
         r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="ok"}"#,
-    )
-    .unwrap_or(0.0);
+    );
     assert!(batches >= 1.0, "no batch call:\n{agent_side}");
     assert!(
         singles + batches < 32.0,
         "no fewer calls than publishes:\n{agent_side}"
     );
     let (_, ca_side) = http_get(ca_metrics, "/metrics")?;
-    let batched = metric_value(
+    let batched = counted(
         &ca_side,
         r#"credlet_ca_requests_total{rpc="IssuePodCertificates",outcome="Issued"}"#,
-    )
-    .unwrap_or(0.0);
-    let single = metric_value(
+    );
+    let single = counted(
         &ca_side,
         r#"credlet_ca_requests_total{rpc="IssuePodCertificate",outcome="Issued"}"#,
-    )
-    .unwrap_or(0.0);
+    );
     assert_eq!(batched + single, 32.0, "{ca_side}");
     assert!(batched >= 2.0, "{ca_side}");
     drop(csi);
