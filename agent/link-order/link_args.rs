@@ -1,0 +1,92 @@
+// Shared by agent/build.rs and tests/build.rs (`include!`d): link
+// arguments that gather the agent's hot functions in one place (see
+// agent/link-order/generate.sh for why and how the list is made).
+//
+// The list holds globs over symbol names; with function sections (rustc's
+// default) each function is an input section named `.text.<symbol>`. A
+// linker script placed with INSERT leaves the default layout as it is and
+// puts the matching sections into `.text.hot`, right before `.text`.
+//
+// Only for x86_64 Linux GNU, where rustc links with its bundled LLD. Set
+// `CREDLET_LINK_ORDER=off` to link without it.
+
+/// Writes the linker script for `list` (relative to the package) into
+/// OUT_DIR and passes it to the linker for this package's binaries.
+fn link_order(list: &str) {
+    println!("cargo:rerun-if-changed={list}");
+    println!("cargo:rerun-if-env-changed=CREDLET_LINK_ORDER");
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let lld_target = var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu";
+    if !lld_target || var("CREDLET_LINK_ORDER") == "off" {
+        return;
+    }
+    let list_path = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join(list);
+    let globs = std::fs::read_to_string(&list_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", list_path.display()));
+    // One input section description per group (a "#" line starts one):
+    // the groups keep their order; inside a group, sections keep the order
+    // of the input.
+    let mut groups: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in globs.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with('#') {
+            groups.push(Vec::new());
+            continue;
+        }
+        assert!(
+            line.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"(){};\"".contains(&b)),
+            "{}: not a symbol glob: {line:?}",
+            list_path.display()
+        );
+        groups.last_mut().expect("one group at least").push(line);
+    }
+    let mut script = String::from("SECTIONS\n{\n  .text.hot :\n  {\n");
+    for group in groups.iter().filter(|g| !g.is_empty()) {
+        script.push_str("    *(\n");
+        for glob in group {
+            script.push_str("      .text.");
+            script.push_str(glob);
+            script.push('\n');
+        }
+        script.push_str("    )\n");
+    }
+    script.push_str("  }\n}\nINSERT BEFORE .text;\n");
+    let script_path = std::path::Path::new(&var("OUT_DIR")).join("hot-functions.ld");
+    std::fs::write(&script_path, script)
+        .unwrap_or_else(|e| panic!("write {}: {e}", script_path.display()));
+    println!(
+        "cargo:rustc-link-arg-bins=-Wl,-T,{}",
+        script_path.display()
+    );
+    // Relative relocations packed as DT_RELR: the loader reads a few KB
+    // instead of the 550 KB of .rela.dyn a PIE of this size carries.
+    // The binary then needs glibc 2.36 or later, as the one it is linked
+    // against here; with an older glibc it is left out.
+    if var("HOST") == var("TARGET") && host_glibc_at_least(2, 36) {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
+}
+
+/// Whether the build machine's glibc (the one the binary links against)
+/// is at least `major.minor`, asked with `getconf GNU_LIBC_VERSION`.
+fn host_glibc_at_least(major: u32, minor: u32) -> bool {
+    let Ok(output) = std::process::Command::new("getconf")
+        .arg("GNU_LIBC_VERSION")
+        .output()
+    else {
+        return false;
+    };
+    // "glibc 2.36"
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut parts = text
+        .trim()
+        .trim_start_matches("glibc ")
+        .split('.')
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(have_major), Some(have_minor)) => (have_major, have_minor) >= (major, minor),
+        _ => false,
+    }
+}
