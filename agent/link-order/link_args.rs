@@ -7,8 +7,10 @@
 // linker script placed with INSERT leaves the default layout as it is and
 // puts the matching sections into `.text.hot`, right before `.text`.
 //
-// Only for x86_64 Linux GNU, where rustc links with its bundled LLD. Set
-// `CREDLET_LINK_ORDER=off` to link without it.
+// For x86_64 Linux GNU. Both rustc's bundled LLD (its default linker there
+// since Rust 1.90) and GNU ld 2.38 or later take the INSERT script and
+// `-z pack-relative-relocs`; both were checked. Other targets link as
+// usual. Set `CREDLET_LINK_ORDER=off` to link without either.
 
 /// Writes the linker script for `list` (relative to the package) into
 /// OUT_DIR and passes it to the linker for this package's binaries.
