@@ -3,18 +3,19 @@
 # and the CA execute while starting, publishing, rotating and idling, as
 # globs over symbol names without their build-specific hashes.
 #
-# The linker places these functions next to each other, in .text.hot before
-# .text (see agent/link-order/link_args.rs). The kernel maps a binary's code in 64 KB
-# blocks around each touched page; with the hot functions spread over the
-# 15 MB of .text, an idle agent kept ~5 MB of code resident. Packed
-# together they fit in about a megabyte.
+# The linker places these functions next to each other, in .text.hot
+# before .text (see agent/link-order/link_args.rs). The kernel maps a
+# binary's code in 64 KB blocks around each page that runs; with the
+# functions an idle agent runs spread over 15 MB of .text, it kept about
+# 5 MB of code resident. Packed together they take about a megabyte.
 #
 # Run this again after larger code changes: names that no longer exist
 # match nothing and cost only locality; the idle RSS the bench prints shows
 # when the list has gone stale.
 #
-# Needs: valgrind, python3, root (the bench mounts tmpfs), and the release
-# binaries: cargo build --release -p credlet-tests --bins
+# Needs: valgrind, python3, ss (iproute2), root (the bench mounts tmpfs),
+# and the release binaries: cargo build --release -p credlet-tests --bins
+# KEEP_WORK=1 keeps the profiles and prints where they are.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -27,7 +28,11 @@ done
 command -v valgrind > /dev/null || { echo "valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 
 work="$(mktemp -d)"
-[[ -n "${KEEP_WORK:-}" ]] && echo "profiles kept in $work" >&2 || trap 'rm -rf "$work"' EXIT
+if [[ -n "${KEEP_WORK:-}" ]]; then
+  echo "profiles kept in $work" >&2
+else
+  trap 'rm -rf "$work"' EXIT
+fi
 mkdir "$work/bin" "$work/profiles"
 # The bench starts the `credlet-under-test` next to itself: a wrapper that
 # runs the real binary under callgrind, one profile per process.
@@ -55,9 +60,11 @@ done
 [[ -n "$agent_pid" ]] || { echo "the bench started no agent" >&2; exit 1; }
 # Ready: listening on its CSI socket (asked of the kernel, as the socket
 # lives on the bench's own mount).
-for _ in $(seq 600); do ss -xlpH | grep -q "pid=$agent_pid," && break; sleep 0.1; done
+listening() { ss -xlpH | grep -q "pid=$agent_pid,"; }
+for _ in $(seq 600); do listening && break; sleep 0.1; done
+listening || { echo "the agent under callgrind never listened" >&2; exit 1; }
 sleep 1.5
-callgrind_control --vgdb-prefix="$work/vgdb" --dump "$agent_pid" > /dev/null
+callgrind_control --vgdb-prefix="$work/vgdb" --dump "$agent_pid" > /dev/null 2>&1
 wait "$bench_pid" || { cat "$work/csi-rotation.log" >&2; exit 1; }
 
 # The agent against `credlet ca` over mTLS: the remote issuer, and the CA.
@@ -166,7 +173,9 @@ for key, title in [
     (('ca', False), 'executed only by the CA'),
     (('ca', True), 'generic families with instances only the CA executed'),
 ]:
+    # Inside a group the linker keeps the input order: sorted, the list
+    # changes only where the code did.
     print('# ' + title)
-    print('\n'.join(groups[key]))
+    print('\n'.join(sorted(groups[key])))
 PY
 echo "$(grep -vc "^#" agent/link-order/hot-functions.txt) globs written to agent/link-order/hot-functions.txt"
