@@ -560,6 +560,26 @@ pub struct CaArgs {
     /// Audience service account tokens must carry.
     #[arg(long, env = "CREDLET_TOKEN_AUDIENCE", default_value = "credlet-ca")]
     pub token_audience: String,
+    /// How service account tokens are verified: `token-review` (a
+    /// TokenReview per new token) or `jwks` (offline, against the cluster's
+    /// service account issuer keys from `GET /openid/v1/jwks`, refreshed in
+    /// the background; no API round trip per new token).
+    #[arg(
+        long,
+        env = "CREDLET_TOKEN_VERIFICATION",
+        default_value = "token-review"
+    )]
+    pub token_verification: String,
+    /// With `--token-verification jwks`: the issuer (`iss`) tokens must
+    /// name. Default: the `issuer` of the API server's
+    /// `/.well-known/openid-configuration`.
+    #[arg(long, env = "CREDLET_TOKEN_ISSUER")]
+    pub token_issuer: Option<String>,
+    /// With `--token-verification jwks`: how often the issuer keys are
+    /// fetched again (`5m`); a token signed with an unknown key id fetches
+    /// them at once, at most every 10 s.
+    #[arg(long, env = "CREDLET_JWKS_REFRESH", default_value = "5m")]
+    pub jwks_refresh: String,
     /// The agent's service account, `namespace/name`; only its tokens get
     /// agent client certificates.
     #[arg(
@@ -768,19 +788,63 @@ impl CaArgs {
                 ))
             })?),
         };
+        let jwks = self.jwks_settings()?;
+        let mut settings = credlet_ca_service::Settings::new(
+            files,
+            policy,
+            self.token_audience.clone(),
+            server_names,
+        );
+        settings.jwks = jwks;
         Ok(CaConfig {
             listen,
-            settings: credlet_ca_service::Settings::new(
-                files,
-                policy,
-                self.token_audience.clone(),
-                server_names,
-            ),
+            settings,
             kubeconfig: self.kubeconfig.clone(),
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
             signer,
             metrics_listen,
         })
+    }
+
+    /// Offline token verification settings; `None` with
+    /// `--token-verification token-review`.
+    fn jwks_settings(&self) -> Result<Option<credlet_ca_service::JwksSettings>, ConfigError> {
+        let refresh = credlet_csi::attributes::parse_duration(&self.jwks_refresh)
+            .map_err(|e| err(format!("--jwks-refresh: {e}")))?;
+        match self.token_verification.trim() {
+            "token-review" => {
+                if self.token_issuer.is_some() {
+                    return Err(err(
+                        "--token-issuer only applies with --token-verification jwks",
+                    ));
+                }
+                Ok(None)
+            }
+            "jwks" => {
+                let mut settings =
+                    credlet_ca_service::JwksSettings::new(self.token_audience.clone());
+                if let Some(issuer) = &self.token_issuer {
+                    let issuer = issuer.trim();
+                    if issuer.is_empty() || issuer.chars().any(char::is_whitespace) {
+                        return Err(err(format!(
+                            "--token-issuer {issuer:?} must be the service account issuer URL, e.g. https://kubernetes.default.svc.cluster.local"
+                        )));
+                    }
+                    settings.issuer = Some(issuer.to_owned());
+                }
+                if refresh < std::time::Duration::from_secs(10) {
+                    return Err(err(format!(
+                        "--jwks-refresh {} must be at least 10s",
+                        self.jwks_refresh
+                    )));
+                }
+                settings.refresh_interval = refresh;
+                Ok(Some(settings))
+            }
+            other => Err(err(format!(
+                "--token-verification {other:?} must be token-review or jwks"
+            ))),
+        }
     }
 
     /// The signer's settings; `None` without `--signer-name`.
@@ -984,6 +1048,58 @@ mod remote_ca_tests {
                 &["--min-duration", "2h", "--max-duration", "1h"],
                 "must not be above --max-duration",
             ),
+        ] {
+            let error = ca_args(flags).expect_err("invalid");
+            assert!(error.0.contains(mention), "{flags:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn token_verification_flags() {
+        assert_eq!(ca_args(&[]).expect("valid").settings.jwks, None);
+        let jwks = ca_args(&["--token-verification", "jwks"])
+            .expect("valid")
+            .settings
+            .jwks
+            .expect("jwks on");
+        assert_eq!(jwks.issuer, None, "discovered from the API server");
+        assert_eq!(jwks.audience, "credlet-ca");
+        assert_eq!(jwks.refresh_interval, Duration::from_secs(300));
+        let jwks = ca_args(&[
+            "--token-verification",
+            "jwks",
+            "--token-issuer",
+            "https://oidc.example.com/cluster-a",
+            "--jwks-refresh",
+            "1m",
+            "--token-audience",
+            "mesh-ca",
+        ])
+        .expect("valid")
+        .settings
+        .jwks
+        .expect("jwks on");
+        assert_eq!(
+            jwks.issuer.as_deref(),
+            Some("https://oidc.example.com/cluster-a")
+        );
+        assert_eq!(jwks.refresh_interval, Duration::from_secs(60));
+        assert_eq!(jwks.audience, "mesh-ca");
+        for (flags, mention) in [
+            (
+                &["--token-verification", "oidc"][..],
+                "token-review or jwks",
+            ),
+            (&["--token-issuer", "https://x"], "only applies with"),
+            (
+                &["--token-verification", "jwks", "--token-issuer", "a b"],
+                "--token-issuer",
+            ),
+            (
+                &["--token-verification", "jwks", "--jwks-refresh", "1s"],
+                "at least 10s",
+            ),
+            (&["--jwks-refresh", "often"], "--jwks-refresh"),
         ] {
             let error = ca_args(flags).expect_err("invalid");
             assert!(error.0.contains(mention), "{flags:?}: {error}");

@@ -58,6 +58,18 @@ pub enum Error {
         /// The authenticated user name.
         username: String,
     },
+    /// The token failed offline verification against the cluster's service
+    /// account issuer keys (JWKS): bad signature, unknown key, wrong issuer,
+    /// malformed.
+    #[error(
+        "the service account token (sha256 {token_hash}) failed verification against the cluster's service account issuer keys: {reason}; send the pod's projected token"
+    )]
+    TokenRejected {
+        /// First 16 hex digits of the token's SHA-256.
+        token_hash: String,
+        /// Why (never any part of the token).
+        reason: String,
+    },
     /// The token is a service account token not bound to a pod.
     #[error(
         "the token of service account {namespace}/{service_account} is not bound to a pod (no pod-name/pod-uid in its user info); use a projected token from the pod"
@@ -256,6 +268,7 @@ impl Error {
         match self {
             Self::MissingToken { .. }
             | Self::TokenNotAuthenticated { .. }
+            | Self::TokenRejected { .. }
             | Self::TokenWrongAudience { .. }
             | Self::TokenExpired { .. }
             | Self::NoClientCertificate => Code::Unauthenticated,
@@ -287,6 +300,7 @@ impl Error {
         match self {
             Self::MissingToken { .. } => "MissingToken",
             Self::TokenNotAuthenticated { .. } => "TokenNotAuthenticated",
+            Self::TokenRejected { .. } => "TokenRejected",
             Self::TokenWrongAudience { .. } => "TokenWrongAudience",
             Self::TokenExpired { .. } => "TokenExpired",
             Self::TokenNotServiceAccount { .. } => "TokenNotServiceAccount",

@@ -3,6 +3,8 @@
 //!
 //! - [`tokens`]: service account tokens verified with TokenReview, cached by
 //!   SHA-256 of the token until it expires (at most 5 minutes).
+//! - [`jwks`]: or verified offline against the cluster's service account
+//!   issuer keys ([`jwt`]), fetched from the API server and refreshed.
 //! - [`pods`]: the token's pod must exist, with the token's uid, on the
 //!   caller's node; answered from a watch-fed cache of every pod's uid and
 //!   node when it is synced and current, else (and to confirm any denial)
@@ -23,6 +25,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod jwks;
+pub mod jwt;
 pub mod keys;
 pub mod metrics;
 pub mod pods;
@@ -33,6 +37,7 @@ pub mod tls;
 pub mod tokens;
 
 pub use error::Error;
+pub use jwks::{JwksSettings, JwksVerifier};
 pub use keys::{KeyFiles, KeyStatus, KeyStore, TrustBundle};
 pub use pods::{PodCache, PodCacheSettings, PodFacts};
 pub use policy::ServicePolicy;

@@ -9,6 +9,7 @@ use credlet_proto::ca::certificate_authority_server::CertificateAuthorityServer;
 use tokio::net::TcpListener;
 
 use crate::error::Error;
+use crate::jwks::{JwksSettings, JwksVerifier};
 use crate::keys::{KeyFiles, KeyStore, KeyWatch};
 use crate::pods::{PodCache, PodCacheSettings, PodChecker, PodWatch};
 use crate::policy::ServicePolicy;
@@ -25,6 +26,9 @@ pub struct Settings {
     pub policy: ServicePolicy,
     /// Token review settings (audience, timeout, cache).
     pub tokens: TokenReviewSettings,
+    /// Verify tokens offline against the service account issuer's keys
+    /// instead of with TokenReview (`--token-verification jwks`).
+    pub jwks: Option<JwksSettings>,
     /// Names of the serving certificate.
     pub server_names: ServerNames,
     /// Timeout of one pod GET.
@@ -49,6 +53,7 @@ impl Settings {
             files,
             policy,
             tokens: TokenReviewSettings::new(audience),
+            jwks: None,
             server_names,
             api_timeout: Duration::from_secs(5),
             pod_cache: Some(PodCacheSettings::default()),
@@ -79,14 +84,18 @@ impl std::fmt::Debug for CaServer {
 
 impl CaServer {
     /// Loads the key material, starts watching it, issues the serving
-    /// certificate, prepares TokenReview verification with `client` and
+    /// certificate, prepares token verification with `client` (TokenReview,
+    /// or the issuer's keys fetched and refreshed in the background) and
     /// starts the pod cache's watch (stopped when serving ends). Must run
     /// inside a Tokio runtime.
     pub fn start(settings: Settings, client: kube::Client) -> Result<Self, Error> {
-        let tokens = Arc::new(TokenReviewVerifier::new(
-            client.clone(),
-            settings.tokens.clone(),
-        ));
+        let tokens: Arc<dyn TokenVerifier> = match &settings.jwks {
+            Some(jwks) => JwksVerifier::start(client.clone(), jwks.clone()),
+            None => Arc::new(TokenReviewVerifier::new(
+                client.clone(),
+                settings.tokens.clone(),
+            )),
+        };
         Self::with_verifier(settings, client, tokens)
     }
 

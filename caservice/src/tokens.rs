@@ -57,7 +57,7 @@ pub fn token_hash_hex(token: &str) -> String {
     hex(&token_digest(token)[..8])
 }
 
-fn token_digest(token: &str) -> [u8; 32] {
+pub(crate) fn token_digest(token: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
@@ -248,7 +248,13 @@ impl TokenVerifier for TokenReviewVerifier {
                     audience: self.settings.audience.clone(),
                 });
             }
-            let token_hash = token_hash_hex(token);
+            // A cached result never outlives the token (see below), so a
+            // hit needs no expiry check.
+            let key = token_digest(token);
+            if let Some(hit) = lock(&self.cache).get(&key, Instant::now()) {
+                return Ok(hit);
+            }
+            let token_hash = hex(&key[..8]);
             let now = SystemTime::now();
             let exp = jwt_expiry(token);
             if let Some(exp) = exp
@@ -258,10 +264,6 @@ impl TokenVerifier for TokenReviewVerifier {
                     token_hash,
                     expired_at: exp,
                 });
-            }
-            let key = token_digest(token);
-            if let Some(hit) = lock(&self.cache).get(&key, Instant::now()) {
-                return Ok(hit);
             }
             let verified = self.review(token, &token_hash).await?;
             // Cache until the token expires, at most cache_ttl.
@@ -286,12 +288,12 @@ impl TokenVerifier for TokenReviewVerifier {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Review results by token SHA-256, bounded, oldest evicted first.
-struct TokenCache {
+pub(crate) struct TokenCache {
     capacity: usize,
     next_gen: u64,
     map: HashMap<[u8; 32], (VerifiedToken, Instant, u64)>,
@@ -300,7 +302,7 @@ struct TokenCache {
 }
 
 impl TokenCache {
-    fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
             capacity,
             next_gen: 0,
@@ -309,7 +311,7 @@ impl TokenCache {
         }
     }
 
-    fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<VerifiedToken> {
+    pub(crate) fn get(&mut self, key: &[u8; 32], now: Instant) -> Option<VerifiedToken> {
         match self.map.get(key) {
             Some((token, until, _)) if *until > now => Some(token.clone()),
             Some(_) => {
@@ -320,7 +322,7 @@ impl TokenCache {
         }
     }
 
-    fn insert(&mut self, key: [u8; 32], token: VerifiedToken, until: Instant) {
+    pub(crate) fn insert(&mut self, key: [u8; 32], token: VerifiedToken, until: Instant) {
         let generation = self.next_gen;
         self.next_gen += 1;
         self.map.insert(key, (token, until, generation));

@@ -13,7 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use credlet_ca::{Authority, KeyType, Policy, PrivateKey, inspect_leaf, verify_chain};
 use credlet_ca_service::{
-    CaServer, KeyFiles, PodCache, PodCacheSettings, ServerNames, ServicePolicy, Settings,
+    CaServer, JwksSettings, KeyFiles, PodCache, PodCacheSettings, ServerNames, ServicePolicy,
+    Settings,
 };
 use credlet_proto::ca::certificate_authority_client::CertificateAuthorityClient;
 use credlet_proto::ca::{
@@ -21,6 +22,7 @@ use credlet_proto::ca::{
     WatchTrustBundleRequest,
 };
 use credlet_test_util::FakeApiServer;
+use credlet_test_util::sa_token::{BoundClaims, IssuerKey, ServiceAccountIssuer};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
 use rustls::pki_types::pem::PemObject;
@@ -374,9 +376,26 @@ impl Harness {
         IssuedCertificate,
         PrivateKey,
     )> {
+        self.agent_with(node, |pod, uid| {
+            Ok(self.token("credlet", "credlet-agent", pod, uid, node))
+        })
+        .await
+    }
+
+    /// Like [`Harness::agent`], with the agent's token made by `token`
+    /// from its pod's name and uid.
+    async fn agent_with(
+        &self,
+        node: &str,
+        token: impl FnOnce(&str, &str) -> Result<String>,
+    ) -> Result<(
+        CertificateAuthorityClient<Channel>,
+        IssuedCertificate,
+        PrivateKey,
+    )> {
         let pod = format!("credlet-agent-{node}");
         let uid = self.pod("credlet", &pod, "credlet-agent", node)?;
-        let token = self.token("credlet", "credlet-agent", &pod, &uid, node);
+        let token = token(&pod, &uid)?;
         let key = PrivateKey::generate(KeyType::EcdsaP256)?;
         let mut anonymous = self.client(&self.bundle_pem(), None).await?;
         let issued = anonymous
@@ -1440,5 +1459,212 @@ async fn batched_requests_are_answered_entry_by_entry() -> Result<()> {
         answer.results[0].result,
         Some(Entry::Refused(ref r)) if r.code == Code::Unauthenticated as i32
     ));
+    h.stop().await
+}
+
+// ----- offline verification against the service account issuer's keys -----
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// Claims of a token for `pod` (`uid`) of `namespace/sa` on `node`.
+fn claims(namespace: &str, sa: &str, pod: &str, uid: &str, node: &str) -> BoundClaims {
+    BoundClaims {
+        issuer: ISSUER.into(),
+        audiences: vec![AUDIENCE.into()],
+        namespace: namespace.into(),
+        service_account: sa.into(),
+        pod: pod.into(),
+        pod_uid: uid.into(),
+        node: node.into(),
+        lifetime_s: 3600,
+    }
+}
+
+/// JWKS verification with the issuer discovered and unknown key ids
+/// fetched at once.
+fn jwks_settings(settings: &mut Settings) {
+    let mut jwks = JwksSettings::new(AUDIENCE);
+    jwks.min_refetch_interval = Duration::ZERO;
+    settings.jwks = Some(jwks);
+}
+
+fn jwks_fetches(h: &Harness) -> usize {
+    h.api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/openid/v1/jwks")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_verified_offline_against_the_issuer_keys() -> Result<()> {
+    let mut issuer = ServiceAccountIssuer::es256(ISSUER)?;
+    issuer.keys.push(IssuerKey::rs256("rs256-key")?);
+    let jwks = issuer.jwks();
+    let h = Harness::start_raw(
+        |_| {},
+        jwks_settings,
+        None,
+        |api| api.set_service_account_issuer(ISSUER, jwks),
+        true,
+    )
+    .await?;
+    let (mut agent, _, _) = h
+        .agent_with("node-a", |pod, uid| {
+            issuer.mint(&claims("credlet", "credlet-agent", pod, uid, "node-a"))
+        })
+        .await?;
+
+    // Pod certificates from ES256 and RS256 tokens, without a TokenReview.
+    let uid0 = h.pod("team-a", "web-0", "web", "node-a")?;
+    let uid1 = h.pod("team-a", "web-1", "web", "node-a")?;
+    let es_token = issuer.mint(&claims("team-a", "web", "web-0", &uid0, "node-a"))?;
+    let rs_token =
+        issuer.keys[1].sign(&claims("team-a", "web", "web-1", &uid1, "node-a").to_json())?;
+    for (token, pod) in [(es_token.clone(), "web-0"), (rs_token, "web-1")] {
+        let issued = agent
+            .issue_pod_certificate(pod_request(token, &["$POD_NAME.$POD_NAMESPACE.svc"]))
+            .await?
+            .into_inner();
+        let leaf = inspect_leaf(&issued.chain_pem)?;
+        assert_eq!(leaf.uris, [format!("spiffe://{TD}/ns/team-a/sa/web")]);
+        assert_eq!(leaf.dns_names, [format!("{pod}.team-a.svc")]);
+    }
+    assert_eq!(h.token_reviews(), 0, "no TokenReview in jwks mode");
+    let fetches = jwks_fetches(&h);
+    assert!(fetches >= 1, "the keys were fetched");
+    // A verified token is cached: no second signature check is visible,
+    // but neither is another fetch.
+    agent
+        .issue_pod_certificate(pod_request(es_token.clone(), &[]))
+        .await?;
+    assert_eq!(jwks_fetches(&h), fetches);
+
+    // Denials, each with the reason and without the token.
+    let deny = |token: String, code: Code, mention: &'static str| {
+        let mut agent = agent.clone();
+        async move {
+            let result = agent
+                .issue_pod_certificate(pod_request(token.clone(), &[]))
+                .await;
+            if let Err(status) = &result
+                && token.len() > 20
+            {
+                assert!(
+                    !status.message().contains(&token[token.len() - 20..]),
+                    "the token leaked into {:?}",
+                    status.message()
+                );
+            }
+            expect_code(result, code, mention);
+        }
+    };
+    let mut wrong_audience = claims("team-a", "web", "web-0", &uid0, "node-a");
+    wrong_audience.audiences = vec!["vault".into()];
+    deny(
+        issuer.mint(&wrong_audience)?,
+        Code::Unauthenticated,
+        "audience",
+    )
+    .await;
+    let mut expired = claims("team-a", "web", "web-0", &uid0, "node-a");
+    expired.lifetime_s = -5;
+    deny(issuer.mint(&expired)?, Code::Unauthenticated, "expired").await;
+    // Another issuer's key under the same key id.
+    let impostor = ServiceAccountIssuer::es256(ISSUER)?;
+    deny(
+        impostor.mint(&claims("team-a", "web", "web-0", &uid0, "node-a"))?,
+        Code::Unauthenticated,
+        "signature does not verify",
+    )
+    .await;
+    // Signed by the cluster's key, but naming another issuer.
+    let other_iss = issuer.keys[0].sign(&{
+        let mut c = claims("team-a", "web", "web-0", &uid0, "node-a").to_json();
+        c["iss"] = json!("https://other-cluster.example");
+        c
+    })?;
+    deny(other_iss, Code::Unauthenticated, "issued by").await;
+    deny("not.a.jwt".into(), Code::Unauthenticated, "well-formed").await;
+    // Bound to a pod on another node than the calling agent's.
+    let uid_b = h.pod("team-a", "web-b", "web", "node-b")?;
+    deny(
+        issuer.mint(&claims("team-a", "web", "web-b", &uid_b, "node-b"))?,
+        Code::PermissionDenied,
+        "node-b",
+    )
+    .await;
+    // A token of a pod that is gone.
+    let gone = issuer.mint(&claims(
+        "team-a",
+        "web",
+        "web-9",
+        "uid-of-a-deleted-pod",
+        "node-a",
+    ))?;
+    deny(gone, Code::FailedPrecondition, "does not exist").await;
+    // web-0's token replayed for web-1.
+    let mut replay = pod_request(es_token, &[]);
+    replay.pod_name = "web-1".into();
+    expect_code(
+        agent.issue_pod_certificate(replay).await,
+        Code::PermissionDenied,
+        "can only be used for its own pod",
+    );
+
+    // The issuer rotates its signing key: a token with the new key id
+    // fetches the keys again and is accepted.
+    issuer.keys.insert(0, IssuerKey::es256("es256-key-2")?);
+    h.api.set_service_account_issuer(ISSUER, issuer.jwks());
+    let uid2 = h.pod("team-a", "web-2", "web", "node-a")?;
+    let rotated = issuer.mint(&claims("team-a", "web", "web-2", &uid2, "node-a"))?;
+    agent
+        .issue_pod_certificate(pod_request(rotated, &[]))
+        .await
+        .context("a token signed with the rotated key")?;
+    assert!(
+        jwks_fetches(&h) > fetches,
+        "the unknown key id fetched the keys"
+    );
+    assert_eq!(h.token_reviews(), 0);
+    h.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_issuer_keys_tokens_are_refused_as_unavailable_until_they_load() -> Result<()> {
+    // Service account issuer discovery answers 404 at first.
+    let h = Harness::start_raw(|_| {}, jwks_settings, None, |_| {}, true).await?;
+    let issuer = ServiceAccountIssuer::es256(ISSUER)?;
+    let mut anonymous = h.client(&h.bundle_pem(), None).await?;
+    let uid = h.pod("credlet", "credlet-agent-node-a", "credlet-agent", "node-a")?;
+    let token = issuer.mint(&claims(
+        "credlet",
+        "credlet-agent",
+        "credlet-agent-node-a",
+        &uid,
+        "node-a",
+    ))?;
+    let key = PrivateKey::generate(KeyType::EcdsaP256)?;
+    let request = IssueAgentCertificateRequest {
+        csr_der: key.certificate_signing_request()?,
+        token,
+        node_name: "node-a".into(),
+    };
+    expect_code(
+        anonymous.issue_agent_certificate(request.clone()).await,
+        Code::Unavailable,
+        "service account issuer keys",
+    );
+    // Discovery turned on: the next request fetches and passes.
+    h.api.set_service_account_issuer(ISSUER, issuer.jwks());
+    let issued = anonymous
+        .issue_agent_certificate(request)
+        .await?
+        .into_inner();
+    assert_eq!(
+        inspect_leaf(&issued.chain_pem)?.uris,
+        [format!("spiffe://{TD}/credlet/node/node-a")]
+    );
+    assert_eq!(h.token_reviews(), 0);
     h.stop().await
 }

@@ -499,6 +499,8 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     faults: Mutex<Vec<Fault>>,
     reviewer: Mutex<Option<Arc<TokenReviewer>>>,
+    /// The service account issuer and its JWKS, when set.
+    issuer: Mutex<Option<(String, Value)>>,
     bookmark_interval: Mutex<Duration>,
     close_watches: watch::Sender<u64>,
     open_watches: std::sync::atomic::AtomicUsize,
@@ -561,6 +563,7 @@ impl FakeApiServer {
             requests: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
             reviewer: Mutex::new(None),
+            issuer: Mutex::new(None),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             close_watches,
             open_watches: std::sync::atomic::AtomicUsize::new(0),
@@ -792,6 +795,14 @@ impl FakeApiServer {
         F: Fn(&TokenReview) -> TokenReviewStatus + Send + Sync + 'static,
     {
         *lock(&self.shared.reviewer) = Some(Arc::new(reviewer));
+    }
+
+    /// Serves the service account issuer's discovery document
+    /// (`GET /.well-known/openid-configuration`, naming `issuer`) and its
+    /// keys (`GET /openid/v1/jwks`, `jwks` as given). Until set, both are
+    /// 404, as with service account issuer discovery turned off.
+    pub fn set_service_account_issuer(&self, issuer: &str, jwks: Value) {
+        *lock(&self.shared.issuer) = Some((issuer.to_owned(), jwks));
     }
 
     // ----- faults and the request log -------------------------------------------
@@ -1693,6 +1704,8 @@ struct Target {
 enum Route {
     Resource(Target),
     TokenReview,
+    OpenIdConfiguration,
+    Jwks,
     Version,
     CoreVersions,
     Groups,
@@ -1704,6 +1717,8 @@ fn route(store: &Store, path: &str) -> Route {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => return Route::Version,
+        [".well-known", "openid-configuration"] => return Route::OpenIdConfiguration,
+        ["openid", "v1", "jwks"] => return Route::Jwks,
         ["api"] => return Route::CoreVersions,
         ["apis"] => return Route::Groups,
         ["api", v] => return Route::GroupVersion(String::new(), (*v).to_string()),
@@ -1882,9 +1897,23 @@ async fn dispatch(
 ) -> Response<RespBody> {
     let param = |k| params.get(k);
     let routed = route(&lock(&shared.store), path);
+    let routed_is_jwks = matches!(routed, Route::Jwks);
     let t = match routed {
         Route::Resource(t) => t,
         Route::TokenReview => return token_review(shared, method, body),
+        Route::OpenIdConfiguration | Route::Jwks => {
+            let issuer = lock(&shared.issuer).clone();
+            return match (issuer, routed_is_jwks) {
+                _ if *method != Method::GET => status_response(&ApiStatus::new(
+                    405,
+                    "MethodNotAllowed",
+                    "the server does not allow this method on the requested resource",
+                )),
+                (None, _) => status_response(&not_found_path()),
+                (Some((issuer, _)), false) => json_response(200, &openid_configuration(&issuer)),
+                (Some((_, jwks)), true) => json_response(200, &jwks),
+            };
+        }
         Route::Version => return json_response(200, &version_json()),
         Route::CoreVersions => {
             return json_response(
@@ -1984,6 +2013,17 @@ async fn dispatch(
         Ok((code, v)) => json_response(code, &v),
         Err(e) => status_response(&e),
     }
+}
+
+/// The service account issuer discovery document the API server serves.
+fn openid_configuration(issuer: &str) -> Value {
+    json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}/openid/v1/jwks"),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256", "RS256"],
+    })
 }
 
 fn not_found_path() -> ApiStatus {

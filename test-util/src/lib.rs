@@ -29,6 +29,7 @@ pub mod kubelet;
 mod pki;
 mod process;
 mod registry;
+pub mod sa_token;
 mod token;
 
 pub use client::{

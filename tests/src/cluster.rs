@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use credlet_ca::{Authority, Policy};
+use credlet_test_util::sa_token::{BoundClaims, ServiceAccountIssuer};
 use credlet_test_util::{FakeApiServer, free_port};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
 
@@ -21,6 +21,9 @@ use crate::harness::{NAMESPACE, Pod, SERVICE_ACCOUNT, TestEnv, Volume};
 
 /// The audience of every token here (`--token-audience` of both processes).
 pub const AUDIENCE: &str = "credlet-ca";
+/// The service account issuer (`iss`) of every token here; the fake API
+/// server publishes its keys (`--token-verification jwks`).
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// The node the agent runs on and every pod is scheduled to.
 pub const NODE: &str = "node-a";
 /// The agent's pod and service account (the CA's default
@@ -64,7 +67,8 @@ pub struct Cluster {
     /// GETs).
     pub api: FakeApiServer,
     tokens: Tokens,
-    next_token: AtomicU64,
+    /// Signs every token; its keys are served at `GET /openid/v1/jwks`.
+    pub issuer: ServiceAccountIssuer,
     _dir: tempfile::TempDir,
     /// Kubeconfig for the fake API server.
     pub kubeconfig: PathBuf,
@@ -87,6 +91,8 @@ impl Cluster {
         let tokens: Tokens = Arc::default();
         let reviewer = Arc::clone(&tokens);
         api.set_token_reviewer(move |review: &TokenReview| review_token(&reviewer, review));
+        let issuer = ServiceAccountIssuer::es256(ISSUER)?;
+        api.set_service_account_issuer(ISSUER, issuer.jwks());
         let dir = tempfile::Builder::new()
             .prefix("credlet-remote-ca-")
             .tempdir()?;
@@ -99,7 +105,7 @@ impl Cluster {
         let cluster = Self {
             api,
             tokens,
-            next_token: AtomicU64::new(0),
+            issuer,
             kubeconfig,
             ca_cert: ca_dir.join("ca.crt"),
             ca_key: ca_dir.join("ca.key"),
@@ -129,11 +135,24 @@ impl Cluster {
         pod.metadata.uid.context("pod without uid")
     }
 
-    /// A projected token for [`AUDIENCE`] bound to the pod, known to the
-    /// TokenReview from now on.
+    /// A projected token for [`AUDIENCE`] bound to the pod, valid for an
+    /// hour: a JWT signed by [`Cluster::issuer`] with the API server's
+    /// claims (verifiable offline), and known to the TokenReview from now
+    /// on.
     pub fn token(&self, bound: BoundToken) -> String {
-        let n = self.next_token.fetch_add(1, Ordering::Relaxed);
-        let token = format!("test-token-{}-{n}-{}", bound.pod, fastrand::u64(..));
+        let token = self
+            .issuer
+            .mint(&BoundClaims {
+                issuer: ISSUER.into(),
+                audiences: vec![AUDIENCE.into()],
+                namespace: bound.namespace.clone(),
+                service_account: bound.service_account.clone(),
+                pod: bound.pod.clone(),
+                pod_uid: bound.uid.clone(),
+                node: bound.node.clone(),
+                lifetime_s: 3600,
+            })
+            .expect("an ES256 signature");
         self.tokens.lock().unwrap().insert(token.clone(), bound);
         token
     }

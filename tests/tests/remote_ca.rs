@@ -474,3 +474,75 @@ async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
     stop_cleanly(&mut ca.env, "credlet ca").await;
     Ok(())
 }
+
+/// `credlet ca --token-verification jwks`: tokens are checked against the
+/// service account issuer keys the API server publishes, with no
+/// TokenReview; a token signed by any other key is refused and leaves
+/// nothing on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_verifying_tokens_offline_issues_without_token_reviews() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.args.push("--token-verification".into());
+    ca.args.push("jwks".into());
+    ca.start().await.expect("credlet ca listening");
+    cluster.write_agent_token(&cluster.agent_pod()?)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    let command = agent_command(&agent, &cluster, &ca);
+    agent.spawn_command(command);
+    let csi = agent.wait_ready().await;
+
+    for name in ["a", "b"] {
+        let (volume, _) = cluster.app(&agent, name)?;
+        csi.publish(&volume).await.expect("publish");
+        let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+        assert_eq!(files.leaf.dns_names, [format!("web-{name}.shop.svc")]);
+        verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
+    }
+    let (reviews, _) = cluster.api_calls();
+    assert_eq!(reviews, 0, "TokenReviews in jwks mode");
+    let log = ca.env.log();
+    assert!(
+        log.contains("service account issuer keys loaded"),
+        "no key load logged"
+    );
+
+    // A token with the cluster's claims, signed by another issuer's key
+    // under the same key id.
+    let impostor =
+        credlet_test_util::sa_token::ServiceAccountIssuer::es256(credlet_tests::cluster::ISSUER)?;
+    let (mut forged, _) = cluster.app(&agent, "c")?;
+    let forged_token = impostor.mint(&credlet_test_util::sa_token::BoundClaims {
+        issuer: credlet_tests::cluster::ISSUER.into(),
+        audiences: vec![credlet_tests::cluster::AUDIENCE.into()],
+        namespace: forged.pod.namespace.clone(),
+        service_account: forged.pod.service_account.clone(),
+        pod: forged.pod.name.clone(),
+        pod_uid: forged.pod.uid.clone(),
+        node: NODE.into(),
+        lifetime_s: 3600,
+    })?;
+    forged.tokens = Some(tokens_json(&forged_token));
+    // The agent answers the kubelet PermissionDenied with the CA's reason.
+    let status = expect_code(
+        csi.publish(&forged).await,
+        Code::PermissionDenied,
+        "signature does not verify",
+    );
+    assert!(
+        !status
+            .message()
+            .contains(&forged_token[forged_token.len() - 24..])
+    );
+    assert_nothing_on_disk(&agent, &forged);
+    assert!(
+        !ca.env
+            .log()
+            .contains(&forged_token[forged_token.len() - 24..]),
+        "the forged token was logged"
+    );
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
