@@ -117,7 +117,7 @@ impl CaService {
             serial = %issued.serial_hex,
             "agent certificate issued"
         );
-        Ok(self.answer(issued, 0, 0))
+        Ok(self.answer(issued, 0, 0, Bundle::Included))
     }
 
     /// IssuePodCertificate without the gRPC wrapping; `peer` is what the
@@ -126,6 +126,17 @@ impl CaService {
         &self,
         peer: Option<&PeerInfo>,
         request: &IssuePodCertificateRequest,
+    ) -> Result<IssuedProto, Error> {
+        self.issue_pod_answer(peer, request, Bundle::Included).await
+    }
+
+    /// [`CaService::issue_pod`], with the trust bundle in the answer or not
+    /// (a batch carries it once).
+    async fn issue_pod_answer(
+        &self,
+        peer: Option<&PeerInfo>,
+        request: &IssuePodCertificateRequest,
+        bundle: Bundle,
     ) -> Result<IssuedProto, Error> {
         let Some(node) = peer.and_then(|p| p.node.as_deref()) else {
             return Err(Error::NoClientCertificate);
@@ -180,6 +191,7 @@ impl CaService {
             issued,
             request.renew_before_seconds,
             request.renew_before_percent,
+            bundle,
         ))
     }
 
@@ -193,7 +205,11 @@ impl CaService {
         request: &IssuePodCertificateRequest,
     ) -> Result<IssuedProto, Error> {
         let started = Instant::now();
-        let result = self.issue_pod(peer, request).await;
+        let bundle = match rpc {
+            Rpc::IssuePodCertificates => Bundle::Omitted,
+            _ => Bundle::Included,
+        };
+        let result = self.issue_pod_answer(peer, request, bundle).await;
         self.metrics.observe(
             rpc,
             result.as_ref().map_or_else(Error::reason, |_| "Issued"),
@@ -237,10 +253,7 @@ impl CaService {
             .into_iter()
             .map(|answer| IssuePodCertificateResult {
                 result: Some(match answer {
-                    Ok(mut issued) => {
-                        issued.trust_bundle_pem.clear();
-                        issue_pod_certificate_result::Result::Issued(issued)
-                    }
+                    Ok(issued) => issue_pod_certificate_result::Result::Issued(issued),
                     Err(error) => {
                         let status = tonic::Status::from(error);
                         issue_pod_certificate_result::Result::Refused(IssueRefusal {
@@ -257,7 +270,13 @@ impl CaService {
         })
     }
 
-    fn answer(&self, issued: IssuedCertificate, before_s: u64, percent: u32) -> IssuedProto {
+    fn answer(
+        &self,
+        issued: IssuedCertificate,
+        before_s: u64,
+        percent: u32,
+        bundle: Bundle,
+    ) -> IssuedProto {
         let unix = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -274,11 +293,22 @@ impl CaService {
             not_before_unix: unix(issued.not_before),
             not_after_unix: unix(issued.not_after),
             // During a rollover: old and new roots.
-            trust_bundle_pem: self.keys.trust_bundle().pem.clone(),
+            trust_bundle_pem: match bundle {
+                Bundle::Included => self.keys.trust_bundle().pem.clone(),
+                Bundle::Omitted => String::new(),
+            },
             chain_pem: issued.chain_pem,
             serial_hex: issued.serial_hex,
         }
     }
+}
+
+/// Whether an answer carries the trust bundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bundle {
+    Included,
+    /// A batch answer carries it once, not per entry.
+    Omitted,
 }
 
 /// The kubelet-reported fields must match the token when given.

@@ -21,6 +21,8 @@
 //!   with 2 calls open, as an agent under load sends them;
 //! - `csi-publish-remote`: NodePublishVolume latency with the agent asking
 //!   a real `credlet ca` on loopback (`--ca-url`);
+//! - `csi-publish-remote-jwks`: the same with the CA verifying tokens
+//!   offline (`--token-verification jwks`) instead of a TokenReview each;
 //! - `csi-rotation-remote`: agent and CA CPU for rotating many volumes
 //!   through that CA (`credlet ca --min-duration 1s` lets the volumes ask
 //!   for lifetimes of seconds);
@@ -955,10 +957,17 @@ fn remote_volumes(
     Ok(Arc::new(volumes))
 }
 
-async fn bench_publish_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
+/// `label`: `csi-publish-remote`, or `csi-publish-remote-jwks` with the CA
+/// verifying tokens offline.
+async fn bench_publish_remote(remote: &mut Remote, bin: &Path, label: &str) -> Result<()> {
+    let tokens = if label.ends_with("jwks") {
+        "tokens verified offline against the issuer keys"
+    } else {
+        "TokenReview each"
+    };
     println!(
-        "== csi-publish-remote: {PUBLISH_MEASURED} NodePublishVolume calls (after {PUBLISH_WARMUP} warm-up), one at a time, \
-         real credlet ca on loopback (TokenReview each, pods from its pod cache), real tmpfs"
+        "== {label}: {PUBLISH_MEASURED} NodePublishVolume calls (after {PUBLISH_WARMUP} warm-up), one at a time, \
+         real credlet ca on loopback ({tokens}, pods from its pod cache), real tmpfs"
     );
     let csi = remote.start_agent(bin).await?;
     let volumes = remote_volumes(
@@ -1008,17 +1017,17 @@ async fn bench_publish_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     let p50 = percentile(&publish, 0.50);
     let p99 = percentile(&publish, 0.99);
     line(
-        "csi-publish-remote p50",
+        &format!("{label} p50"),
         &ms(p50),
         &format!("floor 187 µs (agent 107 + CA 80) → {}", ratio(p50)),
     );
     line(
-        "csi-publish-remote p90",
+        &format!("{label} p90"),
         &ms(percentile(&publish, 0.90)),
         &format!("floor 187 µs → {}", ratio(percentile(&publish, 0.90))),
     );
     line(
-        "csi-publish-remote p99",
+        &format!("{label} p99"),
         &ms(p99),
         &format!(
             "goal ≤ 3 ms {}; floor 187 µs → {}",
@@ -1027,13 +1036,13 @@ async fn bench_publish_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
         ),
     );
     line(
-        "csi-publish-remote max",
+        &format!("{label} max"),
         &ms(*publish.last().unwrap_or(&Duration::ZERO)),
         "slowest call",
     );
     let n = publish.len().max(1) as f64;
     line(
-        "csi-publish-remote CPU each",
+        &format!("{label} CPU each"),
         &format!("{:.0} µs", (agent_cpu + ca_cpu).as_secs_f64() * 1e6 / n),
         &format!(
             "agent {:.0} µs + CA {:.0} µs per publish",
@@ -1285,16 +1294,19 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
     match name {
         "floors" => bench_floors(),
         "csi-publish" | "csi-rotation" => local_scenario(bin, name).await,
-        "ca-issue" | "csi-publish-remote" | "csi-rotation-remote" => {
+        "ca-issue" | "csi-publish-remote" | "csi-publish-remote-jwks" | "csi-rotation-remote" => {
             // Short lifetimes only where rotations are measured.
             let flags: &[&str] = match name {
                 "csi-rotation-remote" => &["--min-duration", "1s"],
+                "csi-publish-remote-jwks" => &["--token-verification", "jwks"],
                 _ => &[],
             };
             let mut remote = Remote::start(bin, flags).await?;
             let result = match name {
                 "ca-issue" => bench_ca_issue(&mut remote).await,
-                "csi-publish-remote" => bench_publish_remote(&mut remote, bin).await,
+                "csi-publish-remote" | "csi-publish-remote-jwks" => {
+                    bench_publish_remote(&mut remote, bin, name).await
+                }
                 _ => bench_rotation_remote(&mut remote, bin).await,
             };
             if result.is_err() {
@@ -1319,12 +1331,13 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "floors",
     "csi-publish",
     "csi-rotation",
     "ca-issue",
     "csi-publish-remote",
+    "csi-publish-remote-jwks",
     "csi-rotation-remote",
 ];
 
