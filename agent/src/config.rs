@@ -570,11 +570,12 @@ pub struct CaArgs {
         default_value = "token-review"
     )]
     pub token_verification: String,
-    /// With `--token-verification jwks`: the issuer (`iss`) tokens must
-    /// name. Default: the `issuer` of the API server's
-    /// `/.well-known/openid-configuration`.
-    #[arg(long, env = "CREDLET_TOKEN_ISSUER")]
-    pub token_issuer: Option<String>,
+    /// With `--token-verification jwks`: an issuer (`iss`) tokens may name
+    /// (repeatable: every `--service-account-issuer` of the API server
+    /// while it migrates issuers). Default: the `issuer` of the API
+    /// server's `/.well-known/openid-configuration`.
+    #[arg(long, env = "CREDLET_TOKEN_ISSUERS", value_delimiter = ',')]
+    pub token_issuer: Vec<String>,
     /// With `--token-verification jwks`: how often the issuer keys are
     /// fetched again (`5m`); a token signed with an unknown key id fetches
     /// them at once, at most every 10 s.
@@ -813,7 +814,7 @@ impl CaArgs {
             .map_err(|e| err(format!("--jwks-refresh: {e}")))?;
         match self.token_verification.trim() {
             "token-review" => {
-                if self.token_issuer.is_some() {
+                if !self.token_issuer.is_empty() {
                     return Err(err(
                         "--token-issuer only applies with --token-verification jwks",
                     ));
@@ -823,14 +824,14 @@ impl CaArgs {
             "jwks" => {
                 let mut settings =
                     credlet_ca_service::JwksSettings::new(self.token_audience.clone());
-                if let Some(issuer) = &self.token_issuer {
+                for issuer in &self.token_issuer {
                     let issuer = issuer.trim();
                     if issuer.is_empty() || issuer.chars().any(char::is_whitespace) {
                         return Err(err(format!(
-                            "--token-issuer {issuer:?} must be the service account issuer URL, e.g. https://kubernetes.default.svc.cluster.local"
+                            "--token-issuer {issuer:?} must be a service account issuer URL, e.g. https://kubernetes.default.svc.cluster.local"
                         )));
                     }
-                    settings.issuer = Some(issuer.to_owned());
+                    settings.issuers.push(issuer.to_owned());
                 }
                 if refresh < std::time::Duration::from_secs(10) {
                     return Err(err(format!(
@@ -1062,7 +1063,7 @@ mod remote_ca_tests {
             .settings
             .jwks
             .expect("jwks on");
-        assert_eq!(jwks.issuer, None, "discovered from the API server");
+        assert!(jwks.issuers.is_empty(), "discovered from the API server");
         assert_eq!(jwks.audience, "credlet-ca");
         assert_eq!(jwks.refresh_interval, Duration::from_secs(300));
         let jwks = ca_args(&[
@@ -1070,6 +1071,8 @@ mod remote_ca_tests {
             "jwks",
             "--token-issuer",
             "https://oidc.example.com/cluster-a",
+            "--token-issuer",
+            "https://kubernetes.default.svc.cluster.local",
             "--jwks-refresh",
             "1m",
             "--token-audience",
@@ -1080,8 +1083,11 @@ mod remote_ca_tests {
         .jwks
         .expect("jwks on");
         assert_eq!(
-            jwks.issuer.as_deref(),
-            Some("https://oidc.example.com/cluster-a")
+            jwks.issuers,
+            [
+                "https://oidc.example.com/cluster-a",
+                "https://kubernetes.default.svc.cluster.local"
+            ]
         );
         assert_eq!(jwks.refresh_interval, Duration::from_secs(60));
         assert_eq!(jwks.audience, "mesh-ca");

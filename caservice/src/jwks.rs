@@ -5,8 +5,8 @@
 //!
 //! The keys come from the API server (`GET /openid/v1/jwks`, readable by
 //! every service account through the default
-//! `system:service-account-issuer-discovery` binding), the issuer from
-//! `--token-issuer` or the discovery document
+//! `system:service-account-issuer-discovery` binding), the accepted
+//! issuers from `--token-issuer` or the discovery document
 //! (`GET /.well-known/openid-configuration`). They are fetched at start,
 //! refreshed every [`JwksSettings::refresh_interval`], and at once (at most
 //! every [`JwksSettings::min_refetch_interval`]) when a token names a key
@@ -35,9 +35,10 @@ pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 pub struct JwksSettings {
     /// The audience tokens must carry (the CA's).
     pub audience: String,
-    /// The issuer tokens must name (`iss`); `None`: the `issuer` of the
-    /// API server's discovery document.
-    pub issuer: Option<String>,
+    /// The issuers tokens may name (`iss`): all of the API server's
+    /// `--service-account-issuer` values during an issuer migration. Empty:
+    /// the `issuer` of the API server's discovery document.
+    pub issuers: Vec<String>,
     /// How often the keys are fetched again.
     pub refresh_interval: Duration,
     /// Shortest time between fetches caused by an unknown key id, and
@@ -59,7 +60,7 @@ impl JwksSettings {
     pub fn new(audience: impl Into<String>) -> Self {
         Self {
             audience: audience.into(),
-            issuer: None,
+            issuers: Vec::new(),
             refresh_interval: Duration::from_secs(300),
             min_refetch_interval: Duration::from_secs(10),
             timeout: Duration::from_secs(5),
@@ -72,7 +73,7 @@ impl JwksSettings {
 /// The issuer and its keys as last fetched.
 #[derive(Debug)]
 struct IssuerKeys {
-    issuer: String,
+    issuers: Vec<String>,
     keys: JwtKeySet,
 }
 
@@ -131,9 +132,9 @@ impl JwksVerifier {
         self.keys().map(|k| k.keys.key_ids()).unwrap_or_default()
     }
 
-    /// The issuer tokens must name, once known.
-    pub fn issuer(&self) -> Option<String> {
-        self.keys().map(|k| k.issuer.clone())
+    /// The issuers tokens may name, once known.
+    pub fn issuers(&self) -> Vec<String> {
+        self.keys().map(|k| k.issuers.clone()).unwrap_or_default()
     }
 
     fn keys(&self) -> Option<Arc<IssuerKeys>> {
@@ -161,10 +162,10 @@ impl JwksVerifier {
                 Ok(Ok(fresh)) => {
                     let changed = self
                         .keys()
-                        .is_none_or(|old| old.keys != fresh.keys || old.issuer != fresh.issuer);
+                        .is_none_or(|old| old.keys != fresh.keys || old.issuers != fresh.issuers);
                     if changed {
                         tracing::info!(
-                            issuer = %fresh.issuer,
+                            issuers = ?fresh.issuers,
                             key_ids = ?fresh.keys.key_ids(),
                             "service account issuer keys loaded"
                         );
@@ -196,9 +197,9 @@ impl JwksVerifier {
     }
 
     async fn fetch_keys(&self) -> Result<IssuerKeys, String> {
-        let issuer = match &self.settings.issuer {
-            Some(issuer) => issuer.clone(),
-            None => {
+        let issuers = match self.settings.issuers.as_slice() {
+            [_, ..] => self.settings.issuers.clone(),
+            [] => {
                 let text = self.get(DISCOVERY_PATH).await?;
                 #[derive(serde::Deserialize)]
                 struct Discovery {
@@ -209,13 +210,13 @@ impl JwksVerifier {
                 if discovery.issuer.is_empty() {
                     return Err(format!("GET {DISCOVERY_PATH}: empty issuer"));
                 }
-                discovery.issuer
+                vec![discovery.issuer]
             }
         };
         let text = self.get(JWKS_PATH).await?;
         let keys =
             JwtKeySet::from_json(text.as_bytes()).map_err(|e| format!("GET {JWKS_PATH}: {e}"))?;
-        Ok(IssuerKeys { issuer, keys })
+        Ok(IssuerKeys { issuers, keys })
     }
 
     async fn get(&self, path: &str) -> Result<String, String> {
@@ -277,7 +278,7 @@ fn check(
     keys.keys.verify(
         token,
         &Expectations {
-            issuer: &keys.issuer,
+            issuers: &keys.issuers,
             audience,
         },
         now,

@@ -80,8 +80,8 @@ pub enum JwtError {
     /// Issued by another issuer.
     #[error("issued by {got:?}, not by the cluster's service account issuer {expected:?}")]
     WrongIssuer {
-        /// The configured issuer.
-        expected: String,
+        /// The accepted issuers.
+        expected: Vec<String>,
         /// The token's `iss`.
         got: String,
     },
@@ -185,8 +185,9 @@ impl fmt::Debug for JwtKeySet {
 /// What a token must show besides a good signature.
 #[derive(Clone, Copy, Debug)]
 pub struct Expectations<'a> {
-    /// The required `iss`.
-    pub issuer: &'a str,
+    /// The accepted `iss` values (the API server accepts tokens of every
+    /// `--service-account-issuer` it is given, and signs with the first).
+    pub issuers: &'a [String],
     /// An audience `aud` must include.
     pub audience: &'a str,
 }
@@ -489,9 +490,9 @@ impl JwtKeySet {
         let claims: RawClaims = serde_json::from_slice(&decode("claims", claims_b64)?)
             .map_err(|e| malformed(&format!("claims: {e}")))?;
         let iss = claims.iss.unwrap_or_default();
-        if iss != expect.issuer {
+        if !expect.issuers.contains(&iss) {
             return Err(JwtError::WrongIssuer {
-                expected: expect.issuer.to_owned(),
+                expected: expect.issuers.to_vec(),
                 got: iss,
             });
         }

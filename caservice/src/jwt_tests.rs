@@ -8,9 +8,14 @@ use super::*;
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const AUDIENCE: &str = "credlet-ca";
 
+fn issuers() -> &'static [String] {
+    static ISSUERS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    ISSUERS.get_or_init(|| vec!["https://old-issuer.example".into(), ISSUER.into()])
+}
+
 fn expect() -> Expectations<'static> {
     Expectations {
-        issuer: ISSUER,
+        issuers: issuers(),
         audience: AUDIENCE,
     }
 }
@@ -87,6 +92,9 @@ fn claims_that_do_not_fit_are_refused() {
     let keys = key_set(&[&es]);
     let verify = |token: &str| keys.verify(token, &expect(), now());
 
+    // Any accepted issuer (an API server migrating issuers accepts all).
+    let old_issuer = signed(&es, |c| c["iss"] = json!("https://old-issuer.example"));
+    assert!(verify(&old_issuer).is_ok());
     let other_issuer = signed(&es, |c| c["iss"] = json!("https://evil.example"));
     assert!(matches!(
         verify(&other_issuer),

@@ -18,10 +18,13 @@ use libfuzzer_sys::fuzz_target;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 
-const EXPECT: Expectations<'static> = Expectations {
-    issuer: "https://kubernetes.default.svc.cluster.local",
-    audience: "credlet-ca",
-};
+fn expect() -> Expectations<'static> {
+    static ISSUERS: OnceLock<Vec<String>> = OnceLock::new();
+    Expectations {
+        issuers: ISSUERS.get_or_init(|| vec!["https://kubernetes.default.svc.cluster.local".into()]),
+        audience: "credlet-ca",
+    }
+}
 const NOW: i64 = 1_800_000_000;
 
 /// A fixed signing key (kid `k`) and the key set holding it.
@@ -73,11 +76,11 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(keys: &JwtKeySet, token: &str) {
-    match keys.verify(token, &EXPECT, NOW) {
+    match keys.verify(token, &expect(), NOW) {
         Ok(claims) => {
             assert!(!claims.namespace.is_empty() && !claims.pod_uid.is_empty());
             assert!(claims.expires_at > NOW);
-            assert!(claims.audiences.iter().any(|a| a == EXPECT.audience));
+            assert!(claims.audiences.iter().any(|a| a == "credlet-ca"));
         }
         Err(error) => {
             let text = error.to_string();
