@@ -19,6 +19,8 @@
 //!   pods from the CA's pod cache) and for renewals (tokens already in the
 //!   CA's review cache), each also in `IssuePodCertificates` batches of 64
 //!   with 2 calls open, as an agent under load sends them;
+//! - `ca-issue-jwks`: the new-pod variants with the CA verifying tokens
+//!   offline (`--token-verification jwks`): no TokenReview per new token;
 //! - `csi-publish-remote`: NodePublishVolume latency with the agent asking
 //!   a real `credlet ca` on loopback (`--ca-url`);
 //! - `csi-publish-remote-jwks`: the same with the CA verifying tokens
@@ -823,13 +825,21 @@ async fn measure_ca_issue(
     Ok(())
 }
 
-async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
+/// `jwks`: the CA verifies tokens offline (`--token-verification jwks`);
+/// then only new pods are measured (renewals hit the same token cache).
+async fn bench_ca_issue(remote: &mut Remote, jwks: bool) -> Result<()> {
+    let variant = if jwks { "jwks " } else { "" };
     let count = env_usize("CREDLET_BENCH_CA_REQUESTS", 20_000).max(1);
     let concurrency = env_usize("CREDLET_BENCH_CA_CONCURRENCY", 64).max(1);
     let renewing = CA_RENEWING_PODS.min(count);
     println!(
-        "== ca-issue: {count} IssuePodCertificate calls per variant, {concurrency} concurrent streams on one HTTP/2 connection, \
-         TLS 1.3 mTLS on loopback, fake API server in this process"
+        "== ca-issue{}: {count} IssuePodCertificate calls per variant, {concurrency} concurrent streams on one HTTP/2 connection, \
+         TLS 1.3 mTLS on loopback, fake API server in this process",
+        if jwks {
+            " (tokens verified offline)"
+        } else {
+            ""
+        }
     );
 
     // Everything before the clock: the agent's client certificate, the
@@ -897,12 +907,15 @@ async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
     };
     // (a) A burst of new pods: every token is new to the CA.
     issue_all(&client, &warm_up, concurrency).await?;
-    measure_ca_issue(remote, &client, "new pods", &new_requests, single).await?;
+    let label = format!("{variant}new pods");
+    measure_ca_issue(remote, &client, &label, &new_requests, single).await?;
 
     // (b) Renewals: the same pods' tokens again, reviewed once before the
     // clock (the new pods' tokens pushed them out of the review cache).
-    issue_all(&client, &warm_up, concurrency).await?;
-    measure_ca_issue(remote, &client, "renewals", &renewal_requests, single).await?;
+    if !jwks {
+        issue_all(&client, &warm_up, concurrency).await?;
+        measure_ca_issue(remote, &client, "renewals", &renewal_requests, single).await?;
+    }
 
     // (c), (d): the same in IssuePodCertificates batches, as an agent sends
     // the requests that queue up under load; new pods of their own.
@@ -913,26 +926,22 @@ async fn bench_ca_issue(remote: &mut Remote) -> Result<()> {
             .map(|(pod, csr)| pod.map(|(pod, token)| pod_request(&pod, &token, csr.clone())))
             .collect::<Result<Vec<_>>>()?,
     );
-    measure_ca_issue(
-        remote,
-        &client,
-        "new pods batched",
-        &batch_requests,
-        batched,
-    )
-    .await?;
-    issue_all(&client, &warm_up, concurrency).await?;
-    measure_ca_issue(
-        remote,
-        &client,
-        "renewals batched",
-        &renewal_requests,
-        batched,
-    )
-    .await?;
-    println!(
-        "(renewals: {renewing} pods, each token reviewed once before the clock; pods from the CA's pod cache)"
-    );
+    let label = format!("{variant}new pods batched");
+    measure_ca_issue(remote, &client, &label, &batch_requests, batched).await?;
+    if !jwks {
+        issue_all(&client, &warm_up, concurrency).await?;
+        measure_ca_issue(
+            remote,
+            &client,
+            "renewals batched",
+            &renewal_requests,
+            batched,
+        )
+        .await?;
+        println!(
+            "(renewals: {renewing} pods, each token reviewed once before the clock; pods from the CA's pod cache)"
+        );
+    }
     let log = remote.ca.env.log();
     let denied = log.matches("request denied").count() + log.matches("request failed").count();
     ensure!(denied == 0, "the CA denied or failed {denied} requests");
@@ -1294,16 +1303,21 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
     match name {
         "floors" => bench_floors(),
         "csi-publish" | "csi-rotation" => local_scenario(bin, name).await,
-        "ca-issue" | "csi-publish-remote" | "csi-publish-remote-jwks" | "csi-rotation-remote" => {
+        "ca-issue"
+        | "ca-issue-jwks"
+        | "csi-publish-remote"
+        | "csi-publish-remote-jwks"
+        | "csi-rotation-remote" => {
             // Short lifetimes only where rotations are measured.
             let flags: &[&str] = match name {
                 "csi-rotation-remote" => &["--min-duration", "1s"],
-                "csi-publish-remote-jwks" => &["--token-verification", "jwks"],
+                "csi-publish-remote-jwks" | "ca-issue-jwks" => &["--token-verification", "jwks"],
                 _ => &[],
             };
             let mut remote = Remote::start(bin, flags).await?;
             let result = match name {
-                "ca-issue" => bench_ca_issue(&mut remote).await,
+                "ca-issue" => bench_ca_issue(&mut remote, false).await,
+                "ca-issue-jwks" => bench_ca_issue(&mut remote, true).await,
                 "csi-publish-remote" | "csi-publish-remote-jwks" => {
                     bench_publish_remote(&mut remote, bin, name).await
                 }
@@ -1331,11 +1345,12 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "floors",
     "csi-publish",
     "csi-rotation",
     "ca-issue",
+    "ca-issue-jwks",
     "csi-publish-remote",
     "csi-publish-remote-jwks",
     "csi-rotation-remote",
