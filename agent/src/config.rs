@@ -602,6 +602,12 @@ pub struct CaArgs {
     /// make every pod renew that often.
     #[arg(long, env = "CREDLET_MIN_DURATION")]
     pub min_duration: Option<String>,
+    /// Renewal points are drawn from ± this share of the lifetime around
+    /// the nominal point (percent, 0-40; 10: renewal at 50-70 % of the
+    /// lifetime), so that certificates issued together do not renew
+    /// together. 0 turns spreading off.
+    #[arg(long, env = "CREDLET_RENEWAL_SPREAD_PERCENT", default_value_t = 10)]
+    pub renewal_spread_percent: u32,
     /// Allowed DNS SAN template (repeatable): an exact template such as
     /// `$POD_NAME.$POD_NAMESPACE.svc`, or `*.` + suffix template
     /// (one label in front); `namespace=template` applies to one namespace
@@ -765,6 +771,14 @@ impl CaArgs {
             None => policy.min_duration = policy.min_duration.min(policy.max_duration),
         }
         policy.agent_duration = policy.default_duration;
+        if self.renewal_spread_percent > credlet_ca_service::policy::MAX_RENEWAL_SPREAD_PERCENT {
+            return Err(err(format!(
+                "--renewal-spread-percent {} must be 0-{}",
+                self.renewal_spread_percent,
+                credlet_ca_service::policy::MAX_RENEWAL_SPREAD_PERCENT
+            )));
+        }
+        policy.renewal_spread_percent = self.renewal_spread_percent;
         for template in &self.dns_template {
             policy
                 .add_dns_template(template)
@@ -1110,6 +1124,22 @@ mod remote_ca_tests {
             let error = ca_args(flags).expect_err("invalid");
             assert!(error.0.contains(mention), "{flags:?}: {error}");
         }
+    }
+
+    #[test]
+    fn renewal_spread_flag() {
+        let spread = |extra: &[&str]| {
+            ca_args(extra)
+                .expect("valid")
+                .settings
+                .policy
+                .renewal_spread_percent
+        };
+        assert_eq!(spread(&[]), 10);
+        assert_eq!(spread(&["--renewal-spread-percent", "0"]), 0);
+        assert_eq!(spread(&["--renewal-spread-percent", "40"]), 40);
+        let error = ca_args(&["--renewal-spread-percent", "41"]).expect_err("invalid");
+        assert!(error.0.contains("must be 0-40"), "{error}");
     }
 
     #[test]

@@ -264,6 +264,10 @@ pub struct ServicePolicy {
     pub agent_service_account: ServiceAccountRef,
     /// Share of the lifetime left when renewal begins, by default (percent).
     pub default_renew_before_percent: u32,
+    /// Width of the window renewal points are drawn from, in percent of
+    /// the lifetime on each side of the nominal point (default 10: renewal
+    /// at 50–70 %); 0 turns spreading off.
+    pub renewal_spread_percent: u32,
 }
 
 impl ServicePolicy {
@@ -286,6 +290,7 @@ impl ServicePolicy {
                 name: "credlet-agent".into(),
             },
             default_renew_before_percent: 40,
+            renewal_spread_percent: DEFAULT_RENEWAL_SPREAD_PERCENT,
         }
     }
 
@@ -330,6 +335,12 @@ impl ServicePolicy {
         }
         if !(1..=99).contains(&self.default_renew_before_percent) {
             return Err(bad("renewal percentage must be 1-99".into()));
+        }
+        if self.renewal_spread_percent > MAX_RENEWAL_SPREAD_PERCENT {
+            return Err(bad(format!(
+                "renewal spread {} % is above {MAX_RENEWAL_SPREAD_PERCENT} %",
+                self.renewal_spread_percent
+            )));
         }
         Ok(())
     }
@@ -470,21 +481,47 @@ fn describe<S: AsRef<str>>(items: impl Iterator<Item = S>) -> String {
     }
 }
 
+/// Default [`ServicePolicy::renewal_spread_percent`].
+pub const DEFAULT_RENEWAL_SPREAD_PERCENT: u32 = 10;
+/// Largest [`ServicePolicy::renewal_spread_percent`].
+pub const MAX_RENEWAL_SPREAD_PERCENT: u32 = 40;
+
 /// When to begin renewal, spread so that certificates issued in the same
-/// second do not all renew in the same second.
-///
-/// The nominal point is `renew_before_secs` before `not_after`, or else the
-/// moment `percent` % of the lifetime is left (`default_percent` when 0).
-/// The answer is drawn uniformly from a window of ±10 % of the lifetime
-/// around that point (for `renew_before_secs`: from the lifetime's 10 %
-/// before the point up to the point), never earlier than 10 % into the
-/// lifetime nor later than 1 % before the end. Milliseconds since the epoch.
+/// second do not all renew in the same second: [`renew_at_spread_unix_ms`]
+/// with the default spread of ±10 % of the lifetime.
 pub fn renew_at_unix_ms(
     not_before: SystemTime,
     not_after: SystemTime,
     renew_before_secs: u64,
     percent: u32,
     default_percent: u32,
+) -> i64 {
+    renew_at_spread_unix_ms(
+        not_before,
+        not_after,
+        renew_before_secs,
+        percent,
+        default_percent,
+        DEFAULT_RENEWAL_SPREAD_PERCENT,
+    )
+}
+
+/// When to begin renewal.
+///
+/// The nominal point is `renew_before_secs` before `not_after`, or else the
+/// moment `percent` % of the lifetime is left (`default_percent` when 0).
+/// The answer is drawn uniformly from a window of ±`spread_percent` % of
+/// the lifetime around that point (for `renew_before_secs`: from that
+/// share before the point up to the point), never earlier than 10 % into
+/// the lifetime nor later than 1 % before the end. With `spread_percent`
+/// 0 it is the nominal point itself. Milliseconds since the epoch.
+pub fn renew_at_spread_unix_ms(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    renew_before_secs: u64,
+    percent: u32,
+    default_percent: u32,
+    spread_percent: u32,
 ) -> i64 {
     let ms = |t: SystemTime| {
         t.duration_since(UNIX_EPOCH)
@@ -495,9 +532,10 @@ pub fn renew_at_unix_ms(
     let end = ms(not_after).max(start + 1);
     let lifetime = end - start;
     let tenth = lifetime / 10;
+    let spread = lifetime * i64::from(spread_percent.min(MAX_RENEWAL_SPREAD_PERCENT)) / 100;
     let (low, high) = if renew_before_secs > 0 {
         let point = end - i64::try_from(renew_before_secs.saturating_mul(1000)).unwrap_or(lifetime);
-        (point - tenth, point)
+        (point - spread, point)
     } else {
         let percent = if (1..=99).contains(&percent) {
             percent
@@ -505,7 +543,7 @@ pub fn renew_at_unix_ms(
             default_percent.clamp(1, 99)
         };
         let point = end - lifetime * i64::from(percent) / 100;
-        (point - tenth, point + tenth)
+        (point - spread, point + spread)
     };
     let floor = start + tenth;
     let ceiling = (end - lifetime / 100).max(floor);
@@ -626,5 +664,31 @@ mod tests {
         let at = renew_at_unix_ms(nb, na, 3600, 0, 40);
         let end = 1_800_086_400_000i64;
         assert!(at <= end - 3_600_000 && at >= end - 3_600_000 - 8_640_000);
+    }
+
+    #[test]
+    fn renewal_spread_is_configurable_and_can_be_off() {
+        let nb = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let na = nb + Duration::from_secs(86400);
+        let start = 1_800_000_000_000i64;
+        // Off: every certificate of the same second renews at the same
+        // moment, 60 % into the lifetime.
+        for _ in 0..100 {
+            assert_eq!(
+                renew_at_spread_unix_ms(nb, na, 0, 0, 40, 0),
+                start + 86_400_000 * 6 / 10
+            );
+        }
+        // ±20 %: 40–80 %.
+        let mut seconds = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let at = renew_at_spread_unix_ms(nb, na, 0, 0, 40, 20);
+            assert!(at >= start + 86_400_000 * 4 / 10 && at <= start + 86_400_000 * 8 / 10);
+            seconds.insert(at / 1000);
+        }
+        assert!(seconds.len() > 8_000, "{} distinct seconds", seconds.len());
+        let mut policy = ServicePolicy::new("cluster.local");
+        policy.renewal_spread_percent = 41;
+        assert!(policy.validate().is_err());
     }
 }

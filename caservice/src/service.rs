@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::keys::KeyStore;
 use crate::metrics::{CaServiceMetrics, Rpc};
 use crate::pods::PodChecker;
-use crate::policy::{Facts, ServicePolicy, is_node_name, renew_at_unix_ms};
+use crate::policy::{Facts, ServicePolicy, is_node_name, renew_at_spread_unix_ms};
 use crate::tls::PeerInfo;
 use crate::tokens::{TokenVerifier, VerifiedToken};
 
@@ -283,12 +283,13 @@ impl CaService {
                 .unwrap_or(0)
         };
         IssuedProto {
-            renew_at_unix_ms: renew_at_unix_ms(
+            renew_at_unix_ms: renew_at_spread_unix_ms(
                 issued.not_before,
                 issued.not_after,
                 before_s,
                 percent,
                 self.policy.default_renew_before_percent,
+                self.policy.renewal_spread_percent,
             ),
             not_before_unix: unix(issued.not_before),
             not_after_unix: unix(issued.not_after),

@@ -28,6 +28,8 @@
 //! - `csi-rotation-remote`: agent and CA CPU for rotating many volumes
 //!   through that CA (`credlet ca --min-duration 1s` lets the volumes ask
 //!   for lifetimes of seconds);
+//! - `csi-rotation-remote-unspread`: the same with the CA's renewal spread
+//!   off, to compare the CA's peak renewal rate with and without it;
 //! - `floors`: the crypto floor of DESIGN.md §6 measured again on this
 //!   machine now (keygen, CSR, CSR verify, leaf), so that every other
 //!   figure can be read against how fast the machine is today;
@@ -1062,12 +1064,19 @@ async fn bench_publish_remote(remote: &mut Remote, bin: &Path, label: &str) -> R
     Ok(())
 }
 
-async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
+/// `label`: `csi-rotation-remote`, or `csi-rotation-remote-unspread` with
+/// the CA's renewal spread off (`--renewal-spread-percent 0`).
+async fn bench_rotation_remote(remote: &mut Remote, bin: &Path, label: &str) -> Result<()> {
     let count = env_usize("CREDLET_BENCH_VOLUMES", 10_000);
     let concurrency = env_usize("CREDLET_BENCH_CONCURRENCY", 16);
     println!(
-        "== csi-rotation-remote: {count} volumes, {concurrency} concurrent publishes, real credlet ca on loopback \
-         (--min-duration 1s), real tmpfs"
+        "== {label}: {count} volumes, {concurrency} concurrent publishes, real credlet ca on loopback \
+         (--min-duration 1s{}), real tmpfs",
+        if label.ends_with("unspread") {
+            ", --renewal-spread-percent 0"
+        } else {
+            ""
+        }
     );
     let csi = remote.start_agent(bin).await?;
     let agent_pid = remote.agent().agent().pid();
@@ -1102,6 +1111,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     let ca_start = cpu_time(ca_pid)?;
     let (reviews_start, gets_start) = remote.cluster.api_calls();
     let loaded_rss = rss_kib(agent_pid)? as f64;
+    let ca_log_offset = remote.ca.env.log().len();
 
     let early = wait_for_rotations(&volumes, published_at, duration_s).await?;
     let rotation_wall = published_at.elapsed();
@@ -1119,6 +1129,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     }
     let failures = remote.agent().log().matches("renewal failed").count();
     let ca_log = remote.ca.env.log();
+    let renewal_rate = issued_per_second(ca_log.get(ca_log_offset..).unwrap_or(""));
     let denied =
         ca_log.matches("request denied").count() + ca_log.matches("request failed").count();
 
@@ -1132,7 +1143,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
 
     let scale = count as f64 / 10_000.0;
     line(
-        &format!("csi-rotation-remote publish {count}"),
+        &format!("{label} publish {count}"),
         &format!("{:.2} s", publish_wall.as_secs_f64()),
         &format!(
             "{concurrency} concurrent; {:.0}/s; {:.3} ms each; agent RSS then {}",
@@ -1144,7 +1155,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     let goal = GOAL_ROTATION_CPU.as_secs_f64() * scale;
     let agent_floor = FLOOR_AGENT_REMOTE_ROTATION.as_secs_f64() * count as f64;
     line(
-        &format!("csi-rotation-remote agent CPU, {count}"),
+        &format!("{label} agent CPU, {count}"),
         &format!("{:.2} s", agent_cpu.as_secs_f64()),
         &format!(
             "goal ≤ {goal:.1} s {}; floor {agent_floor:.2} s (107 µs each) → {:.1}×",
@@ -1154,7 +1165,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
     );
     let ca_floor = FLOOR_CA_CERTIFICATE.as_secs_f64() * count as f64;
     line(
-        &format!("csi-rotation-remote CA CPU, {count}"),
+        &format!("{label} CA CPU, {count}"),
         &format!("{:.2} s", ca_cpu.as_secs_f64()),
         &format!(
             "floor {ca_floor:.2} s (80 µs each) → {:.1}×; {} certificates per CA CPU-second",
@@ -1163,7 +1174,7 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
         ),
     );
     line(
-        "csi-rotation-remote API calls",
+        &format!("{label} API calls"),
         &format!(
             "{:.2} + {:.2}",
             (reviews_end - reviews_start) as f64 / count as f64,
@@ -1172,7 +1183,17 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
         "TokenReviews + pod GETs per rotation at the fake API server",
     );
     line(
-        "csi-rotation-remote details",
+        &format!("{label} CA peak"),
+        &format!("{}/s", thousands(renewal_rate.peak as f64)),
+        &format!(
+            "most renewals the CA signed in one second; {} renewals over {} seconds, mean {:.0}/s",
+            thousands(renewal_rate.total as f64),
+            renewal_rate.seconds,
+            renewal_rate.total as f64 / renewal_rate.seconds.max(1) as f64
+        ),
+    );
+    line(
+        &format!("{label} details"),
         &format!("{duration_s} s"),
         &format!(
             "lifetime; all rotated {:.1} s after publishing; CPU measured agent {:.2} s, CA {:.2} s, \
@@ -1186,11 +1207,50 @@ async fn bench_rotation_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
         ),
     );
     line(
-        &format!("csi-rotation-remote unpublish {count}"),
+        &format!("{label} unpublish {count}"),
         &format!("{:.2} s", unpublish_wall.as_secs_f64()),
         &format!("{concurrency} concurrent"),
     );
     Ok(())
+}
+
+/// Certificates the CA logged as issued, by wall-clock second.
+#[derive(Debug, Default)]
+struct IssueRate {
+    /// The busiest second's count.
+    peak: usize,
+    /// All of them.
+    total: usize,
+    /// From the first to the last second with any, inclusive.
+    seconds: u64,
+}
+
+/// Counts the `pod certificate issued` lines of a CA log (text format, an
+/// RFC 3339 timestamp first) per second.
+fn issued_per_second(log: &str) -> IssueRate {
+    let mut per_second: std::collections::BTreeMap<&str, usize> = Default::default();
+    for line in log.lines().filter(|l| l.contains("pod certificate issued")) {
+        // `2026-01-02T03:04:05.678901Z  INFO …`: bucket by the first 19.
+        if let Some(second) = line
+            .get(..19)
+            .filter(|s| s.as_bytes().get(10) == Some(&b'T'))
+        {
+            *per_second.entry(second).or_default() += 1;
+        }
+    }
+    let span = |s: &str| {
+        let hms: Vec<u64> = s[11..].split(':').filter_map(|p| p.parse().ok()).collect();
+        hms.iter().fold(0, |acc, v| acc * 60 + v)
+    };
+    let seconds = match (per_second.keys().next(), per_second.keys().next_back()) {
+        (Some(first), Some(last)) => span(last).saturating_sub(span(first)) + 1,
+        _ => 0,
+    };
+    IssueRate {
+        peak: per_second.values().copied().max().unwrap_or(0),
+        total: per_second.values().sum(),
+        seconds,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1307,10 +1367,14 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
         | "ca-issue-jwks"
         | "csi-publish-remote"
         | "csi-publish-remote-jwks"
-        | "csi-rotation-remote" => {
+        | "csi-rotation-remote"
+        | "csi-rotation-remote-unspread" => {
             // Short lifetimes only where rotations are measured.
             let flags: &[&str] = match name {
                 "csi-rotation-remote" => &["--min-duration", "1s"],
+                "csi-rotation-remote-unspread" => {
+                    &["--min-duration", "1s", "--renewal-spread-percent", "0"]
+                }
                 "csi-publish-remote-jwks" | "ca-issue-jwks" => &["--token-verification", "jwks"],
                 _ => &[],
             };
@@ -1321,7 +1385,7 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
                 "csi-publish-remote" | "csi-publish-remote-jwks" => {
                     bench_publish_remote(&mut remote, bin, name).await
                 }
-                _ => bench_rotation_remote(&mut remote, bin).await,
+                _ => bench_rotation_remote(&mut remote, bin, name).await,
             };
             if result.is_err() {
                 remote.print_logs();
@@ -1345,7 +1409,7 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "floors",
     "csi-publish",
     "csi-rotation",
@@ -1354,6 +1418,7 @@ const SCENARIOS: [&str; 8] = [
     "csi-publish-remote",
     "csi-publish-remote-jwks",
     "csi-rotation-remote",
+    "csi-rotation-remote-unspread",
 ];
 
 async fn run(which: &str) -> Result<()> {
