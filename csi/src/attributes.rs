@@ -547,6 +547,13 @@ pub struct ServiceAccountToken {
     pub expires: Option<SystemTime>,
 }
 
+impl ServiceAccountToken {
+    /// Whether the kubelet's expiry (if it gave one) lies after `at`.
+    pub fn valid_at(&self, at: SystemTime) -> bool {
+        self.expires.is_none_or(|expires| expires > at)
+    }
+}
+
 impl fmt::Debug for ServiceAccountToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServiceAccountToken")

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub volumes: Gauge,
     /// Republish calls answered without re-issuing.
     pub republishes: Counter,
+    /// Renewals that fell due without a usable token and waited for the
+    /// kubelet's next republish.
+    pub awaiting_token: Counter,
 }
 
 impl Default for Metrics {
@@ -62,6 +65,7 @@ impl Default for Metrics {
             issuance_seconds: Family::new_with_constructor(latency_histogram),
             volumes: Gauge::default(),
             republishes: Counter::default(),
+            awaiting_token: Counter::default(),
         }
     }
 }
@@ -89,6 +93,11 @@ impl Metrics {
             "republishes",
             "Republish calls answered without re-issuing",
             self.republishes.clone(),
+        );
+        sub.register(
+            "renewals_awaiting_token",
+            "Renewals that fell due without a usable token and waited for the kubelet's next republish",
+            self.awaiting_token.clone(),
         );
     }
 

@@ -908,3 +908,80 @@ async fn a_ca_without_batches_gets_single_calls() {
     assert_eq!(fx.server.ca.batch_calls.load(Ordering::SeqCst), 1);
     assert_eq!(fx.server.ca.pod_calls.load(Ordering::SeqCst), 24);
 }
+
+/// The kubelet's token map with a token for the CA's audience that expires
+/// `expires_in` from now.
+fn tokens_expiring_in(expires_in: Duration) -> String {
+    let expires = time::OffsetDateTime::from(SystemTime::now() + expires_in)
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+    serde_json::json!({
+        support::AUDIENCE: {"token": POD_TOKEN, "expirationTimestamp": expires}
+    })
+    .to_string()
+}
+
+/// A token that expires before the volume's renewal point is not kept: the
+/// renewal waits, without calling the CA and without counting a failure,
+/// for the kubelet's republish with a fresh token, and then renews at once.
+#[tokio::test]
+async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() {
+    let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(2)).await;
+    let manager = fx.manager().await;
+    fx.bootstrap().await;
+    let target = fx.target("p1");
+    // Renewal at about 55 % of 4 s; the token expires after 1 s.
+    let short_lived = tokens_expiring_in(Duration::from_secs(1));
+    manager
+        .publish(fx.request(
+            "csi-1",
+            &target,
+            None,
+            &[
+                (attr::DURATION, "4s"),
+                (attr::SERVICE_ACCOUNT_TOKENS, &short_lived),
+            ],
+        ))
+        .await
+        .expect("publish");
+    let first = serial(&target);
+    let calls_after_publish = fx.server.ca.pod_calls.load(Ordering::SeqCst);
+
+    wait_for(
+        "the renewal to wait for a token",
+        Duration::from_secs(6),
+        || fx.metrics.awaiting_token.get() >= 1,
+    )
+    .await;
+    assert_eq!(
+        fx.server.ca.pod_calls.load(Ordering::SeqCst),
+        calls_after_publish,
+        "no CA call without a token"
+    );
+    assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
+    assert_eq!(serial(&target), first, "the current certificate stays");
+
+    // The kubelet republishes with a fresh token: the renewal runs now.
+    let republished = Instant::now();
+    let fresh = tokens_expiring_in(Duration::from_secs(3600));
+    manager
+        .publish(fx.request(
+            "csi-1",
+            &target,
+            None,
+            &[
+                (attr::DURATION, "4s"),
+                (attr::SERVICE_ACCOUNT_TOKENS, &fresh),
+            ],
+        ))
+        .await
+        .expect("republish");
+    wait_for("the renewal", Duration::from_secs(2), || {
+        serial(&target) != first
+    })
+    .await;
+    assert!(republished.elapsed() < Duration::from_secs(2));
+    assert!(fx.count(Operation::Renew, Outcome::Success) >= 1);
+    assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
+    assert_eq!(fx.metrics.awaiting_token.get(), 1);
+}
