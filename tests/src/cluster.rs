@@ -304,10 +304,18 @@ pub fn kubeconfig_yaml(server: &str) -> String {
     )
 }
 
-/// The kubelet's `csi.storage.k8s.io/serviceAccount.tokens` for one token.
+/// The kubelet's `csi.storage.k8s.io/serviceAccount.tokens` for one token
+/// minted now: it expires in an hour, as [`Cluster::token`]'s do.
 pub fn tokens_json(token: &str) -> String {
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64 + 3600)
+        .unwrap_or(0);
+    let expires = k8s_openapi::jiff::Timestamp::from_second(expires)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
     serde_json::json!({
-        AUDIENCE: {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}
+        AUDIENCE: {"token": token, "expirationTimestamp": expires}
     })
     .to_string()
 }

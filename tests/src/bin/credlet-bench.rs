@@ -30,6 +30,9 @@
 //!   for lifetimes of seconds);
 //! - `csi-rotation-remote-unspread`: the same with the CA's renewal spread
 //!   off, to compare the CA's peak renewal rate with and without it;
+//! - `csi-volumes-remote`: agent RSS with 10,000 volumes of 24 h
+//!   certificates through that CA, tokens valid for an hour as the
+//!   kubelet's are;
 //! - `floors`: the crypto floor of DESIGN.md §6 measured again on this
 //!   machine now (keygen, CSR, CSR verify, leaf), so that every other
 //!   figure can be read against how fast the machine is today;
@@ -1064,6 +1067,49 @@ async fn bench_publish_remote(remote: &mut Remote, bin: &Path, label: &str) -> R
     Ok(())
 }
 
+/// Agent memory with 10,000 volumes of day-long certificates through the
+/// remote CA, as in a cluster: the kubelet's tokens (valid for an hour)
+/// expire long before the renewals, so the agent does not hold them.
+async fn bench_volumes_remote(remote: &mut Remote, bin: &Path) -> Result<()> {
+    let count = env_usize("CREDLET_BENCH_VOLUMES", 10_000);
+    let concurrency = env_usize("CREDLET_BENCH_CONCURRENCY", 16);
+    println!(
+        "== csi-volumes-remote: {count} volumes of 24 h certificates, tokens valid 1 h, {concurrency} concurrent publishes, \
+         real credlet ca on loopback, real tmpfs"
+    );
+    let csi = remote.start_agent(bin).await?;
+    let agent_pid = remote.agent().agent().pid();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_rss = rss_kib(agent_pid)? as f64;
+    let volumes = remote_volumes(remote, "v", count, "24h")?;
+    let publish_wall = run_all(&csi, &volumes, Op::Publish, concurrency).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded_rss = rss_kib(agent_pid)? as f64;
+    for volume in volumes.iter().step_by((count / 100).max(1)) {
+        let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+        credlet_ca::verify_chain(&files.chain, &remote.cluster.root_pem, SystemTime::now())?;
+    }
+    run_all(&csi, &volumes, Op::Unpublish, concurrency).await?;
+    ensure!(
+        mounts_under(&remote.agent().root).is_empty(),
+        "mounts left after unpublishing"
+    );
+    drop(csi);
+    remote.stop().await?;
+    line(
+        &format!("csi-volumes-remote RSS, {count}"),
+        &mib(loaded_rss),
+        &format!(
+            "goal ≤ 32 MB {}; {:.2} KB per volume above idle ({}); published in {:.2} s",
+            verdict(loaded_rss <= GOAL_LOADED_RSS_KIB),
+            (loaded_rss - idle_rss) / count as f64,
+            mib(idle_rss),
+            publish_wall.as_secs_f64()
+        ),
+    );
+    Ok(())
+}
+
 /// `label`: `csi-rotation-remote`, or `csi-rotation-remote-unspread` with
 /// the CA's renewal spread off (`--renewal-spread-percent 0`).
 async fn bench_rotation_remote(remote: &mut Remote, bin: &Path, label: &str) -> Result<()> {
@@ -1368,7 +1414,8 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
         | "csi-publish-remote"
         | "csi-publish-remote-jwks"
         | "csi-rotation-remote"
-        | "csi-rotation-remote-unspread" => {
+        | "csi-rotation-remote-unspread"
+        | "csi-volumes-remote" => {
             // Short lifetimes only where rotations are measured.
             let flags: &[&str] = match name {
                 "csi-rotation-remote" => &["--min-duration", "1s"],
@@ -1385,6 +1432,7 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
                 "csi-publish-remote" | "csi-publish-remote-jwks" => {
                     bench_publish_remote(&mut remote, bin, name).await
                 }
+                "csi-volumes-remote" => bench_volumes_remote(&mut remote, bin).await,
                 _ => bench_rotation_remote(&mut remote, bin, name).await,
             };
             if result.is_err() {
@@ -1409,7 +1457,7 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "floors",
     "csi-publish",
     "csi-rotation",
@@ -1419,6 +1467,7 @@ const SCENARIOS: [&str; 9] = [
     "csi-publish-remote-jwks",
     "csi-rotation-remote",
     "csi-rotation-remote-unspread",
+    "csi-volumes-remote",
 ];
 
 async fn run(which: &str) -> Result<()> {
