@@ -3,7 +3,8 @@
 //! One JSON file per volume under `<state-dir>/volumes/`, written to a
 //! temporary name and renamed into place (atomic against a crash at any
 //! instant). It holds no key and no token: keys live only on the volume's
-//! tmpfs, tokens only in memory (the kubelet re-sends them on republish).
+//! tmpfs, tokens only in memory and only while they can still serve the
+//! volume's next renewal (the kubelet re-sends them on republish).
 //! Files are not fsynced: a power loss also empties every tmpfs volume, and
 //! the kubelet then publishes them again.
 
