@@ -52,7 +52,9 @@
 //! journaled ext4 loop filesystem for it, see [`on_journaled_tmpdir`]),
 //! `CREDLET_BENCH_CA_REQUESTS` (IssuePodCertificate calls per `ca-issue`
 //! variant, default 20000), `CREDLET_BENCH_CA_CONCURRENCY` (concurrent
-//! streams on the one connection, default 64).
+//! streams on the one connection, default 64), `CREDLET_BENCH_CA_BIN`
+//! (run `credlet ca` from this file instead: a copy shares no page cache
+//! with the agent, so the agent's RSS is not inflated by the CA's pages).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -1425,7 +1427,10 @@ async fn scenario(bin: &Path, name: &str) -> Result<()> {
                 "csi-publish-remote-jwks" | "ca-issue-jwks" => &["--token-verification", "jwks"],
                 _ => &[],
             };
-            let mut remote = Remote::start(bin, flags).await?;
+            // A CA from another file shares no page cache with the agent,
+            // as on a real cluster where they are separate images or nodes.
+            let ca_bin = std::env::var_os("CREDLET_BENCH_CA_BIN").map(PathBuf::from);
+            let mut remote = Remote::start(ca_bin.as_deref().unwrap_or(bin), flags).await?;
             let result = match name {
                 "ca-issue" => bench_ca_issue(&mut remote, false).await,
                 "ca-issue-jwks" => bench_ca_issue(&mut remote, true).await,
