@@ -15,8 +15,12 @@
 //!
 //! What offline verification cannot see, a deleted pod, the pod check
 //! still does (the token's pod must exist with its uid on the caller's
-//! node), as for reviewed tokens. Results are cached by the token's SHA-256
-//! until the token expires, at most [`JwksSettings::cache_ttl`].
+//! node), as for reviewed tokens. A deleted service account it does not
+//! see: its pods' tokens stay valid until they expire or the pods are
+//! gone (TokenReview refuses them at once). Results are cached by the
+//! token's SHA-256 until the token expires, at most
+//! [`JwksSettings::cache_ttl`] — also after its key left the issuer's set,
+//! so removing a signing key takes effect here within that time.
 
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -239,12 +243,12 @@ impl JwksVerifier {
             Some(keys) => keys,
             None => self.refresh(self.settings.min_refetch_interval).await?,
         };
-        let now = unix_now();
-        let mut result = check(&keys, token, &self.settings.audience, now);
+        let mut result = check(&keys, token, &self.settings.audience, unix_now());
         if let Err(JwtError::UnknownKey { .. }) = &result {
             // Maybe the issuer rotated its signing key since the last fetch.
+            // The clock is read again: the fetch may have taken seconds.
             keys = self.refresh(self.settings.min_refetch_interval).await?;
-            result = check(&keys, token, &self.settings.audience, now);
+            result = check(&keys, token, &self.settings.audience, unix_now());
         }
         let claims = result.map_err(|error| denial(error, token_hash()))?;
         let expires_at =
@@ -311,11 +315,13 @@ fn denial(error: JwtError, token_hash: String) -> Error {
     }
 }
 
+/// Unix seconds now; a clock before 1970 reads as the far future, so that
+/// every token is expired (fail closed).
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+        .unwrap_or(i64::MAX)
 }
 
 /// Fetches at once, then every `refresh_interval` (every

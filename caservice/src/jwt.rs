@@ -344,6 +344,16 @@ fn seconds(field: &str, value: f64) -> Result<i64, JwtError> {
     Ok(value.floor() as i64)
 }
 
+/// An untrusted header value as it may appear in an error: at most 64
+/// characters.
+fn shortened(mut value: String) -> String {
+    if let Some((at, _)) = value.char_indices().nth(64) {
+        value.truncate(at);
+        value.push('…');
+    }
+    value
+}
+
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.is_empty())
 }
@@ -374,6 +384,10 @@ impl JwtKeySet {
                 skipped.push(format!("key {i}: no kid"));
                 continue;
             };
+            if keys.contains_key(&kid) {
+                skipped.push(format!("key {kid:?}: a second key with this kid"));
+                continue;
+            }
             match jwk.key() {
                 Ok(key) => {
                     keys.insert(kid, key);
@@ -446,7 +460,11 @@ impl JwtKeySet {
             "RS256" => "RS256",
             "ES256" => "ES256",
             "ES384" => "ES384",
-            _ => return Err(JwtError::UnsupportedAlgorithm { alg: header.alg }),
+            _ => {
+                return Err(JwtError::UnsupportedAlgorithm {
+                    alg: shortened(header.alg),
+                });
+            }
         };
         let kid = header
             .kid
@@ -454,7 +472,7 @@ impl JwtKeySet {
             .ok_or_else(|| malformed("the header names no key (kid)"))?;
         let Some(key) = self.keys.get(&kid) else {
             return Err(JwtError::UnknownKey {
-                kid,
+                kid: shortened(kid),
                 known: self.key_ids(),
             });
         };

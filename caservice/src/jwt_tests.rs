@@ -185,6 +185,14 @@ fn signatures_keys_and_algorithms_are_checked() {
         verify(&confused),
         Err(JwtError::KeyAlgorithmMismatch { alg: "ES256", .. })
     ));
+    // Untrusted header values are cut short in errors.
+    let long_kid = es
+        .sign_with_header(json!({"kid": "k".repeat(5000)}), &claims)
+        .unwrap();
+    assert!(matches!(
+        verify(&long_kid),
+        Err(JwtError::UnknownKey { kid, .. }) if kid.chars().count() == 65
+    ));
     // Algorithms never accepted, whatever the signature.
     for alg in ["none", "HS256", "PS256", "ES512", "EdDSA"] {
         let token = es.sign_with_header(json!({"alg": alg}), &claims).unwrap();
@@ -260,8 +268,11 @@ fn jwks_documents_keep_only_usable_signing_keys() {
     wrong_alg["kid"] = json!("wrong-alg");
     wrong_alg["alg"] = json!("ES256");
     let oct = json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"});
-    let doc =
-        json!({"keys": [es.jwk(), encryption, no_kid, short_rsa, p521, wrong_alg, oct, rs.jwk()]});
+    let mut duplicate = rs.jwk();
+    duplicate["kid"] = json!("es");
+    let doc = json!({"keys": [
+        es.jwk(), encryption, no_kid, short_rsa, p521, wrong_alg, oct, rs.jwk(), duplicate
+    ]});
     let keys = JwtKeySet::from_json(doc.to_string().as_bytes()).unwrap();
     assert_eq!(keys.key_ids(), ["es", "rs"]);
     assert_eq!(keys.len(), 2);

@@ -23,7 +23,8 @@ use crate::paths::VolumeId;
 /// Something that renews a volume and says when to come back.
 pub trait Renew: Send + Sync + 'static {
     /// Renews `volume`; returns the delay until it is due again, or `None`
-    /// if it is gone.
+    /// if there is nothing to arm (it is gone, or something else will
+    /// schedule it).
     fn renew(&self, volume: VolumeId) -> BoxFuture<'_, Option<Duration>>;
 }
 

@@ -140,7 +140,12 @@ impl Volume {
         else {
             return;
         };
-        if self.token.as_ref().is_some_and(|t| !t.valid_at(renew_at)) {
+        // With a margin: the renewal starts a little after its point.
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| !t.valid_at(renew_at + TOKEN_MARGIN))
+        {
             self.token = None;
         }
     }
@@ -216,6 +221,9 @@ fn from_millis(ms: u64) -> SystemTime {
 /// Shortest wait before a renewal, so a certificate whose renewal point has
 /// already passed (very short lifetimes) can not make the loop spin.
 const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(50);
+/// A token is kept for a renewal only if it is still valid this long after
+/// the renewal point (the renewal starts a little after it).
+const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 impl VolumeManager {
     /// Opens the kubelet root and the state directory.
@@ -414,8 +422,6 @@ impl VolumeManager {
                 // the failing renewals lacked.
                 volume.awaiting_token = false;
                 self.rotation.schedule(id.clone(), Duration::ZERO);
-            } else {
-                volume.retain_token();
             }
         }
         if volume.has_valid_certificate(SystemTime::now()) {
@@ -433,9 +439,15 @@ impl VolumeManager {
                 });
             if intact {
                 self.metrics.republishes.inc();
+                // Not needed before the renewal: let it go (a renewal that
+                // is due already has its timer armed and keeps it).
+                if !volume.awaiting_token && volume.failures == 0 {
+                    volume.retain_token();
+                }
                 return Ok(());
             }
         }
+        // The repair uses the token just received; it is let go after.
         self.repair(id, volume, Operation::Repair).await.map(|_| ())
     }
 
@@ -842,12 +854,24 @@ impl VolumeManager {
     }
 
     /// Renews one volume (called by the rotation loop). Returns when it is
-    /// due next, or `None` if it is gone.
+    /// due next, or `None` when there is nothing to arm: the volume is
+    /// gone, or its renewal waits for the republish that re-arms it.
     pub async fn renew(&self, id: &VolumeId) -> Option<Duration> {
         let slot = self.volumes.get(id).map(|s| Arc::clone(s.value()))?;
         let mut guard = slot.lock().await;
         let volume = guard.as_mut()?;
         let now = SystemTime::now();
+        // A timer that fired while another renewal of this volume ran (a
+        // republish asked for one, and its own repair got there first):
+        // nothing is due yet.
+        if volume.failures == 0
+            && !volume.awaiting_token
+            && let Some(certificate) = &volume.certificate
+            && certificate.renew_at_ms > millis(now)
+            && volume.has_valid_certificate(now)
+        {
+            return Some(until(from_millis(certificate.renew_at_ms), now));
+        }
         if self.issuer.requires_token() && !volume.usable_token(now) {
             // No CA call without a token: wait for the kubelet's next
             // republish, which brings a fresh one and renews at once. The
@@ -862,7 +886,9 @@ impl VolumeManager {
                 );
             }
             volume.token = None;
-            return Some(self.config.backoff_cap);
+            // The republish that brings a token schedules the renewal;
+            // arming a timer here could override that.
+            return None;
         }
         let operation = if volume.has_valid_certificate(now) {
             Operation::Renew

@@ -985,3 +985,41 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
     assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
     assert_eq!(fx.metrics.awaiting_token.get(), 1);
 }
+
+/// A republish that finds the volume's files broken repairs them with the
+/// token it brings, even when that token would not be kept until the
+/// renewal.
+#[tokio::test]
+async fn a_republish_repairs_a_broken_volume_with_the_token_it_brings() {
+    let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(2)).await;
+    let manager = fx.manager().await;
+    fx.bootstrap().await;
+    let target = fx.target("p1");
+    let publish = |tokens: String| {
+        fx.request(
+            "csi-1",
+            &target,
+            None,
+            &[
+                (attr::DURATION, "1h"),
+                (attr::SERVICE_ACCOUNT_TOKENS, &tokens),
+            ],
+        )
+    };
+    // Renewal at about half an hour; the token expires in ten minutes.
+    manager
+        .publish(publish(tokens_expiring_in(Duration::from_secs(600))))
+        .await
+        .expect("publish");
+    let first = serial(&target);
+    std::fs::remove_file(target.join("..data")).expect("break the volume");
+    for _ in 0..2 {
+        manager
+            .publish(publish(tokens_expiring_in(Duration::from_secs(600))))
+            .await
+            .expect("the republish repairs");
+    }
+    assert_ne!(serial(&target), first, "re-issued into the repaired volume");
+    assert_eq!(fx.count(Operation::Repair, Outcome::Success), 1);
+    assert_eq!(fx.count(Operation::Repair, Outcome::Error), 0);
+}
