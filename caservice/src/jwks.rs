@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
 use crate::jwt::{Expectations, JwtError, JwtKeySet};
-use crate::tokens::{BoxFuture, TokenCache, TokenVerifier, VerifiedToken, lock, token_digest};
+use crate::tokens::{BoxFuture, Lookup, TokenCache, TokenVerifier, VerifiedToken, lock, look_up};
 
 /// Path of the service account issuer's keys on the API server.
 pub const JWKS_PATH: &str = "/openid/v1/jwks";
@@ -250,20 +250,10 @@ impl JwksVerifier {
             keys = self.refresh(self.settings.min_refetch_interval).await?;
             result = check(&keys, token, &self.settings.audience, unix_now());
         }
-        let claims = result.map_err(|error| denial(error, token_hash()))?;
-        let expires_at =
-            UNIX_EPOCH + Duration::from_secs(u64::try_from(claims.expires_at).unwrap_or(0));
-        let verified = VerifiedToken {
-            namespace: claims.namespace,
-            service_account: claims.service_account,
-            pod_name: claims.pod_name,
-            pod_uid: claims.pod_uid,
-            node_name: claims.node_name,
-            audiences: claims.audiences,
-            expires_at: Some(expires_at),
-        };
-        let left = expires_at
-            .duration_since(SystemTime::now())
+        let verified = result.map_err(|error| denial(error, token_hash()))?;
+        let left = verified
+            .expires_at
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO);
         let ttl = self.settings.cache_ttl.min(left);
         if !ttl.is_zero() {
@@ -278,7 +268,7 @@ fn check(
     token: &str,
     audience: &str,
     now: i64,
-) -> Result<crate::jwt::TokenClaims, JwtError> {
+) -> Result<VerifiedToken, JwtError> {
     keys.keys.verify(
         token,
         &Expectations {
@@ -346,16 +336,10 @@ async fn refresh_loop(verifier: Weak<JwksVerifier>) {
 impl TokenVerifier for JwksVerifier {
     fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<VerifiedToken, Error>> {
         Box::pin(async move {
-            if token.is_empty() {
-                return Err(Error::MissingToken {
-                    audience: self.settings.audience.clone(),
-                });
+            match look_up(&self.cache, token, &self.settings.audience)? {
+                Lookup::Hit(verified) => Ok(verified),
+                Lookup::Miss(key) => self.verify_uncached(token, &key).await,
             }
-            let key = token_digest(token);
-            if let Some(hit) = lock(&self.cache).get(&key, Instant::now()) {
-                return Ok(hit);
-            }
-            self.verify_uncached(token, &key).await
         })
     }
 }

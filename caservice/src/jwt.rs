@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -23,6 +24,8 @@ use ring::signature::{
     RsaPublicKeyComponents, UnparsedPublicKey,
 };
 use serde::Deserialize;
+
+use crate::tokens::VerifiedToken;
 
 /// Longest token accepted, in bytes (Kubernetes' are about 1 KB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -190,25 +193,6 @@ pub struct Expectations<'a> {
     pub issuers: &'a [String],
     /// An audience `aud` must include.
     pub audience: &'a str,
-}
-
-/// The verified claims of a pod-bound service account token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TokenClaims {
-    /// The service account's namespace.
-    pub namespace: String,
-    /// The service account.
-    pub service_account: String,
-    /// The pod the token is bound to.
-    pub pod_name: String,
-    /// That pod's uid.
-    pub pod_uid: String,
-    /// The node the pod ran on when the token was issued, if recorded.
-    pub node_name: Option<String>,
-    /// The token's audiences.
-    pub audiences: Vec<String>,
-    /// `exp`, unix seconds.
-    pub expires_at: i64,
 }
 
 #[derive(Deserialize)]
@@ -425,7 +409,7 @@ impl JwtKeySet {
     }
 
     /// Verifies `token`'s signature with the key its header names, then its
-    /// claims: `iss`, `aud`, `exp` (required), `nbf`, a `sub` of
+    /// claims, and returns the identity they prove: `iss`, `aud`, `exp` (required), `nbf`, a `sub` of
     /// `system:serviceaccount:<ns>:<sa>` agreeing with the `kubernetes.io`
     /// claim, and a bound pod. `now` is unix seconds.
     pub fn verify(
@@ -433,7 +417,7 @@ impl JwtKeySet {
         token: &str,
         expect: &Expectations<'_>,
         now: i64,
-    ) -> Result<TokenClaims, JwtError> {
+    ) -> Result<VerifiedToken, JwtError> {
         let malformed = |reason: &str| JwtError::Malformed {
             reason: reason.to_owned(),
         };
@@ -569,14 +553,15 @@ impl JwtKeySet {
                 service_account: service_account.to_owned(),
             });
         };
-        Ok(TokenClaims {
+        Ok(VerifiedToken {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
             pod_name,
             pod_uid,
             node_name: kubernetes.node.and_then(|n| non_empty(n.name)),
             audiences,
-            expires_at: exp,
+            // `exp` is positive here: it lies after `now`.
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(exp.unsigned_abs())),
         })
     }
 }

@@ -243,17 +243,12 @@ impl TokenReviewVerifier {
 impl TokenVerifier for TokenReviewVerifier {
     fn verify<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<VerifiedToken, Error>> {
         Box::pin(async move {
-            if token.is_empty() {
-                return Err(Error::MissingToken {
-                    audience: self.settings.audience.clone(),
-                });
-            }
             // A cached result never outlives the token (see below), so a
             // hit needs no expiry check.
-            let key = token_digest(token);
-            if let Some(hit) = lock(&self.cache).get(&key, Instant::now()) {
-                return Ok(hit);
-            }
+            let key = match look_up(&self.cache, token, &self.settings.audience)? {
+                Lookup::Hit(verified) => return Ok(verified),
+                Lookup::Miss(key) => key,
+            };
             let token_hash = hex(&key[..8]);
             let now = SystemTime::now();
             let exp = jwt_expiry(token);
@@ -286,6 +281,33 @@ impl TokenVerifier for TokenReviewVerifier {
             Ok(verified)
         })
     }
+}
+
+/// What a verifier's cache knows of a token.
+pub(crate) enum Lookup {
+    /// Verified before and still valid: a cached result never outlives
+    /// its token.
+    Hit(VerifiedToken),
+    /// Not cached: its digest, to cache the result under.
+    Miss([u8; 32]),
+}
+
+/// Refuses an empty token, then asks `cache` about it.
+pub(crate) fn look_up(
+    cache: &Mutex<TokenCache>,
+    token: &str,
+    audience: &str,
+) -> Result<Lookup, Error> {
+    if token.is_empty() {
+        return Err(Error::MissingToken {
+            audience: audience.to_owned(),
+        });
+    }
+    let key = token_digest(token);
+    Ok(match lock(cache).get(&key, Instant::now()) {
+        Some(hit) => Lookup::Hit(hit),
+        None => Lookup::Miss(key),
+    })
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -930,18 +930,20 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
     let manager = fx.manager().await;
     fx.bootstrap().await;
     let target = fx.target("p1");
-    // Renewal at about 55 % of 4 s; the token expires after 1 s.
-    let short_lived = tokens_expiring_in(Duration::from_secs(1));
-    manager
-        .publish(fx.request(
+    let publish = |tokens: String| {
+        fx.request(
             "csi-1",
             &target,
             None,
             &[
                 (attr::DURATION, "4s"),
-                (attr::SERVICE_ACCOUNT_TOKENS, &short_lived),
+                (attr::SERVICE_ACCOUNT_TOKENS, &tokens),
             ],
-        ))
+        )
+    };
+    // Renewal at about 55 % of 4 s; the token expires after 1 s.
+    manager
+        .publish(publish(tokens_expiring_in(Duration::from_secs(1))))
         .await
         .expect("publish");
     let first = serial(&target);
@@ -963,17 +965,8 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
 
     // The kubelet republishes with a fresh token: the renewal runs now.
     let republished = Instant::now();
-    let fresh = tokens_expiring_in(Duration::from_secs(3600));
     manager
-        .publish(fx.request(
-            "csi-1",
-            &target,
-            None,
-            &[
-                (attr::DURATION, "4s"),
-                (attr::SERVICE_ACCOUNT_TOKENS, &fresh),
-            ],
-        ))
+        .publish(publish(tokens_expiring_in(Duration::from_secs(3600))))
         .await
         .expect("republish");
     wait_for("the renewal", Duration::from_secs(2), || {
