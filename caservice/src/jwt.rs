@@ -25,7 +25,7 @@ use ring::signature::{
 };
 use serde::Deserialize;
 
-use crate::tokens::VerifiedToken;
+use crate::tokens::{VerifiedToken, service_account_of};
 
 /// Longest token accepted, in bytes (Kubernetes' are about 1 KB).
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -526,11 +526,8 @@ impl JwtKeySet {
         let not_service_account = || JwtError::NotServiceAccount {
             reason: format!("subject {sub:?}"),
         };
-        let (namespace, service_account) = sub
-            .strip_prefix("system:serviceaccount:")
-            .and_then(|rest| rest.split_once(':'))
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
-            .ok_or_else(not_service_account)?;
+        let (namespace, service_account) =
+            service_account_of(&sub).ok_or_else(not_service_account)?;
         let kubernetes = claims.kubernetes.ok_or_else(not_service_account)?;
         let claimed_sa = kubernetes.serviceaccount.and_then(|r| non_empty(r.name));
         if kubernetes.namespace.as_deref() != Some(namespace)

@@ -207,11 +207,7 @@ impl TokenReviewVerifier {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        let Some((namespace, service_account)) = username
-            .strip_prefix("system:serviceaccount:")
-            .and_then(|rest| rest.split_once(':'))
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
-        else {
+        let Some((namespace, service_account)) = service_account_of(&username) else {
             return Err(Error::TokenNotServiceAccount { username });
         };
         let extra = user.extra.unwrap_or_default();
@@ -281,6 +277,15 @@ impl TokenVerifier for TokenReviewVerifier {
             Ok(verified)
         })
     }
+}
+
+/// `(namespace, name)` of a service account user name,
+/// `system:serviceaccount:<namespace>:<name>` (both non-empty).
+pub(crate) fn service_account_of(username: &str) -> Option<(&str, &str)> {
+    username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
 }
 
 /// What a verifier's cache knows of a token.

@@ -921,6 +921,25 @@ fn tokens_expiring_in(expires_in: Duration) -> String {
     .to_string()
 }
 
+/// Volume `csi-1` at `target` for `duration`, with the kubelet's token map
+/// `tokens`.
+fn publish_with_tokens(
+    fx: &Fixture,
+    target: &Path,
+    duration: &str,
+    tokens: &str,
+) -> PublishRequest {
+    fx.request(
+        "csi-1",
+        target,
+        None,
+        &[
+            (attr::DURATION, duration),
+            (attr::SERVICE_ACCOUNT_TOKENS, tokens),
+        ],
+    )
+}
+
 /// A token that expires before the volume's renewal point is not kept: the
 /// renewal waits, without calling the CA and without counting a failure,
 /// for the kubelet's republish with a fresh token, and then renews at once.
@@ -930,17 +949,7 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
     let manager = fx.manager().await;
     fx.bootstrap().await;
     let target = fx.target("p1");
-    let publish = |tokens: String| {
-        fx.request(
-            "csi-1",
-            &target,
-            None,
-            &[
-                (attr::DURATION, "4s"),
-                (attr::SERVICE_ACCOUNT_TOKENS, &tokens),
-            ],
-        )
-    };
+    let publish = |tokens: String| publish_with_tokens(&fx, &target, "4s", &tokens);
     // Renewal at about 55 % of 4 s; the token expires after 1 s.
     manager
         .publish(publish(tokens_expiring_in(Duration::from_secs(1))))
@@ -988,17 +997,7 @@ async fn a_republish_repairs_a_broken_volume_with_the_token_it_brings() {
     let manager = fx.manager().await;
     fx.bootstrap().await;
     let target = fx.target("p1");
-    let publish = |tokens: String| {
-        fx.request(
-            "csi-1",
-            &target,
-            None,
-            &[
-                (attr::DURATION, "1h"),
-                (attr::SERVICE_ACCOUNT_TOKENS, &tokens),
-            ],
-        )
-    };
+    let publish = |tokens: String| publish_with_tokens(&fx, &target, "1h", &tokens);
     // Renewal at about half an hour; the token expires in ten minutes.
     manager
         .publish(publish(tokens_expiring_in(Duration::from_secs(600))))
