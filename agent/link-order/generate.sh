@@ -90,7 +90,13 @@ callgrind_control --vgdb-prefix="$work/vgdb" --dump "$agent_pid" > /dev/null 2>&
 wait "$bench_pid" || { cat "$work/csi-rotation-remote.log" >&2; exit 1; }
 
 nm --defined-only --print-size "$agent" > "$work/symbols"
-python3 - "$work/profiles" "$work/symbols" > agent/link-order/hot-functions.txt <<'PY'
+# Symbols of assembly objects (their functions share one `.text`, so the
+# linker can place only the whole object): from the symbol tables of the
+# archives the binary was linked from.
+for archive in "$target_dir"/release/deps/*.rlib; do
+  objdump -t "$archive" 2> /dev/null || true
+done > "$work/archive-symbols"
+python3 - "$work/profiles" "$work/symbols" "$work/archive-symbols" > agent/link-order/hot-functions.txt <<'PY'
 """Prints globs for the agent binary's functions that the profiles saw
 executed, in six groups: what the agent ran starting and idling, then
 the whole families of the generic functions among it; the same two for
@@ -109,7 +115,23 @@ so the glob for the body's own section is among them."""
 import bisect, collections, fnmatch, os, re, sys
 
 OVERMATCH = 4 * 1024
-profiles, symbols_path = sys.argv[1], sys.argv[2]
+profiles, symbols_path, archive_symbols_path = sys.argv[1:4]
+
+# Symbol -> "object:<member name without its build hash>" for functions
+# in a plain `.text` (assembly; compiled code has one section per
+# function). objdump prints "<member>:     file format ..." before each
+# member's table, and "<address> <flags> <section>\t<size> [.hidden] <name>"
+# rows.
+object_of = {}
+member = None
+for line in open(archive_symbols_path, errors='replace'):
+    if ':     file format' in line:
+        member = re.sub(r'^[0-9a-f]{16}-', '', line.split(':', 1)[0].strip())
+        continue
+    left, tab, right = line.rstrip('\n').partition('\t')
+    fields = left.split()
+    if member and tab and right.split() and fields[-1:] == ['.text'] and 'F' in fields[1:-1]:
+        object_of.setdefault(right.split()[-1], 'object:' + member)
 
 sizes, address_of, names_at = {}, {}, collections.defaultdict(list)
 for line in open(symbols_path):
@@ -138,6 +160,35 @@ def process_of(path):
     return 'ca'
 
 
+# ring picks among variants of a primitive by CPU feature at run time.
+# valgrind's CPU lacks ADX, AVX2 and VAES, so the profiles show the
+# portable variants; the machine runs the others. Every variant of an
+# executed one is listed with it.
+VARIANT_SUFFIXES = ['_generic_masked', '_nohw', '_adx', '_avx2', '_hw', '_ssse3',
+                    '_ssse3_4x', '_vaes_avx2', '_clmul', '_avx', '_mulx']
+# Assembly objects a variant runs that the profiled one did not: by a
+# suffix of what was profiled (an object glob or a symbol).
+VARIANT_OBJECTS = {
+    'object:aesni-gcm-x86_64-elf.o': ['object:aes-gcm-avx2-x86_64-elf.o'],
+    '_x25519_scalar_mult_adx': ['object:fiat_curve25519_adx_mul.o',
+                                'object:fiat_curve25519_adx_square.o',
+                                'fe4_*', 'fiat_25519_from_bytes'],
+}
+# Run natively at start-up but not seen under valgrind.
+NATIVE_ONLY = ['__floattidf']
+
+
+def cpu_variants(symbol):
+    if not symbol.startswith('ring_core_'):
+        return []
+    stem = symbol
+    for suffix in VARIANT_SUFFIXES:
+        if symbol.endswith(suffix):
+            stem = symbol[:-len(suffix)]
+            break
+    return [v for v in [stem] + [stem + s for s in VARIANT_SUFFIXES] if v in sizes and v != symbol]
+
+
 PROCESSES = ['idle', 'remote-idle', 'agent', 'ca']
 executed = []  # (process, symbol), each symbol once
 seen = set()
@@ -148,13 +199,15 @@ for path in sorted(paths, key=lambda p: (PROCESSES.index(process_of(p)), p)):
         m = name_entry.match(line.rstrip('\n'))
         if not m or m.group(1) not in sizes:
             continue
-        for alias in names_at[address_of[m.group(1)]]:
+        for alias in names_at[address_of[m.group(1)]] + cpu_variants(m.group(1)):
             if alias not in seen:
                 seen.add(alias)
                 executed.append((process, alias))
 
 
 def glob_of(symbol):
+    if symbol in object_of:
+        return object_of[symbol]
     symbol = re.sub(r'\.llvm\.\d+$', '', symbol)  # LTO's local suffix
     if symbol.startswith('_ZN'):
         return re.sub(r'17h[0-9a-f]{16}E$', '17h*', symbol)
@@ -175,11 +228,15 @@ def matched_size(glob):
 
 
 ran = collections.defaultdict(int)
-first = {}
+first = {glob: ('idle', i) for i, glob in enumerate(NATIVE_ONLY)}
 for process, symbol in executed:
     glob = glob_of(symbol)
     first.setdefault(glob, (process, len(first)))
     ran[glob] += sizes[symbol]
+    for suffix, objects in VARIANT_OBJECTS.items():
+        if glob.endswith(suffix):
+            for obj in objects:
+                first.setdefault(obj, (process, len(first)))
 
 groups = collections.defaultdict(list)
 for glob, (process, _) in sorted(first.items(), key=lambda item: item[1][1]):

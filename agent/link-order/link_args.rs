@@ -3,7 +3,9 @@
 // agent/link-order/generate.sh for why and how the list is made).
 //
 // The list holds globs over symbol names; with function sections (rustc's
-// default) each function is an input section named `.text.<symbol>`. A
+// default) each function is an input section named `.text.<symbol>`, or
+// `.text.unlikely.<symbol>` for one LLVM deems cold. Lines `object:<glob>`
+// name assembly objects, whose functions share one `.text`. A
 // linker script placed with INSERT leaves the default layout as it is and
 // puts the matching sections into `.text.hot`, right before `.text`.
 //
@@ -46,13 +48,32 @@ fn link_order(list: &str) {
     }
     let mut script = String::from("SECTIONS\n{\n  .text.hot :\n  {\n");
     for group in groups.iter().filter(|g| !g.is_empty()) {
-        script.push_str("    *(\n");
-        for glob in group {
-            script.push_str("      .text.");
-            script.push_str(glob);
-            script.push('\n');
+        let (objects, globs): (Vec<&str>, Vec<&str>) =
+            group.iter().partition(|line| line.starts_with("object:"));
+        if !globs.is_empty() {
+            script.push_str("    *(\n");
+            for glob in globs {
+                // LLVM puts functions it deems cold (those reached only
+                // from cold or one-off paths: `main`, argument parsing,
+                // start-up) in `.text.unlikely.<symbol>`: start-up code is
+                // exactly that.
+                for prefix in [".text.", ".text.unlikely."] {
+                    script.push_str("      ");
+                    script.push_str(prefix);
+                    script.push_str(glob);
+                    script.push('\n');
+                }
+            }
+            script.push_str("    )\n");
         }
-        script.push_str("    )\n");
+        // Assembly objects have one `.text` for all their functions: an
+        // `object:<glob>` line takes the whole `.text` of the object files
+        // (archive members included) whose names match.
+        for object in objects {
+            script.push_str("    *");
+            script.push_str(object.trim_start_matches("object:"));
+            script.push_str("(.text)\n");
+        }
     }
     script.push_str("  }\n}\nINSERT BEFORE .text;\n");
     let script_path = std::path::Path::new(&var("OUT_DIR")).join("hot-functions.ld");
