@@ -18,8 +18,10 @@ pub const MAX_TARGET_PATH_LEN: usize = 4096;
 pub const MAX_FILE_NAME_LEN: usize = 255;
 
 /// A volume id that is safe to use as a file name in the state directory.
+/// Clones share one allocation: the volume table and the rotation queue
+/// each hold the id of every volume.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VolumeId(Box<str>);
+pub struct VolumeId(std::sync::Arc<str>);
 
 impl VolumeId {
     /// Checks a volume id: 1–128 bytes of `[A-Za-z0-9._:-]`, not starting
