@@ -56,6 +56,8 @@ pub struct Metrics {
     /// Renewals that fell due without a usable token and waited for the
     /// kubelet's next republish.
     pub awaiting_token: Counter,
+    /// Pod tokens held in memory for coming renewals.
+    pub tokens_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -66,6 +68,7 @@ impl Default for Metrics {
             volumes: Gauge::default(),
             republishes: Counter::default(),
             awaiting_token: Counter::default(),
+            tokens_held: Gauge::default(),
         }
     }
 }
@@ -98,6 +101,11 @@ impl Metrics {
             "renewals_awaiting_token",
             "Renewals that fell due without a usable token and waited for the kubelet's next republish",
             self.awaiting_token.clone(),
+        );
+        sub.register(
+            "tokens_held",
+            "Pod service account tokens held in memory for renewals due soon",
+            self.tokens_held.clone(),
         );
     }
 

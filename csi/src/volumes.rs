@@ -7,6 +7,7 @@
 //! [`VolumeManager::recover`] or by the kubelet's retry.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use credlet_ca::{IssuanceRequest, PodIdentity, PrivateKey};
 use dashmap::DashMap;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Mutex;
 
 use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
@@ -115,9 +117,9 @@ struct Volume {
     names: ExpandedNames,
     pod: PodIdentity,
     volume_mount_group: Option<u32>,
-    /// The pod's latest token, held only while it can still serve the
-    /// next renewal (see [`Volume::retain_token`]).
-    token: Option<ServiceAccountToken>,
+    /// The pod's latest token, held only while the next renewal may
+    /// need it (see [`Volume::retain_token`]).
+    token: Option<HeldToken>,
     certificate: Option<CertificateRecord>,
     failures: u32,
     /// A renewal fell due without a usable token: the next republish
@@ -126,25 +128,34 @@ struct Volume {
 }
 
 impl Volume {
-    /// Keeps the token only if it is still valid at the next renewal
-    /// point. A token that expires first (the kubelet's are valid for an
-    /// hour, certificates for a day) could not serve that renewal anyway:
-    /// the kubelet's republish brings a fresh one by then. Dropping it
-    /// keeps 10,000 volumes from holding 10,000 credentials (about 1 KB
-    /// each) in memory.
-    fn retain_token(&mut self) {
-        let Some(renew_at) = self
-            .certificate
-            .as_ref()
-            .map(|c| from_millis(c.renew_at_ms))
-        else {
+    /// Keeps the token only while it can serve the next renewal and that
+    /// renewal is near or can not wait:
+    ///
+    /// - a token that expires before the renewal point could not serve it
+    ///   (the kubelet's are valid for an hour, certificates often for a
+    ///   day);
+    /// - a renewal more than [`TOKEN_HOLD_AHEAD`] away whose certificate
+    ///   stays valid at least [`REPUBLISH_SLACK`] past it does not need
+    ///   the token held: the kubelet republishes every minute or two with
+    ///   a fresh one, and one arriving within the hold window is kept;
+    ///   if none does, the renewal waits for the next (see
+    ///   [`VolumeManager::renew`]), which the slack easily allows.
+    ///
+    /// So 10,000 volumes of hour-long certificates hold the tokens of the
+    /// few renewing soon, not 10,000 credentials of about 1 KB each.
+    fn retain_token(&mut self, now: SystemTime) {
+        let Some(certificate) = self.certificate.as_ref() else {
             return;
         };
+        let renew_at = from_millis(certificate.renew_at_ms);
+        let slack = until(from_secs(certificate.not_after), renew_at);
+        let needed = renew_at <= now + TOKEN_HOLD_AHEAD || slack < REPUBLISH_SLACK;
         // With a margin: the renewal starts a little after its point.
-        if self
-            .token
-            .as_ref()
-            .is_some_and(|t| !t.valid_at(renew_at + TOKEN_MARGIN))
+        if !needed
+            || self
+                .token
+                .as_ref()
+                .is_some_and(|t| !t.token.valid_at(renew_at + TOKEN_MARGIN))
         {
             self.token = None;
         }
@@ -152,7 +163,7 @@ impl Volume {
 
     /// A token that still proves the pod's identity now.
     fn usable_token(&self, now: SystemTime) -> bool {
-        self.token.as_ref().is_some_and(|t| t.valid_at(now))
+        self.token.as_ref().is_some_and(|t| t.token.valid_at(now))
     }
 
     fn gid(&self) -> Option<u32> {
@@ -224,6 +235,41 @@ const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(50);
 /// A token is kept for a renewal only if it is still valid this long after
 /// the renewal point (the renewal starts a little after it).
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+/// A token is held for a renewal due within this long.
+const TOKEN_HOLD_AHEAD: Duration = Duration::from_secs(5 * 60);
+/// A certificate valid at least this long past its renewal point can wait
+/// for a republish to bring a token; the kubelet republishes every minute
+/// or two.
+const REPUBLISH_SLACK: Duration = Duration::from_secs(10 * 60);
+
+/// A pod's token held by its volume, counted in
+/// `credlet_csi_tokens_held` while it lives.
+struct HeldToken {
+    token: ServiceAccountToken,
+    held: Gauge,
+}
+
+impl HeldToken {
+    fn new(token: ServiceAccountToken, held: &Gauge) -> Self {
+        held.inc();
+        Self {
+            token,
+            held: held.clone(),
+        }
+    }
+}
+
+impl Drop for HeldToken {
+    fn drop(&mut self) {
+        self.held.dec();
+    }
+}
+
+impl fmt::Debug for HeldToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.token.fmt(f)
+    }
+}
 
 impl VolumeManager {
     /// Opens the kubelet root and the state directory.
@@ -334,7 +380,9 @@ impl VolumeManager {
             names,
             pod: request.pod,
             volume_mount_group: request.volume_mount_group,
-            token: request.token,
+            token: request
+                .token
+                .map(|t| HeldToken::new(t, &self.metrics.tokens_held)),
             certificate: None,
             failures: 0,
             awaiting_token: false,
@@ -356,7 +404,7 @@ impl VolumeManager {
         .await;
         match result {
             Ok(()) => {
-                volume.retain_token();
+                volume.retain_token(SystemTime::now());
                 let renew_at = volume.certificate.as_ref().map_or(0, |c| c.renew_at_ms);
                 self.rotation.schedule(
                     id.clone(),
@@ -416,7 +464,7 @@ impl VolumeManager {
             });
         }
         if let Some(token) = request.token {
-            volume.token = Some(token);
+            volume.token = Some(HeldToken::new(token, &self.metrics.tokens_held));
             if volume.failures > 0 || volume.awaiting_token {
                 // A fresh token may be what the renewal waited for or what
                 // the failing renewals lacked.
@@ -442,7 +490,7 @@ impl VolumeManager {
                 // Not needed before the renewal: let it go (a renewal that
                 // is due already has its timer armed and keeps it).
                 if !volume.awaiting_token && volume.failures == 0 {
-                    volume.retain_token();
+                    volume.retain_token(SystemTime::now());
                 }
                 return Ok(());
             }
@@ -502,7 +550,7 @@ impl VolumeManager {
                 volume.certificate = Some(certificate);
                 volume.failures = 0;
                 volume.awaiting_token = false;
-                volume.retain_token();
+                volume.retain_token(SystemTime::now());
                 self.metrics
                     .issued(operation, Outcome::Success, started.elapsed());
                 // The record is not rewritten: recovery reads the facts of
@@ -610,7 +658,7 @@ impl VolumeManager {
                 common_name: volume.names.common_name.clone(),
                 duration: volume.attributes.duration,
             },
-            token: volume.token.clone(),
+            token: volume.token.as_ref().map(|t| t.token.clone()),
             templates: NameTemplates {
                 dns_names: volume.attributes.dns_names.clone(),
                 common_name: volume.attributes.common_name.clone(),

@@ -22,6 +22,7 @@ use credlet_ca::{
 use credlet_csi::attributes as attr;
 use credlet_csi::fsops::PlainDirectories;
 use credlet_csi::metrics::{Metrics, Operation, Outcome};
+use credlet_csi::paths::{TargetPath, VolumeId};
 use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
 use credlet_csi::volumes::PublishRequest;
 use credlet_csi::{Issuer, VolumeConfig, VolumeManager, rotation};
@@ -986,6 +987,64 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
     assert!(fx.count(Operation::Renew, Outcome::Success) >= 1);
     assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
     assert_eq!(fx.metrics.awaiting_token.get(), 1);
+}
+
+/// A volume holds its pod's token only when its renewal is near or can not
+/// wait for a republish: hour-long certificates renewing in half an hour
+/// hold none, a certificate renewing in seconds holds one and renews with
+/// it; unpublishing lets it go.
+#[tokio::test]
+async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
+    let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(2)).await;
+    let manager = fx.manager().await;
+    fx.bootstrap().await;
+    let token_for_an_hour = tokens_expiring_in(Duration::from_secs(3600));
+    let publish = |id: &str, target: &Path, duration: &str| {
+        fx.request(
+            id,
+            target,
+            None,
+            &[
+                (attr::DURATION, duration),
+                (attr::SERVICE_ACCOUNT_TOKENS, &token_for_an_hour),
+            ],
+        )
+    };
+    let far = fx.target("far");
+    for _ in 0..2 {
+        // Publish, then a republish bringing a fresh token.
+        manager
+            .publish(publish("csi-far", &far, "1h"))
+            .await
+            .expect("publish");
+        assert_eq!(
+            fx.metrics.tokens_held.get(),
+            0,
+            "renewal in about 30 min with 30 min to spare"
+        );
+    }
+    let near = fx.target("near");
+    manager
+        .publish(publish("csi-near", &near, "4s"))
+        .await
+        .expect("publish");
+    assert_eq!(fx.metrics.tokens_held.get(), 1, "renewal in about 2 s");
+    let first = serial(&near);
+    wait_for("the renewal", Duration::from_secs(6), || {
+        serial(&near) != first
+    })
+    .await;
+    assert_eq!(
+        fx.metrics.awaiting_token.get(),
+        0,
+        "renewed with the held token"
+    );
+    assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
+
+    let id = VolumeId::parse("csi-near").expect("id");
+    let target = TargetPath::parse(near.to_str().expect("utf8"), &fx.root).expect("target");
+    manager.unpublish(&id, &target).await.expect("unpublish");
+    assert_eq!(fx.metrics.tokens_held.get(), 0);
 }
 
 /// A republish that finds the volume's files broken repairs them with the
