@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use credlet_ca::{IssuanceRequest, PodIdentity, PrivateKey};
@@ -110,10 +110,10 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 struct Volume {
     target: TargetPath,
-    /// Hash of the `credlet.io/` attributes as sent, to tell a republish
-    /// from a conflicting publish without keeping a copy.
-    fingerprint: u64,
-    attributes: VolumeAttributes,
+    /// The parsed attributes, shared with the other volumes that sent
+    /// the same ones; their fingerprint tells a republish from a
+    /// conflicting publish without keeping a copy of the attributes as sent.
+    attributes: SharedAttributes,
     names: ExpandedNames,
     pod: PodIdentity,
     volume_mount_group: Option<u32>,
@@ -200,6 +200,7 @@ pub struct VolumeManager {
     syscalls: Arc<dyn NodeSyscalls>,
     state: StateStore,
     volumes: DashMap<VolumeId, Slot>,
+    attribute_sets: AttributeSets,
     rotation: RotationHandle,
     metrics: Metrics,
     recovered: AtomicBool,
@@ -241,6 +242,78 @@ const TOKEN_HOLD_AHEAD: Duration = Duration::from_secs(5 * 60);
 /// for a republish to bring a token; the kubelet republishes every minute
 /// or two.
 const REPUBLISH_SLACK: Duration = Duration::from_secs(10 * 60);
+
+/// The parsed attributes of the published volumes, one copy per distinct
+/// set: the pods of one workload send the same attributes, so 10,000
+/// volumes hold a handful of sets instead of 10,000 copies. An entry
+/// lives as long as a volume uses it.
+#[derive(Debug, Default)]
+struct AttributeSets {
+    by_fingerprint: Arc<DashMap<u64, Weak<VolumeAttributes>>>,
+}
+
+impl AttributeSets {
+    /// The shared copy of `attributes` (whose raw form hashes to
+    /// `fingerprint`), made the shared copy if there is none.
+    fn share(&self, fingerprint: u64, attributes: VolumeAttributes) -> SharedAttributes {
+        let shared = match self.by_fingerprint.entry(fingerprint) {
+            dashmap::Entry::Occupied(mut entry) => match entry.get().upgrade() {
+                Some(existing) if *existing == attributes => existing,
+                // Gone, or (rarely) other attributes with the same hash:
+                // this set takes the entry, the other keeps its copy.
+                _ => {
+                    let fresh = Arc::new(attributes);
+                    entry.insert(Arc::downgrade(&fresh));
+                    fresh
+                }
+            },
+            dashmap::Entry::Vacant(entry) => {
+                let fresh = Arc::new(attributes);
+                entry.insert(Arc::downgrade(&fresh));
+                fresh
+            }
+        };
+        SharedAttributes {
+            attributes: shared,
+            fingerprint,
+            sets: Arc::clone(&self.by_fingerprint),
+        }
+    }
+}
+
+/// One volume's use of a shared attribute set; the last user removes the
+/// set's entry.
+struct SharedAttributes {
+    attributes: Arc<VolumeAttributes>,
+    /// Hash of the `credlet.io/` attributes as sent.
+    fingerprint: u64,
+    sets: Arc<DashMap<u64, Weak<VolumeAttributes>>>,
+}
+
+impl std::ops::Deref for SharedAttributes {
+    type Target = VolumeAttributes;
+
+    fn deref(&self) -> &VolumeAttributes {
+        &self.attributes
+    }
+}
+
+impl Drop for SharedAttributes {
+    fn drop(&mut self) {
+        // Under the entry's lock, where `share` upgrades: nobody can take
+        // a new reference while the count is checked.
+        self.sets.remove_if(&self.fingerprint, |_, weak| {
+            std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&self.attributes))
+                && Arc::strong_count(&self.attributes) == 1
+        });
+    }
+}
+
+impl fmt::Debug for SharedAttributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.attributes.fmt(f)
+    }
+}
 
 /// A pod's token held by its volume, counted in
 /// `credlet_csi_tokens_held` while it lives.
@@ -289,6 +362,7 @@ impl VolumeManager {
             syscalls,
             state,
             volumes: DashMap::new(),
+            attribute_sets: AttributeSets::default(),
             rotation,
             metrics,
             recovered: AtomicBool::new(false),
@@ -375,8 +449,9 @@ impl VolumeManager {
         })?;
         let mut volume = Volume {
             target: request.target,
-            fingerprint: fingerprint(&request.raw_attributes),
-            attributes: request.attributes,
+            attributes: self
+                .attribute_sets
+                .share(fingerprint(&request.raw_attributes), request.attributes),
             names,
             pod: request.pod,
             volume_mount_group: request.volume_mount_group,
@@ -453,7 +528,7 @@ impl VolumeManager {
                 difference: "a different target path",
             });
         }
-        if volume.fingerprint != fingerprint(&request.raw_attributes)
+        if volume.attributes.fingerprint != fingerprint(&request.raw_attributes)
             || volume.pod != request.pod
             || volume.volume_mount_group != request.volume_mount_group
         {
@@ -1030,8 +1105,9 @@ impl VolumeManager {
         };
         let mut volume = Volume {
             target,
-            fingerprint: fingerprint(&record.attributes),
-            attributes,
+            attributes: self
+                .attribute_sets
+                .share(fingerprint(&record.attributes), attributes),
             names,
             pod: record.pod,
             volume_mount_group: record.volume_mount_group,
@@ -1116,5 +1192,65 @@ enum Recovered {
 impl Renew for VolumeManager {
     fn renew(&self, volume: VolumeId) -> BoxFuture<'_, Option<Duration>> {
         Box::pin(async move { VolumeManager::renew(self, &volume).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(pairs: &[(&str, &str)]) -> (u64, VolumeAttributes) {
+        let raw: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let attributes = VolumeAttributes::parse(&raw).expect("valid attributes");
+        (fingerprint(&raw), attributes)
+    }
+
+    #[test]
+    fn volumes_with_the_same_attributes_share_one_copy_until_the_last_goes() {
+        let sets = AttributeSets::default();
+        let (fp, attributes) = parsed(&[("credlet.io/duration", "1h")]);
+        let first = sets.share(fp, attributes.clone());
+        let second = sets.share(fp, attributes);
+        assert!(Arc::ptr_eq(&first.attributes, &second.attributes));
+        assert_eq!(sets.by_fingerprint.len(), 1);
+
+        let (other_fp, other) = parsed(&[("credlet.io/duration", "2h")]);
+        let third = sets.share(other_fp, other);
+        assert!(!Arc::ptr_eq(&first.attributes, &third.attributes));
+        assert_eq!(third.duration, Duration::from_secs(7200));
+        assert_eq!(sets.by_fingerprint.len(), 2);
+
+        drop(first);
+        assert_eq!(sets.by_fingerprint.len(), 2, "still used by the second");
+        drop(second);
+        drop(third);
+        assert!(
+            sets.by_fingerprint.is_empty(),
+            "the last user removes the entry"
+        );
+    }
+
+    #[test]
+    fn different_attributes_under_one_hash_keep_their_own_copies() {
+        let sets = AttributeSets::default();
+        let (fp, one_hour) = parsed(&[("credlet.io/duration", "1h")]);
+        let (_, two_hours) = parsed(&[("credlet.io/duration", "2h")]);
+        // As if both hashed alike: the newer set takes the entry.
+        let first = sets.share(fp, one_hour.clone());
+        let second = sets.share(fp, two_hours);
+        assert_eq!(first.duration, Duration::from_secs(3600));
+        assert_eq!(second.duration, Duration::from_secs(7200));
+        // The older one leaving does not remove the newer one's entry.
+        drop(first);
+        assert_eq!(sets.by_fingerprint.len(), 1);
+        let third = sets.share(fp, one_hour);
+        assert_eq!(third.duration, Duration::from_secs(3600));
+        drop(second);
+        assert_eq!(sets.by_fingerprint.len(), 1, "the entry is the third's now");
+        drop(third);
+        assert!(sets.by_fingerprint.is_empty());
     }
 }
