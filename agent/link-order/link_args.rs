@@ -11,8 +11,10 @@
 //
 // For x86_64 Linux GNU. Both rustc's bundled LLD (its default linker there
 // since Rust 1.90) and GNU ld 2.38 or later take the INSERT script and
-// `-z pack-relative-relocs`; both were checked. Other targets link as
-// usual. Set `CREDLET_LINK_ORDER=off` to link without either.
+// `-z pack-relative-relocs`; both were checked. The `object:` lines were
+// checked with LLD, which matches them against `<archive>:<member>`; a
+// linker that names archive members otherwise leaves those objects where
+// they were, costing only their locality. Other targets link as usual. Set `CREDLET_LINK_ORDER=off` to link without either.
 
 /// Writes the linker script for `list` (relative to the package) into
 /// OUT_DIR and passes it to the linker for this package's binaries.
