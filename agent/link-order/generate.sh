@@ -164,8 +164,9 @@ def process_of(path):
 # valgrind's CPU lacks ADX, AVX2 and VAES, so the profiles show the
 # portable variants; the machine runs the others. Every variant of an
 # executed one is listed with it.
-VARIANT_SUFFIXES = ['_generic_masked', '_nohw', '_adx', '_avx2', '_hw', '_ssse3',
-                    '_ssse3_4x', '_vaes_avx2', '_clmul', '_avx', '_mulx']
+# Longer suffixes first: '_vaes_avx2' before '_avx2'.
+VARIANT_SUFFIXES = ['_generic_masked', '_vaes_avx2', '_ssse3_4x', '_nohw', '_adx',
+                    '_avx2', '_hw', '_ssse3', '_clmul', '_avx', '_mulx']
 # Assembly objects a variant runs that the profiled one did not: by a
 # suffix of what was profiled (an object glob or a symbol).
 VARIANT_OBJECTS = {

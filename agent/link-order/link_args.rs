@@ -72,8 +72,14 @@ fn link_order(list: &str) {
         // `object:<glob>` line takes the whole `.text` of the object files
         // (archive members included) whose names match.
         for object in objects {
+            let name = object.trim_start_matches("object:");
+            assert!(
+                name.len() > 2 && name.ends_with(".o") && !name.contains('*'),
+                "{}: not an object file name: {object:?}",
+                list_path.display()
+            );
             script.push_str("    *");
-            script.push_str(object.trim_start_matches("object:"));
+            script.push_str(name);
             script.push_str("(.text)\n");
         }
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use credlet_ca::{IssuanceRequest, PodIdentity, PrivateKey};
 use dashmap::DashMap;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
 use crate::error::{Error, InputError};
@@ -274,7 +274,7 @@ impl AttributeSets {
             }
         };
         SharedAttributes {
-            attributes: shared,
+            attributes: Some(shared),
             fingerprint,
             sets: Arc::clone(&self.by_fingerprint),
         }
@@ -284,7 +284,8 @@ impl AttributeSets {
 /// One volume's use of a shared attribute set; the last user removes the
 /// set's entry.
 struct SharedAttributes {
-    attributes: Arc<VolumeAttributes>,
+    /// Always `Some` until dropped.
+    attributes: Option<Arc<VolumeAttributes>>,
     /// Hash of the `credlet.io/` attributes as sent.
     fingerprint: u64,
     sets: Arc<DashMap<u64, Weak<VolumeAttributes>>>,
@@ -294,24 +295,35 @@ impl std::ops::Deref for SharedAttributes {
     type Target = VolumeAttributes;
 
     fn deref(&self) -> &VolumeAttributes {
-        &self.attributes
+        self.attributes
+            .as_deref()
+            .expect("shared attributes are present until dropped")
     }
 }
 
 impl Drop for SharedAttributes {
     fn drop(&mut self) {
-        // Under the entry's lock, where `share` upgrades: nobody can take
-        // a new reference while the count is checked.
-        self.sets.remove_if(&self.fingerprint, |_, weak| {
-            std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&self.attributes))
-                && Arc::strong_count(&self.attributes) == 1
+        let Some(attributes) = self.attributes.take() else {
+            return;
+        };
+        // The reference goes first, then the entry if no reference is
+        // left: of two last users dropping at once, each sees the other's
+        // reference gone by the time it checks, and at least one removes
+        // it. The check runs under the entry's lock, where `share`
+        // upgrades, so no new reference can appear meanwhile; the `Weak`
+        // held here keeps the allocation, so the pointer can not be
+        // another set's.
+        let weak = Arc::downgrade(&attributes);
+        drop(attributes);
+        self.sets.remove_if(&self.fingerprint, |_, entry| {
+            Weak::ptr_eq(entry, &weak) && entry.strong_count() == 0
         });
     }
 }
 
 impl fmt::Debug for SharedAttributes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.attributes.fmt(f)
+        (**self).fmt(f)
     }
 }
 
@@ -407,6 +419,24 @@ impl VolumeManager {
         Arc::clone(self.volumes.entry(id.clone()).or_default().value())
     }
 
+    /// The volume's slot, locked, and still the one in the table: an
+    /// unpublish may forget an empty slot between its look-up and the
+    /// lock, and a volume put into a forgotten slot would never be renewed
+    /// or unpublished.
+    async fn lock_slot(&self, id: &VolumeId) -> (Slot, OwnedMutexGuard<Option<Volume>>) {
+        loop {
+            let slot = self.slot(id);
+            let guard = Arc::clone(&slot).lock_owned().await;
+            if self
+                .volumes
+                .get(id)
+                .is_some_and(|current| Arc::ptr_eq(current.value(), &slot))
+            {
+                return (slot, guard);
+            }
+        }
+    }
+
     fn forget_slot_if_empty(&self, id: &VolumeId, slot: &Slot) {
         self.volumes.remove_if(id, |_, v| {
             Arc::ptr_eq(v, slot) && v.try_lock().is_ok_and(|g| g.is_none())
@@ -437,8 +467,7 @@ impl VolumeManager {
             .attributes
             .expand(&request.pod, self.issuer.trust_domain())?;
         let id = request.volume_id.clone();
-        let slot = self.slot(&id);
-        let mut guard = slot.lock().await;
+        let (slot, mut guard) = self.lock_slot(&id).await;
         if let Some(volume) = guard.as_mut() {
             return self.republish(&id, volume, request).await;
         }
@@ -542,7 +571,9 @@ impl VolumeManager {
             volume.token = Some(HeldToken::new(token, &self.metrics.tokens_held));
             if volume.failures > 0 || volume.awaiting_token {
                 // A fresh token may be what the renewal waited for or what
-                // the failing renewals lacked.
+                // the failing renewals lacked. It is kept for that renewal
+                // (scheduled now): the renewal point has passed, so
+                // `retain_token` below counts it as needed.
                 volume.awaiting_token = false;
                 self.rotation.schedule(id.clone(), Duration::ZERO);
             }
@@ -1214,12 +1245,18 @@ mod tests {
         let (fp, attributes) = parsed(&[("credlet.io/duration", "1h")]);
         let first = sets.share(fp, attributes.clone());
         let second = sets.share(fp, attributes);
-        assert!(Arc::ptr_eq(&first.attributes, &second.attributes));
+        assert!(Arc::ptr_eq(
+            first.attributes.as_ref().expect("present"),
+            second.attributes.as_ref().expect("present")
+        ));
         assert_eq!(sets.by_fingerprint.len(), 1);
 
         let (other_fp, other) = parsed(&[("credlet.io/duration", "2h")]);
         let third = sets.share(other_fp, other);
-        assert!(!Arc::ptr_eq(&first.attributes, &third.attributes));
+        assert!(!Arc::ptr_eq(
+            first.attributes.as_ref().expect("present"),
+            third.attributes.as_ref().expect("present")
+        ));
         assert_eq!(third.duration, Duration::from_secs(7200));
         assert_eq!(sets.by_fingerprint.len(), 2);
 
@@ -1231,6 +1268,34 @@ mod tests {
             sets.by_fingerprint.is_empty(),
             "the last user removes the entry"
         );
+    }
+
+    #[test]
+    fn last_users_leaving_together_leave_no_entry_behind() {
+        let sets = Arc::new(AttributeSets::default());
+        let (fp, attributes) = parsed(&[("credlet.io/duration", "1h")]);
+        let threads = 4;
+        let barrier = Arc::new(std::sync::Barrier::new(threads));
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let (sets, barrier, attributes) =
+                    (Arc::clone(&sets), Arc::clone(&barrier), attributes.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let shared = sets.share(fp, attributes.clone());
+                        barrier.wait();
+                        drop(shared);
+                        barrier.wait();
+                        // Every user of the round has left: so has the entry.
+                        assert!(sets.by_fingerprint.is_empty());
+                        barrier.wait();
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("no thread panicked");
+        }
     }
 
     #[test]
