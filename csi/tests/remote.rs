@@ -991,8 +991,9 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
 
 /// A volume holds its pod's token only when its renewal is near or can not
 /// wait for a republish: hour-long certificates renewing in half an hour
-/// hold none, a certificate renewing in seconds holds one and renews with
-/// it; unpublishing lets it go.
+/// hold none, a 15-minute one (renewal in 8 min, 7 min to spare) holds
+/// one, a certificate renewing in seconds holds one and renews with it;
+/// unpublishing lets them go.
 #[tokio::test]
 async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
     let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(2)).await;
@@ -1023,12 +1024,24 @@ async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
             "renewal in about 30 min with 30 min to spare"
         );
     }
+    // Renewal in about 8 min, but the certificate would be valid less than
+    // 7 min past it: too little to wait for a republish.
+    let tight = fx.target("tight");
+    manager
+        .publish(publish("csi-tight", &tight, "15m"))
+        .await
+        .expect("publish");
+    assert_eq!(
+        fx.metrics.tokens_held.get(),
+        1,
+        "a renewal that can not wait"
+    );
     let near = fx.target("near");
     manager
         .publish(publish("csi-near", &near, "4s"))
         .await
         .expect("publish");
-    assert_eq!(fx.metrics.tokens_held.get(), 1, "renewal in about 2 s");
+    assert_eq!(fx.metrics.tokens_held.get(), 2, "renewal in about 2 s");
     let first = serial(&near);
     wait_for("the renewal", Duration::from_secs(6), || {
         serial(&near) != first
@@ -1041,10 +1054,12 @@ async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
     );
     assert_eq!(fx.count(Operation::Renew, Outcome::Error), 0);
 
-    let id = VolumeId::parse("csi-near").expect("id");
-    let target = TargetPath::parse(near.to_str().expect("utf8"), &fx.root).expect("target");
-    manager.unpublish(&id, &target).await.expect("unpublish");
-    assert_eq!(fx.metrics.tokens_held.get(), 0);
+    for (id, path, held_after) in [("csi-near", &near, 1), ("csi-tight", &tight, 0)] {
+        let id = VolumeId::parse(id).expect("id");
+        let target = TargetPath::parse(path.to_str().expect("utf8"), &fx.root).expect("target");
+        manager.unpublish(&id, &target).await.expect("unpublish");
+        assert_eq!(fx.metrics.tokens_held.get(), held_after);
+    }
 }
 
 /// A republish that finds the volume's files broken repairs them with the
