@@ -1011,37 +1011,33 @@ async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
             ],
         )
     };
-    let far = fx.target("far");
-    for _ in 0..2 {
-        // Publish, then a republish bringing a fresh token.
+    let (far, tight, near) = (fx.target("far"), fx.target("tight"), fx.target("near"));
+    for (id, target, lifetime, held, why) in [
+        (
+            "csi-far",
+            &far,
+            "1h",
+            0,
+            "renewal in about 30 min, 30 min to spare",
+        ),
+        (
+            "csi-far",
+            &far,
+            "1h",
+            0,
+            "a republish's fresh token is not held either",
+        ),
+        // Renewal in about 8 min, but the certificate would be valid less
+        // than 7 min past it: too little to wait for a republish.
+        ("csi-tight", &tight, "15m", 1, "a renewal that can not wait"),
+        ("csi-near", &near, "4s", 2, "renewal in about 2 s"),
+    ] {
         manager
-            .publish(publish("csi-far", &far, "1h"))
+            .publish(publish(id, target, lifetime))
             .await
             .expect("publish");
-        assert_eq!(
-            fx.metrics.tokens_held.get(),
-            0,
-            "renewal in about 30 min with 30 min to spare"
-        );
+        assert_eq!(fx.metrics.tokens_held.get(), held, "{why}");
     }
-    // Renewal in about 8 min, but the certificate would be valid less than
-    // 7 min past it: too little to wait for a republish.
-    let tight = fx.target("tight");
-    manager
-        .publish(publish("csi-tight", &tight, "15m"))
-        .await
-        .expect("publish");
-    assert_eq!(
-        fx.metrics.tokens_held.get(),
-        1,
-        "a renewal that can not wait"
-    );
-    let near = fx.target("near");
-    manager
-        .publish(publish("csi-near", &near, "4s"))
-        .await
-        .expect("publish");
-    assert_eq!(fx.metrics.tokens_held.get(), 2, "renewal in about 2 s");
     let first = serial(&near);
     wait_for("the renewal", Duration::from_secs(6), || {
         serial(&near) != first
