@@ -922,16 +922,17 @@ fn tokens_expiring_in(expires_in: Duration) -> String {
     .to_string()
 }
 
-/// Volume `csi-1` at `target` for `duration`, with the kubelet's token map
+/// Volume `id` at `target` for `duration`, with the kubelet's token map
 /// `tokens`.
 fn publish_with_tokens(
     fx: &Fixture,
+    id: &str,
     target: &Path,
     duration: &str,
     tokens: &str,
 ) -> PublishRequest {
     fx.request(
-        "csi-1",
+        id,
         target,
         None,
         &[
@@ -950,7 +951,7 @@ async fn renewal_waits_for_a_fresh_token_when_the_held_one_would_have_expired() 
     let manager = fx.manager().await;
     fx.bootstrap().await;
     let target = fx.target("p1");
-    let publish = |tokens: String| publish_with_tokens(&fx, &target, "4s", &tokens);
+    let publish = |tokens: String| publish_with_tokens(&fx, "csi-1", &target, "4s", &tokens);
     // Renewal at about 55 % of 4 s; the token expires after 1 s.
     manager
         .publish(publish(tokens_expiring_in(Duration::from_secs(1))))
@@ -1001,15 +1002,7 @@ async fn tokens_are_held_only_for_renewals_that_are_near_or_can_not_wait() {
     fx.bootstrap().await;
     let token_for_an_hour = tokens_expiring_in(Duration::from_secs(3600));
     let publish = |id: &str, target: &Path, duration: &str| {
-        fx.request(
-            id,
-            target,
-            None,
-            &[
-                (attr::DURATION, duration),
-                (attr::SERVICE_ACCOUNT_TOKENS, &token_for_an_hour),
-            ],
-        )
+        publish_with_tokens(&fx, id, target, duration, &token_for_an_hour)
     };
     let (far, tight, near) = (fx.target("far"), fx.target("tight"), fx.target("near"));
     for (id, target, lifetime, held, why) in [
@@ -1067,7 +1060,7 @@ async fn a_republish_repairs_a_broken_volume_with_the_token_it_brings() {
     let manager = fx.manager().await;
     fx.bootstrap().await;
     let target = fx.target("p1");
-    let publish = |tokens: String| publish_with_tokens(&fx, &target, "1h", &tokens);
+    let publish = |tokens: String| publish_with_tokens(&fx, "csi-1", &target, "1h", &tokens);
     // Renewal at about half an hour; the token expires in ten minutes.
     manager
         .publish(publish(tokens_expiring_in(Duration::from_secs(600))))
