@@ -25,7 +25,6 @@ use credlet_proto::pluginregistration::{
     InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
 };
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
@@ -208,7 +207,7 @@ impl BoundRegistrar {
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = tonic::transport::Server::builder()
                 .add_service(RegistrationServer::new(registrar.service.clone()))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(credlet_uds::incoming(listener), async {
                     let _ = stop_rx.await;
                 });
             tokio::pin!(server);

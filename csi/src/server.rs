@@ -15,7 +15,6 @@ use credlet_proto::csi::{
     NodeUnstageVolumeResponse, ProbeRequest, ProbeResponse,
 };
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::attributes::{
@@ -292,7 +291,8 @@ pub async fn serve(
         .concurrency_limit_per_connection(MAX_CONCURRENT_CALLS)
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        // The kubelet's client may send the socket path as `:authority`.
+        .serve_with_incoming_shutdown(credlet_uds::incoming(listener), shutdown)
         .await
 }
 
