@@ -2,7 +2,7 @@
 """Renders every kustomize overlay under deploy/overlays and validates each
 object against the Kubernetes 1.35 OpenAPI schemas, strictly: an unknown or
 misspelt field, a wrong type or an unknown kind fails. Plain manifests given
-with --manifests (the end-to-end test pods) are validated the same way.
+with --manifests are validated the same way.
 
 Run it through deploy/validate.sh, which installs the two pinned tools it
 needs into a private virtualenv:
@@ -232,7 +232,7 @@ def main() -> int:
         type=pathlib.Path,
         action="append",
         default=[],
-        help="another kustomization to render and validate (the end-to-end install)",
+        help="another kustomization to render and validate",
     )
     parser.add_argument("--out", type=pathlib.Path, help="write each rendered overlay here")
     args = parser.parse_args()

@@ -12,6 +12,10 @@ pkgs=(
   protobuf-compiler # protoc, needed by the k8s-cri crate's build script (dev-dependency)
   gcc               # compiles the static pause binary (cc -static)
   libc6-dev         # libc.a for that static build
+  busybox-static    # the shell image of the test cluster (sh, cat, nc, ...)
+  iproute2          # the test cluster's CNI plugin (ip, in each pod's namespace)
+  util-linux        # nsenter, mount
+  libseccomp-dev    # runc 1.4 built with seccomp (test-util/k8s/build.sh)
 )
 
 missing=()
@@ -41,3 +45,10 @@ for bin in docker-registry htpasswd containerd containerd-shim-runc-v2 ctr runc 
   command -v "$bin" >/dev/null || { echo "install-deps: $bin missing after install" >&2; exit 1; }
 done
 echo "install-deps: ok"
+
+# The real cluster's programs (kube-apiserver, kubelet, etcd, containerd 2,
+# runc), built from their Go modules at the versions in k8s/versions.env and
+# cached by version outside the clone; nothing to do when cached.
+command -v go >/dev/null || { echo "install-deps: go is missing (Go 1.26 builds the cluster programs)" >&2; exit 1; }
+bash "$(dirname "$0")/k8s/build.sh" etcd containerd runc kubernetes >/dev/null
+echo "install-deps: cluster programs ok"

@@ -68,12 +68,19 @@ pub struct ImageFile {
 }
 
 /// What to put in an image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ImageSpec {
     /// Files of the single layer.
     pub files: Vec<ImageFile>,
+    /// Symbolic links of the single layer: (path, target).
+    pub links: Vec<(String, String)>,
     /// Config `Entrypoint`.
     pub entrypoint: Vec<String>,
+    /// Config `Env` (`PATH=/` when empty).
+    pub env: Vec<String>,
+    /// A plain tar layer instead of gzip: for large images imported into a
+    /// local containerd, where compressing costs more than it saves.
+    pub uncompressed: bool,
 }
 
 impl ImageSpec {
@@ -94,6 +101,7 @@ impl ImageSpec {
                 },
             ],
             entrypoint: vec![PAUSE_PATH.into()],
+            ..Default::default()
         })
     }
 }
@@ -139,10 +147,19 @@ fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
 fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs_done = std::collections::BTreeSet::new();
-    for f in &spec.files {
-        let rel = f.path.trim_start_matches('/');
+    let entries = spec
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), Some(f), None))
+        .chain(
+            spec.links
+                .iter()
+                .map(|(path, target)| (path.as_str(), None, Some(target.as_str()))),
+        );
+    for (path, file, link) in entries {
+        let rel = path.trim_start_matches('/');
         if rel.is_empty() {
-            bail!("image file path {:?} names no file", f.path);
+            bail!("image file path {path:?} names no file");
         }
         // Parent directories first, each once.
         let mut acc = String::new();
@@ -161,16 +178,25 @@ fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
                 b.append(&h, std::io::empty())?;
             }
         }
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_path(rel)?;
-        h.set_mode(f.mode);
-        h.set_size(f.data.len() as u64);
+        let mut h = tar::Header::new_gnu();
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
-        h.set_cksum();
-        b.append(&h, f.data.as_slice())?;
+        match (file, link) {
+            (Some(f), _) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(f.mode);
+                h.set_size(f.data.len() as u64);
+                b.append_data(&mut h, rel, f.data.as_slice())?;
+            }
+            (None, Some(target)) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, rel, target)?;
+            }
+            (None, None) => unreachable!("every entry is a file or a link"),
+        }
     }
     Ok(b.into_inner()?)
 }
@@ -187,18 +213,27 @@ pub fn write_oci_layout(
     fs::create_dir_all(layout)?;
     let tar = layer_tar(spec)?;
     let diff_id = format!("sha256:{}", sha256_hex(&tar));
-    // Fixed gzip header (mtime 0): identical specs give identical digests.
-    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
-    gz.write_all(&tar)?;
-    let layer = gz.finish()?;
+    let (layer, layer_media_type) = if spec.uncompressed {
+        (tar, "application/vnd.oci.image.layer.v1.tar")
+    } else {
+        // Fixed gzip header (mtime 0): identical specs give identical digests.
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        gz.write_all(&tar)?;
+        (gz.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
+    };
     let layer_digest = write_blob(layout, &layer)?;
+    let env = if spec.env.is_empty() {
+        vec!["PATH=/".to_string()]
+    } else {
+        spec.env.clone()
+    };
 
     let config = json!({
         "architecture": go_arch(),
         "os": "linux",
         "config": {
             "Entrypoint": spec.entrypoint,
-            "Env": ["PATH=/"],
+            "Env": env,
             "WorkingDir": "/",
         },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
@@ -216,7 +251,7 @@ pub fn write_oci_layout(
             "size": config.len(),
         },
         "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "mediaType": layer_media_type,
             "digest": layer_digest,
             "size": layer.len(),
         }],
@@ -357,6 +392,7 @@ pub fn write_pause_archive(dir: &Path, archive: &Path) -> Result<BuiltImage> {
             mode: 0o755,
         }],
         entrypoint: vec![PAUSE_PATH.into()],
+        ..Default::default()
     };
     let tag = PAUSE_IMAGE
         .rsplit_once(':')
@@ -380,6 +416,7 @@ mod tests {
                 mode: 0o644,
             }],
             entrypoint: vec!["/y".into()],
+            ..Default::default()
         };
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();

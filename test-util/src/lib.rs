@@ -21,6 +21,7 @@
 //! inspection. Run `test-util/install-deps.sh` first (root, Debian).
 
 mod client;
+pub mod cluster;
 mod containerd;
 mod cri;
 mod fake_apiserver;

@@ -20,6 +20,9 @@ use rustix::process::{Pid, Signal};
 
 const DIR_PREFIX: &str = "credlet-tu-";
 const OWNER_FILE: &str = ".owner";
+/// Processes started for a directory, one file each (pid + start time):
+/// found even when their command line does not name the directory.
+const PID_DIR: &str = ".pids";
 
 /// A private working directory, removed (after unmounting anything below
 /// it) on drop.
@@ -113,6 +116,7 @@ pub fn sweep_stale() {
 /// `dir` and (if `remove`) deletes it.
 pub(crate) fn cleanup_dir(dir: &Path, remove: bool) {
     let shim_sockets = shim_sockets(&dir.join("state/io.containerd.runtime.v2.task"));
+    kill_recorded(dir);
     // Containers first: their processes do not name the dir, their shims do.
     delete_runc_containers(&dir.join("runc"));
     kill_processes_referencing(dir);
@@ -147,8 +151,41 @@ fn shim_sockets(tasks: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Records `pid` as started for `dir` under `name` (see [`cleanup_dir`]).
+pub(crate) fn record_pid(dir: &Path, name: &str, pid: u32) -> Result<()> {
+    let pids = dir.join(PID_DIR);
+    fs::create_dir_all(&pids)?;
+    fs::write(pids.join(name), owner_token(pid)?)?;
+    Ok(())
+}
+
+/// SIGKILLs the recorded processes of `dir` that still run (same pid and
+/// start time), then forgets them.
+fn kill_recorded(dir: &Path) {
+    let pids = dir.join(PID_DIR);
+    for entry in fs::read_dir(&pids).into_iter().flatten().flatten() {
+        let Ok(token) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let mut it = token.split_whitespace();
+        if let (Some(pid), Some(start)) = (it.next(), it.next())
+            && let Ok(pid) = pid.parse::<u32>()
+            && start_time(pid).map(|t| t.to_string()).as_deref() == Some(start)
+            && let Some(p) = Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::kill_process(p, Signal::KILL);
+        }
+        let _ = fs::remove_file(entry.path());
+    }
+}
+
 /// `runc --root <root>/<namespace> delete --force <id>` for every container.
 fn delete_runc_containers(runc_root: &Path) {
+    delete_runc_containers_with(Path::new("runc"), runc_root);
+}
+
+/// [`delete_runc_containers`] with a given runc (the one that made them).
+pub(crate) fn delete_runc_containers_with(runc: &Path, runc_root: &Path) {
     let Ok(namespaces) = fs::read_dir(runc_root) else {
         return;
     };
@@ -161,7 +198,7 @@ fn delete_runc_containers(runc_root: &Path) {
             if !c.path().join("state.json").exists() {
                 continue;
             }
-            let _ = Command::new("runc")
+            let _ = Command::new(runc)
                 .arg("--root")
                 .arg(&root)
                 .args(["delete", "--force"])
@@ -194,8 +231,16 @@ fn kill_processes_referencing(dir: &Path) {
             let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
                 continue;
             };
-            let hit = cmdline.split(|b| *b == 0).any(|arg| {
+            let names = |arg: &[u8]| {
                 arg.starts_with(needle) && (arg.len() == needle.len() || arg[needle.len()] == b'/')
+            };
+            // `<dir>/x` or `--flag=<dir>/x`.
+            let hit = cmdline.split(|b| *b == 0).any(|arg| {
+                names(arg)
+                    || arg
+                        .iter()
+                        .position(|b| *b == b'=')
+                        .is_some_and(|i| names(&arg[i + 1..]))
             });
             if hit && let Some(pid) = Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process(pid, Signal::KILL);
@@ -353,6 +398,12 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// Lets the process run on after this value is gone (it is no longer
+    /// stopped on drop).
+    pub fn detach(mut self) {
+        self.child.take();
     }
 
     /// Stops the process (graceful signal, then SIGKILL after 5 s) and reaps it.
