@@ -1,5 +1,8 @@
-//! Real-component test harness for credlet's CRI proxy (issue 3).
+//! Real-component test harness for credlet.
 //!
+//! - [`cluster::Cluster`]: a real one-node Kubernetes (kube-apiserver, etcd,
+//!   controller manager, scheduler, kubelet, containerd 2) built from its Go
+//!   modules, with credlet installed from `deploy/`.
 //! - [`Registry`]: CNCF distribution (`docker-registry`) on 127.0.0.1 with
 //!   TLS, behind htpasswd ([`Registry::start_basic_auth`]) or a token
 //!   endpoint served by the harness ([`Registry::start_token_auth`]).

@@ -133,13 +133,19 @@ pub(crate) fn cleanup_dir(dir: &Path, remove: bool) {
     }
 }
 
-/// Shim sockets named by the `address` files of the task bundles
-/// (`<state>/io.containerd.runtime.v2.task/<ns>/<id>/address`).
+/// Shim sockets named by the task bundles
+/// (`<state>/io.containerd.runtime.v2.task/<ns>/<id>/`): the `address`
+/// file of containerd 1.6, the `address` field of 2.x's `bootstrap.json`.
 fn shim_sockets(tasks: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for ns in fs::read_dir(tasks).into_iter().flatten().flatten() {
         for task in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-            let Ok(addr) = fs::read_to_string(task.path().join("address")) else {
+            let addr = fs::read_to_string(task.path().join("address")).ok().or_else(|| {
+                let json = fs::read(task.path().join("bootstrap.json")).ok()?;
+                let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+                v["address"].as_str().map(str::to_string)
+            });
+            let Some(addr) = addr else {
                 continue;
             };
             let path = PathBuf::from(addr.trim().trim_start_matches("unix://"));

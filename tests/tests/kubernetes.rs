@@ -53,7 +53,7 @@ type TrialFn = fn(&Env) -> Result<()>;
 
 /// Every test, in the order they run (the last ones restart credlet's
 /// components and roll its CA over).
-const TRIALS: [(&str, TrialFn); 9] = [
+const TRIALS: [(&str, TrialFn); 10] = [
     (
         "csi_volume_has_the_pods_identity_and_rotates",
         csi_volume_has_the_pods_identity_and_rotates,
@@ -69,6 +69,10 @@ const TRIALS: [(&str, TrialFn); 9] = [
     (
         "pod_certificate_projection_is_signed_by_credlet",
         pod_certificate_projection_is_signed_by_credlet,
+    ),
+    (
+        "pod_certificates_for_every_key_type",
+        pod_certificates_for_every_key_type,
     ),
     (
         "image_guard_with_the_kubelets_default_verification",
@@ -656,7 +660,7 @@ fn pod_certificate_projection_is_signed_by_credlet(env: &Env) -> Result<()> {
             .as_object_mut()
             .context("volume")?
             .extend(
-                projected(json!({}))
+                projected(json!({"credlet.io/dns-names": "$POD_NAME.$POD_NAMESPACE.svc"}))
                     .as_object()
                     .cloned()
                     .unwrap_or_default(),
@@ -675,6 +679,10 @@ fn pod_certificate_projection_is_signed_by_credlet(env: &Env) -> Result<()> {
         ensure!(
             report["uris"] == json!(["spiffe://cluster.local/ns/pod-certs/sa/native"]),
             "identity: {report}"
+        );
+        ensure!(
+            report["dns"] == json!(["native.pod-certs.svc"]),
+            "DNS SANs from the annotation: {report}"
         );
 
         // A request for a name the CA does not allow is denied with
@@ -1107,4 +1115,219 @@ fn ca_key_rotated_through_its_secret_reaches_volumes_and_bundle(env: &Env) -> Re
         );
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// The key types a `podCertificate` projection may ask for (the API
+/// server refuses others).
+const KEY_TYPES: [&str; 6] = [
+    "RSA3072",
+    "RSA4096",
+    "ECDSAP256",
+    "ECDSAP384",
+    "ECDSAP521",
+    "ED25519",
+];
+
+/// The request's public key (SPKI DER): `pkixPublicKey` (1.35), or the
+/// key of the `stubPKCS10Request` (1.36+).
+fn requested_key(request: &Value) -> Result<Vec<u8>> {
+    use base64::Engine;
+    use x509_parser::prelude::FromDer;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    if let Some(k) = request["spec"]["pkixPublicKey"].as_str() {
+        return Ok(b64.decode(k)?);
+    }
+    let stub = b64.decode(
+        request["spec"]["stubPKCS10Request"]
+            .as_str()
+            .context("neither pkixPublicKey nor stubPKCS10Request")?,
+    )?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&stub)
+        .map_err(|e| anyhow::anyhow!("stub CSR: {e}"))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+fn rfc3339(v: &Value) -> Result<i64> {
+    let t: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time = serde_json::from_value(v.clone())?;
+    Ok(t.0.as_second())
+}
+
+/// A pod with one `podCertificate` volume per key type: the kubelet makes
+/// the keys and the requests, credlet's signer answers each, and the API
+/// server checks the answers. Each status is checked against the request:
+/// one `Issued` condition, the leaf certifies the requested key and the
+/// pod's SPIFFE ID, `notBefore`/`notAfter` are the leaf's, `beginRefreshAt`
+/// lies 10 minutes inside them, the lifetime respects
+/// `maxExpirationSeconds`, and the chain verifies against the published
+/// ClusterTrustBundle.
+fn pod_certificates_for_every_key_type(env: &Env) -> Result<()> {
+    let cluster = env.cluster();
+    let ns = "key-types";
+    with_client(&cluster, async |client| {
+        namespace(&client, ns, "keys").await?;
+        let volumes: Vec<Value> = KEY_TYPES
+            .iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                json!({"name": format!("k{i}"), "projected": {"sources": [{"podCertificate": {
+                    "signerName": SIGNER,
+                    "keyType": kind,
+                    "maxExpirationSeconds": 3600 * (i + 2),
+                    "credentialBundlePath": "credential.pem",
+                }}]}})
+            })
+            .collect();
+        let mounts: Vec<Value> = (0..KEY_TYPES.len())
+            .map(|i| json!({"name": format!("k{i}"), "mountPath": format!("/k{i}")}))
+            .collect();
+        create_pod(
+            &client,
+            ns,
+            json!({
+                "metadata": {"name": "keys"},
+                "spec": {
+                    "serviceAccountName": "keys",
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{
+                        "name": "sh",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sleep", "3600"],
+                        "volumeMounts": mounts,
+                    }],
+                    "volumes": volumes,
+                },
+            }),
+        )
+        .await?;
+        // The kubelet starts the pod only once every request is answered.
+        wait_for_phase(&client, ns, "keys", &["Running"], POD_TIMEOUT).await?;
+        Ok(())
+    })?;
+    let bundle = {
+        let out = cluster.kubectl(&["get", "clustertrustbundles", "-o", "json"])?;
+        let list: Value = serde_json::from_slice(&out.stdout)?;
+        list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|b| b["spec"]["signerName"] == SIGNER)
+            .and_then(|b| b["spec"]["trustBundle"].as_str().map(str::to_string))
+            .context("credlet's ClusterTrustBundle")?
+    };
+    let requests = pod_certificate_requests(&cluster, ns)?;
+    ensure!(requests.len() == KEY_TYPES.len(), "{} requests", requests.len());
+    for (i, kind) in KEY_TYPES.into_iter().enumerate() {
+        // Requests carry no key type: each volume asked for its own
+        // lifetime, and the key itself tells its type.
+        let r = requests
+            .iter()
+            .find(|r| r["spec"]["maxExpirationSeconds"] == 3600 * (i + 2))
+            .with_context(|| format!("no {kind} request"))?;
+        let requested = requested_key(r)?;
+        ensure!(key_type(&requested)? == kind, "{kind}: the kubelet made another key type");
+        let conditions = r["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            conditions.len() == 1
+                && conditions[0]["type"] == "Issued"
+                && conditions[0]["status"] == "True",
+            "{kind}: {conditions:?}"
+        );
+        let chain = r["status"]["certificateChain"].as_str().context("chain")?;
+        use rustls::pki_types::pem::PemObject;
+        let leaf_der = rustls::pki_types::CertificateDer::from_pem_slice(chain.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{kind} chain: {e}"))?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der)
+            .map_err(|e| anyhow::anyhow!("{kind} leaf: {e}"))?;
+        ensure!(
+            leaf.tbs_certificate.subject_pki.raw == requested.as_slice(),
+            "{kind}: the leaf does not certify the requested key"
+        );
+        let uris: Vec<String> = leaf
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ensure!(
+            uris == ["spiffe://cluster.local/ns/key-types/sa/keys"],
+            "{kind}: {uris:?}"
+        );
+        let (nb, na) = (
+            leaf.validity().not_before.timestamp(),
+            leaf.validity().not_after.timestamp(),
+        );
+        ensure!(rfc3339(&r["status"]["notBefore"])? == nb, "{kind}: notBefore");
+        ensure!(rfc3339(&r["status"]["notAfter"])? == na, "{kind}: notAfter");
+        let refresh = rfc3339(&r["status"]["beginRefreshAt"])?;
+        ensure!(
+            refresh >= nb + 600 && refresh <= na - 600,
+            "{kind}: beginRefreshAt {refresh} outside [{nb}+10min, {na}-10min]"
+        );
+        let max = r["spec"]["maxExpirationSeconds"].as_i64().context("max")?;
+        ensure!(
+            na - nb >= 3600 && na - nb <= max,
+            "{kind}: lifetime {} for at most {max}",
+            na - nb
+        );
+        verify_chain(chain, &bundle).with_context(|| format!("{kind} chain"))?;
+    }
+    with_client(&cluster, async |client| delete_pod(&client, ns, "keys").await)
+}
+
+/// The `podCertificate` key type of a public key (SPKI DER).
+fn key_type(spki: &[u8]) -> Result<String> {
+    use x509_parser::prelude::FromDer;
+    use x509_parser::public_key::PublicKey;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki)
+        .map_err(|e| anyhow::anyhow!("SPKI: {e}"))?;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .map(|o| o.to_id_string());
+    Ok(match (spki.algorithm.algorithm.to_id_string().as_str(), curve.as_deref()) {
+        ("1.2.840.113549.1.1.1", _) => match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => format!("RSA{}", rsa.key_size()),
+            _ => bail!("unparsable RSA key"),
+        },
+        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => "ECDSAP256".into(),
+        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => "ECDSAP384".into(),
+        ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => "ECDSAP521".into(),
+        ("1.3.101.112", _) => "ED25519".into(),
+        (alg, curve) => bail!("unknown key algorithm {alg} {curve:?}"),
+    })
+}
+
+/// Verifies `chain_pem` (leaf first) as a client certificate against the
+/// roots in `bundle_pem`.
+fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<()> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots.add(root?)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()?;
+    verifier.verify_client_cert(
+        &chain[0],
+        &chain[1..],
+        rustls::pki_types::UnixTime::now(),
+    )?;
+    Ok(())
 }
