@@ -794,11 +794,12 @@ fn layer_downloads(registry: &Registry, image: &PushedImage) -> usize {
 
 /// Pod A (namespace `<prefix>-a`, alice's secret) pulls a private image;
 /// pod B in `<prefix>-b` without a secret does not start from the cached
-/// image and carries credlet's reason; pod C in `<prefix>-b` with bob's
-/// secret starts without the layer being downloaded again.
+/// image and carries credlet's reason; the guard restarts (its records
+/// must keep the image protected); pod C in `<prefix>-b` with bob's secret
+/// starts without the layer being downloaded again.
 fn image_guard_scenario(env: &Env, prefix: &str, repo: &str) -> Result<()> {
     let image = build_and_push_image(&env.registry, repo, "v1", ALICE)?;
-    let cluster = env.cluster();
+    let mut cluster = env.cluster();
     let (ns_a, ns_b) = (format!("{prefix}-a"), format!("{prefix}-b"));
     with_client(&cluster, async |client| {
         namespace(&client, &ns_a, "default").await?;
@@ -846,7 +847,13 @@ fn image_guard_scenario(env: &Env, prefix: &str, repo: &str) -> Result<()> {
             reason.contains(&format!("{ns_b}/b")),
             "names the pod: {reason}"
         );
+        Ok(())
+    })?;
 
+    // A restarted guard reads its records: the image stays protected and
+    // pod A's verification holds.
+    cluster.restart_guard()?;
+    with_client(&cluster, async |client| {
         create_pod(
             &client,
             &ns_b,
@@ -1148,7 +1155,8 @@ fn requested_key(request: &Value) -> Result<Vec<u8>> {
 }
 
 fn rfc3339(v: &Value) -> Result<i64> {
-    let t: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time = serde_json::from_value(v.clone())?;
+    let t: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time =
+        serde_json::from_value(v.clone())?;
     Ok(t.0.as_second())
 }
 
@@ -1217,7 +1225,11 @@ fn pod_certificates_for_every_key_type(env: &Env) -> Result<()> {
             .context("credlet's ClusterTrustBundle")?
     };
     let requests = pod_certificate_requests(&cluster, ns)?;
-    ensure!(requests.len() == KEY_TYPES.len(), "{} requests", requests.len());
+    ensure!(
+        requests.len() == KEY_TYPES.len(),
+        "{} requests",
+        requests.len()
+    );
     for (i, kind) in KEY_TYPES.into_iter().enumerate() {
         // Requests carry no key type: each volume asked for its own
         // lifetime, and the key itself tells its type.
@@ -1226,8 +1238,14 @@ fn pod_certificates_for_every_key_type(env: &Env) -> Result<()> {
             .find(|r| r["spec"]["maxExpirationSeconds"] == 3600 * (i + 2))
             .with_context(|| format!("no {kind} request"))?;
         let requested = requested_key(r)?;
-        ensure!(key_type(&requested)? == kind, "{kind}: the kubelet made another key type");
-        let conditions = r["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            key_type(&requested)? == kind,
+            "{kind}: the kubelet made another key type"
+        );
+        let conditions = r["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         ensure!(
             conditions.len() == 1
                 && conditions[0]["type"] == "Issued"
@@ -1267,7 +1285,10 @@ fn pod_certificates_for_every_key_type(env: &Env) -> Result<()> {
             leaf.validity().not_before.timestamp(),
             leaf.validity().not_after.timestamp(),
         );
-        ensure!(rfc3339(&r["status"]["notBefore"])? == nb, "{kind}: notBefore");
+        ensure!(
+            rfc3339(&r["status"]["notBefore"])? == nb,
+            "{kind}: notBefore"
+        );
         ensure!(rfc3339(&r["status"]["notAfter"])? == na, "{kind}: notAfter");
         let refresh = rfc3339(&r["status"]["beginRefreshAt"])?;
         ensure!(
@@ -1282,7 +1303,9 @@ fn pod_certificates_for_every_key_type(env: &Env) -> Result<()> {
         );
         verify_chain(chain, &bundle).with_context(|| format!("{kind} chain"))?;
     }
-    with_client(&cluster, async |client| delete_pod(&client, ns, "keys").await)
+    with_client(&cluster, async |client| {
+        delete_pod(&client, ns, "keys").await
+    })
 }
 
 /// The `podCertificate` key type of a public key (SPKI DER).
@@ -1297,24 +1320,30 @@ fn key_type(spki: &[u8]) -> Result<String> {
         .as_ref()
         .and_then(|p| p.as_oid().ok())
         .map(|o| o.to_id_string());
-    Ok(match (spki.algorithm.algorithm.to_id_string().as_str(), curve.as_deref()) {
-        ("1.2.840.113549.1.1.1", _) => match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => format!("RSA{}", rsa.key_size()),
-            _ => bail!("unparsable RSA key"),
+    Ok(
+        match (
+            spki.algorithm.algorithm.to_id_string().as_str(),
+            curve.as_deref(),
+        ) {
+            ("1.2.840.113549.1.1.1", _) => match spki.parsed() {
+                Ok(PublicKey::RSA(rsa)) => format!("RSA{}", rsa.key_size()),
+                _ => bail!("unparsable RSA key"),
+            },
+            ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => "ECDSAP256".into(),
+            ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => "ECDSAP384".into(),
+            ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => "ECDSAP521".into(),
+            ("1.3.101.112", _) => "ED25519".into(),
+            (alg, curve) => bail!("unknown key algorithm {alg} {curve:?}"),
         },
-        ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => "ECDSAP256".into(),
-        ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => "ECDSAP384".into(),
-        ("1.2.840.10045.2.1", Some("1.3.132.0.35")) => "ECDSAP521".into(),
-        ("1.3.101.112", _) => "ED25519".into(),
-        (alg, curve) => bail!("unknown key algorithm {alg} {curve:?}"),
-    })
+    )
 }
 
 /// Verifies `chain_pem` (leaf first) as a client certificate against the
 /// roots in `bundle_pem`.
 fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<()> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let chain =
+        CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
         roots.add(root?)?;
@@ -1324,10 +1353,6 @@ fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<()> {
         std::sync::Arc::new(rustls::crypto::ring::default_provider()),
     )
     .build()?;
-    verifier.verify_client_cert(
-        &chain[0],
-        &chain[1..],
-        rustls::pki_types::UnixTime::now(),
-    )?;
+    verifier.verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now())?;
     Ok(())
 }
