@@ -399,3 +399,38 @@ impl IssueError {
         matches!(self, Self::Csr(_) | Self::Policy(_))
     }
 }
+
+/// Why a name [`Template`](crate::Template) does not parse. Messages do
+/// not repeat the template: callers name it together with where it came
+/// from (which attribute, flag or request field).
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// `$NAME` or `${NAME}` names no variable credlet knows.
+    #[error("unknown variable {variable}; known: {KNOWN_VARIABLES}")]
+    UnknownVariable {
+        /// The variable as written (`$HOSTNAME`, `${pod_name}`), shortened
+        /// when long.
+        variable: String,
+    },
+    /// A `$` followed by no variable name: at the end, before a character
+    /// that can not start one (variables are uppercase), or `${}`.
+    #[error("\"$\" at byte {offset} is not followed by a variable name; known: {KNOWN_VARIABLES}")]
+    MissingVariableName {
+        /// Byte offset of the `$`.
+        offset: usize,
+    },
+    /// A `${` without a closing `}`.
+    #[error("\"${{\" at byte {offset} has no closing \"}}\"")]
+    UnterminatedBrace {
+        /// Byte offset of the `$`.
+        offset: usize,
+    },
+    /// A control character (newline, tab, DEL...): never part of a name.
+    #[error("contains control characters")]
+    ControlCharacter,
+}
+
+/// The variables for error messages; kept in step with
+/// [`TemplateVariable::ALL`](crate::TemplateVariable::ALL) by a test.
+const KNOWN_VARIABLES: &str = "$POD_NAME, $POD_NAMESPACE, $POD_UID, $SERVICE_ACCOUNT_NAME, $TRUST_DOMAIN (each also as ${NAME})";

@@ -12,6 +12,8 @@
 //! - Private keys never appear in `Debug` output or error messages; their
 //!   serialized forms live in buffers wiped on drop.
 //! - Errors say which input was wrong and why.
+//! - Names a pod asks for are [`Template`]s: one grammar on the node, in
+//!   the CA service and in the PodCertificateRequest signer.
 //!
 //! ```
 //! use std::time::{Duration, SystemTime};
@@ -49,19 +51,23 @@ mod key;
 mod pem;
 mod policy;
 mod public_key;
+mod template;
 
 #[cfg(test)]
 mod tests;
 
 pub use authority::{Authority, IssuedCertificate};
 pub use csr::VerifiedCsr;
-pub use error::{CaError, CsrError, IssueError, KeyTypeError, PolicyError, PublicKeyError};
+pub use error::{
+    CaError, CsrError, IssueError, KeyTypeError, PolicyError, PublicKeyError, TemplateError,
+};
 pub use inspect::{CertificateInfo, inspect_leaf, key_matches_certificate, verify_chain};
 pub use key::{KeyType, PrivateKey};
 pub use policy::{IssuanceRequest, PodIdentity, Policy};
 pub use public_key::{
     MAX_KEY_MATERIAL_LEN, PublicKeyType, UnverifiedCsr, UnverifiedPublicKey, VerifiedPublicKey,
 };
+pub use template::{Template, TemplateVariable, TemplateVars, expand_template};
 /// Re-exported: the wrapper [`Authority::generate_self_signed_with_pems`]
 /// returns the CA key in.
 pub use zeroize::Zeroizing;

@@ -246,7 +246,15 @@ impl Policy {
         Err(PolicyError::KeyTypeNotAllowed { key_type, allowed })
     }
 
-    fn check_spiffe_id(&self, id: &str, identity: &PodIdentity) -> Result<(), PolicyError> {
+    /// The SPIFFE ID rule every issuance path applies to an ID a pod asks
+    /// for: a valid ID in this policy's trust domain whose path is the
+    /// pod's `ns/<namespace>/sa/<service-account>` or below it. Exposed so
+    /// that a CA can refuse an ID before any other work, with the same rule
+    /// signing applies. A well-formed ID that is not the pod's fails with
+    /// [`PolicyError::ForeignTrustDomain`] or
+    /// [`PolicyError::SpiffeIdOutsideIdentity`]; one that is not a valid
+    /// SPIFFE ID with another variant.
+    pub fn check_spiffe_id(&self, id: &str, identity: &PodIdentity) -> Result<(), PolicyError> {
         let invalid = |reason: String| PolicyError::InvalidSpiffeId {
             id: id.to_owned(),
             reason,

@@ -3,11 +3,14 @@
 //!
 //! Names come only from verified facts: the pod's namespace, name, uid and
 //! service account as the API server vouched for them in the TokenReview
-//! (and the pod check). Requested DNS names are templates expanded from
-//! those facts and then matched against the allowed templates.
+//! (and the pod check), and the CA's own trust domain. Requested names are
+//! templates ([`credlet_ca::Template`], the grammar the agent checks volume
+//! attributes with) expanded from those facts; DNS names are then matched
+//! against the allowed templates.
 //!
 //! SPIFFE IDs:
-//! - pods: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`;
+//! - pods: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
+//!   or a path below it the pod asks for;
 //! - agent client certificates: `spiffe://<trust-domain>/credlet/node/<node>`
 //!   (the `credlet/` path can never be a pod's, whose paths start `ns/`);
 //! - the CA's own serving certificate: `spiffe://<trust-domain>/credlet/ca`.
@@ -16,16 +19,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use credlet_ca::{PodIdentity, PolicyError, Template, TemplateVars};
+
 use crate::error::Error;
 use crate::tokens::VerifiedToken;
-
-/// Template variables and the fact each stands for.
-pub const TEMPLATE_VARIABLES: [&str; 4] = [
-    "$POD_NAMESPACE",
-    "$POD_NAME",
-    "$POD_UID",
-    "$SERVICE_ACCOUNT_NAME",
-];
 
 /// The verified facts templates expand from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +37,23 @@ pub struct Facts {
     pub service_account: String,
 }
 
+impl Facts {
+    /// The template variables for these facts in `trust_domain`.
+    pub fn vars<'a>(&'a self, trust_domain: &'a str) -> TemplateVars<'a> {
+        TemplateVars {
+            pod_name: &self.pod_name,
+            pod_namespace: &self.namespace,
+            pod_uid: &self.pod_uid,
+            service_account_name: &self.service_account,
+            trust_domain,
+        }
+    }
+
+    fn pod(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod_name)
+    }
+}
+
 impl From<&VerifiedToken> for Facts {
     fn from(token: &VerifiedToken) -> Self {
         Self {
@@ -51,37 +65,12 @@ impl From<&VerifiedToken> for Facts {
     }
 }
 
-/// Expands `$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID` and
-/// `$SERVICE_ACCOUNT_NAME` in `template` from `facts`. Any other `$` is an
-/// error.
-pub fn expand(template: &str, facts: &Facts) -> Result<String, Error> {
-    let mut out = String::with_capacity(template.len() + 32);
-    let mut rest = template;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        // Longest variable first: $POD_NAMESPACE before $POD_NAME.
-        let var = TEMPLATE_VARIABLES
-            .iter()
-            .find(|v| tail.starts_with(**v))
-            .ok_or_else(|| Error::InvalidTemplate {
-                template: template.to_owned(),
-                reason: format!(
-                    "unknown variable at {:?}; known: {}",
-                    tail.chars().take(24).collect::<String>(),
-                    TEMPLATE_VARIABLES.join(", ")
-                ),
-            })?;
-        out.push_str(match *var {
-            "$POD_NAMESPACE" => &facts.namespace,
-            "$POD_NAME" => &facts.pod_name,
-            "$POD_UID" => &facts.pod_uid,
-            _ => &facts.service_account,
-        });
-        rest = &tail[var.len()..];
-    }
-    out.push_str(rest);
-    Ok(out)
+/// Parses a requested template; a bad one is the requester's error.
+fn parse_template(template: &str) -> Result<Template, Error> {
+    Template::parse(template).map_err(|e| Error::InvalidTemplate {
+        template: template.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// An allowed DNS name: an exact template (`$POD_NAME.$POD_NAMESPACE.svc`)
@@ -89,7 +78,11 @@ pub fn expand(template: &str, facts: &Facts) -> Result<String, Error> {
 /// front of the expanded suffix (`*.$POD_NAMESPACE.svc.cluster.local`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsPattern {
-    template: String,
+    pattern: String,
+    /// Whether the pattern starts `*.`.
+    wildcard: bool,
+    /// The pattern after any `*.`.
+    body: Template,
 }
 
 impl DnsPattern {
@@ -100,44 +93,47 @@ impl DnsPattern {
             template: pattern.to_owned(),
             reason,
         };
-        let sample = Facts {
-            namespace: "ns".into(),
-            pod_name: "pod".into(),
-            pod_uid: "0b7d3c36-7ad9-4cf1-9f0c-3d5a7c1f2e10".into(),
-            service_account: "sa".into(),
+        let (wildcard, body) = match pattern.strip_prefix("*.") {
+            Some(body) => (true, body),
+            None => (false, pattern),
         };
-        let body = pattern.strip_prefix("*.").unwrap_or(pattern);
-        let expanded = expand(body, &sample)?;
-        if !is_host_name(&expanded) {
+        let body = Template::parse(body).map_err(|e| invalid(e.to_string()))?;
+        let sample = TemplateVars {
+            pod_name: "pod",
+            pod_namespace: "ns",
+            pod_uid: "0b7d3c36-7ad9-4cf1-9f0c-3d5a7c1f2e10",
+            service_account_name: "sa",
+            trust_domain: "cluster.local",
+        };
+        if !is_host_name(&body.expand(&sample)) {
             return Err(invalid(
                 "does not expand to a host name (labels of letters, digits and '-', no other wildcard)"
                     .to_owned(),
             ));
         }
         Ok(Self {
-            template: pattern.to_owned(),
+            pattern: pattern.to_owned(),
+            wildcard,
+            body,
         })
     }
 
     /// The pattern as configured.
     pub fn as_str(&self) -> &str {
-        &self.template
+        &self.pattern
     }
 
-    /// Whether `name` (already expanded, lowercase) is allowed for `facts`.
-    pub fn matches(&self, name: &str, facts: &Facts) -> bool {
-        match self.template.strip_prefix("*.") {
-            Some(suffix) => {
-                let Ok(suffix) = expand(suffix, facts) else {
-                    return false;
-                };
-                let suffix = suffix.to_ascii_lowercase();
-                name.strip_suffix(suffix.as_str())
-                    .and_then(|head| head.strip_suffix('.'))
-                    .is_some_and(|label| !label.is_empty() && !label.contains('.'))
-            }
-            None => expand(&self.template, facts)
-                .is_ok_and(|allowed| allowed.eq_ignore_ascii_case(name)),
+    /// Whether `name` (already expanded, lowercase) is allowed for the pod
+    /// `vars` describe.
+    pub fn matches(&self, name: &str, vars: &TemplateVars<'_>) -> bool {
+        let allowed = self.body.expand(vars);
+        if self.wildcard {
+            let suffix = allowed.to_ascii_lowercase();
+            name.strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+        } else {
+            allowed.eq_ignore_ascii_case(name)
         }
     }
 }
@@ -354,13 +350,14 @@ impl ServicePolicy {
     /// Expands the requested DNS templates from `facts` and checks each
     /// against the allowed patterns.
     pub fn dns_names(&self, facts: &Facts, templates: &[String]) -> Result<Vec<String>, Error> {
+        let vars = facts.vars(&self.trust_domain);
         let patterns = self.patterns_for(&facts.namespace);
         let mut names: Vec<String> = Vec::with_capacity(templates.len());
         for template in templates {
-            let name = expand(template, facts)?.to_ascii_lowercase();
-            if !patterns.iter().any(|p| p.matches(&name, facts)) {
+            let name = parse_template(template)?.expand(&vars).to_ascii_lowercase();
+            if !patterns.iter().any(|p| p.matches(&name, &vars)) {
                 return Err(Error::SanNotAllowed {
-                    pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                    pod: facts.pod(),
                     kind: "DNS",
                     template: template.clone(),
                     value: name,
@@ -388,7 +385,7 @@ impl ServicePolicy {
                     Ok(ip)
                 } else {
                     Err(Error::SanNotAllowed {
-                        pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                        pod: facts.pod(),
                         kind: "IP",
                         template: text.clone(),
                         value: ip.to_string(),
@@ -411,17 +408,53 @@ impl ServicePolicy {
         if template.is_empty() {
             return Ok(None);
         }
-        let cn = expand(template, facts)?;
+        let cn = parse_template(template)?.expand(&facts.vars(&self.trust_domain));
         if cn == facts.pod_name || dns_names.iter().any(|n| n.eq_ignore_ascii_case(&cn)) {
             Ok(Some(cn))
         } else {
             Err(Error::SanNotAllowed {
-                pod: format!("{}/{}", facts.namespace, facts.pod_name),
+                pod: facts.pod(),
                 kind: "common name",
                 template: template.to_owned(),
                 value: cn,
                 allowed: "the pod name or one of the certificate's DNS names".to_owned(),
             })
+        }
+    }
+
+    /// The SPIFFE ID a pod asks for with `template`, expanded from `facts`:
+    /// `None` (the default ID) for an empty template. The ID must pass the
+    /// issuance library's rule, the one every issuance path applies (in
+    /// this trust domain, at or below the pod's `ns/<ns>/sa/<sa>`); an ID
+    /// elsewhere is a SAN the pod is not allowed, like a refused DNS name.
+    pub fn spiffe_id(&self, facts: &Facts, template: &str) -> Result<Option<String>, Error> {
+        if template.is_empty() {
+            return Ok(None);
+        }
+        let id = parse_template(template)?.expand(&facts.vars(&self.trust_domain));
+        let identity = PodIdentity {
+            namespace: facts.namespace.clone(),
+            name: facts.pod_name.clone(),
+            uid: facts.pod_uid.clone(),
+            service_account: facts.service_account.clone(),
+        };
+        match self.ca_policy().check_spiffe_id(&id, &identity) {
+            Ok(()) => Ok(Some(id)),
+            Err(
+                PolicyError::ForeignTrustDomain { .. }
+                | PolicyError::SpiffeIdOutsideIdentity { .. },
+            ) => Err(Error::SanNotAllowed {
+                pod: facts.pod(),
+                kind: "URI",
+                template: template.to_owned(),
+                allowed: format!(
+                    "{} or a path below it",
+                    self.pod_spiffe_id(&facts.namespace, &facts.service_account)
+                ),
+                value: id,
+            }),
+            // Not a SPIFFE ID at all: a malformed request.
+            Err(other) => Err(other.into()),
         }
     }
 
@@ -566,16 +599,129 @@ mod tests {
     }
 
     #[test]
-    fn expansion_uses_only_known_variables() {
+    fn requested_templates_use_the_agents_grammar() {
+        let mut p = ServicePolicy::new("cluster.local");
+        p.add_dns_template("$POD_NAME.$POD_NAMESPACE.svc").unwrap();
+        p.add_dns_template("${SERVICE_ACCOUNT_NAME}-$POD_UID.internal")
+            .unwrap();
+        p.add_dns_template("*.${POD_NAMESPACE}.$TRUST_DOMAIN")
+            .unwrap();
+        let f = facts();
+        let requested = [
+            "${POD_NAME}.${POD_NAMESPACE}.svc",
+            "$POD_NAME.${POD_NAMESPACE}.svc",
+            "$SERVICE_ACCOUNT_NAME-${POD_UID}.internal",
+            "api.$POD_NAMESPACE.$TRUST_DOMAIN",
+            "API.${POD_NAMESPACE}.${TRUST_DOMAIN}",
+        ]
+        .map(String::from);
         assert_eq!(
-            expand("$POD_NAME.$POD_NAMESPACE.svc", &facts()).unwrap(),
-            "web-0.team-a.svc"
+            p.dns_names(&f, &requested).unwrap(),
+            [
+                "web-0.team-a.svc",
+                "web-uid-1.internal",
+                "api.team-a.cluster.local"
+            ]
         );
         assert_eq!(
-            expand("$SERVICE_ACCOUNT_NAME-$POD_UID", &facts()).unwrap(),
-            "web-uid-1"
+            p.common_name(&f, "${POD_NAME}", &[]).unwrap().as_deref(),
+            Some("web-0")
         );
-        assert!(expand("$HOSTNAME.x", &facts()).is_err());
+        for bad in ["$HOSTNAME.x", "${POD_NAME.svc", "${}.svc", "svc.$", "a\nb"] {
+            let err = p.dns_names(&f, &[bad.into()]).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidTemplate { template, .. } if template == bad),
+                "{bad:?}: {err}"
+            );
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            let err = p.common_name(&f, bad, &[]).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidTemplate { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = p.dns_names(&f, &["$HOSTNAME.x".into()]).unwrap_err();
+        assert!(err.to_string().contains("$TRUST_DOMAIN"), "{err}");
+    }
+
+    #[test]
+    fn spiffe_id_templates() {
+        let p = ServicePolicy::new("cluster.local");
+        let f = facts();
+        let ok: &[(&str, Option<&str>)] = &[
+            ("", None),
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME",
+                Some("spiffe://cluster.local/ns/team-a/sa/web"),
+            ),
+            (
+                "spiffe://${TRUST_DOMAIN}/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT_NAME}/${POD_NAME}",
+                Some("spiffe://cluster.local/ns/team-a/sa/web/web-0"),
+            ),
+            (
+                "spiffe://cluster.local/ns/team-a/sa/web/db",
+                Some("spiffe://cluster.local/ns/team-a/sa/web/db"),
+            ),
+        ];
+        for (template, expected) in ok {
+            assert_eq!(
+                p.spiffe_id(&f, template).unwrap().as_deref(),
+                *expected,
+                "{template:?}"
+            );
+        }
+        let refused: &[(&str, tonic::Code)] = &[
+            // Outside the pod's path or trust domain: not the pod's to ask.
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/other",
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "spiffe://$TRUST_DOMAIN/ns/kube-system/sa/$SERVICE_ACCOUNT_NAME",
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/${SERVICE_ACCOUNT_NAME}x",
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "spiffe://evil.example/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME",
+                tonic::Code::PermissionDenied,
+            ),
+            (
+                "spiffe://$TRUST_DOMAIN/credlet/ca",
+                tonic::Code::PermissionDenied,
+            ),
+            // Malformed.
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$NODE",
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME/../x",
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME?x",
+                tonic::Code::InvalidArgument,
+            ),
+            ("https://example.com/", tonic::Code::InvalidArgument),
+        ];
+        for (template, code) in refused {
+            let err = p.spiffe_id(&f, template).unwrap_err();
+            assert_eq!(err.code(), *code, "{template:?}: {err}");
+        }
+        let err = p
+            .spiffe_id(&f, "spiffe://$TRUST_DOMAIN/ns/kube-system/sa/admin")
+            .unwrap_err();
+        let message = err.to_string();
+        for part in [
+            "spiffe://cluster.local/ns/kube-system/sa/admin",
+            "team-a/web-0",
+            "spiffe://cluster.local/ns/team-a/sa/web or a path below it",
+        ] {
+            assert!(message.contains(part), "{message}");
+        }
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl CaService {
         let common_name =
             self.policy
                 .common_name(&facts, &request.common_name_template, &dns_names)?;
+        let spiffe_id = self.policy.spiffe_id(&facts, &request.spiffe_id_template)?;
         self.pods.check(&token, node).await?;
         let duration = self.policy.duration(request.duration_seconds);
         let issuance = IssuanceRequest {
@@ -168,7 +169,7 @@ impl CaService {
                 uid: token.pod_uid.clone(),
                 service_account: token.service_account.clone(),
             },
-            spiffe_id: None,
+            spiffe_id,
             dns_names,
             ip_addresses,
             common_name,

@@ -1462,6 +1462,109 @@ async fn batched_requests_are_answered_entry_by_entry() -> Result<()> {
     h.stop().await
 }
 
+/// Requested names in the agent's template grammar (`${NAME}` and
+/// `$TRUST_DOMAIN` included) and a requested SPIFFE ID, expanded from the
+/// verified token; an ID outside the pod's path is refused with the code
+/// of a refused DNS name, alone and in a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_and_spiffe_ids_expand_from_verified_facts() -> Result<()> {
+    use credlet_proto::ca::{
+        IssuePodCertificatesRequest, issue_pod_certificate_result::Result as Entry,
+    };
+    let h = Harness::start().await?;
+    let (mut agent, _, _) = h.agent("node-a").await?;
+    let uid = h.pod("team-a", "web-0", "web", "node-a")?;
+    let token = h.token("team-a", "web", "web-0", &uid, "node-a");
+    let request = |spiffe_id: &str| {
+        let mut request = pod_request(
+            token.clone(),
+            &[
+                "${POD_NAME}.${POD_NAMESPACE}.svc",
+                "api.$POD_NAMESPACE.example.com",
+            ],
+        );
+        request.common_name_template = "${POD_NAME}".into();
+        request.spiffe_id_template = spiffe_id.into();
+        request
+    };
+    let below = "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/${SERVICE_ACCOUNT_NAME}/$POD_NAME";
+    let outside = "spiffe://$TRUST_DOMAIN/ns/kube-system/sa/$SERVICE_ACCOUNT_NAME";
+
+    let issued = agent
+        .issue_pod_certificate(request(below))
+        .await?
+        .into_inner();
+    let leaf = inspect_leaf(&issued.chain_pem)?;
+    assert_eq!(leaf.uris, ["spiffe://cluster.local/ns/team-a/sa/web/web-0"]);
+    assert_eq!(
+        leaf.dns_names,
+        ["web-0.team-a.svc", "api.team-a.example.com"]
+    );
+    assert_eq!(leaf.subject, "CN=web-0");
+    expect_code(
+        agent.issue_pod_certificate(request(outside)).await,
+        Code::PermissionDenied,
+        "URI SAN \"spiffe://cluster.local/ns/kube-system/sa/web\"",
+    );
+    expect_code(
+        agent
+            .issue_pod_certificate(request("spiffe://cluster.local/ns/team-a/sa/web-admin"))
+            .await,
+        Code::PermissionDenied,
+        "spiffe://cluster.local/ns/team-a/sa/web or a path below it",
+    );
+    expect_code(
+        agent
+            .issue_pod_certificate(request("spiffe://$TRUST_DOMAIN/ns/$NAMESPACE/sa/web"))
+            .await,
+        Code::InvalidArgument,
+        "unknown variable $NAMESPACE",
+    );
+
+    // The batch call carries the template too.
+    let answer = agent
+        .issue_pod_certificates(IssuePodCertificatesRequest {
+            requests: vec![request(""), request(below), request(outside)],
+        })
+        .await?
+        .into_inner();
+    let uris = |entry: &credlet_proto::ca::IssuePodCertificateResult| -> Result<Vec<String>> {
+        match entry.result.as_ref().context("empty entry")? {
+            Entry::Issued(issued) => Ok(inspect_leaf(&issued.chain_pem)?.uris),
+            Entry::Refused(refusal) => bail!("refused: {}", refusal.message),
+        }
+    };
+    assert_eq!(
+        uris(&answer.results[0])?,
+        ["spiffe://cluster.local/ns/team-a/sa/web"]
+    );
+    assert_eq!(
+        uris(&answer.results[1])?,
+        ["spiffe://cluster.local/ns/team-a/sa/web/web-0"]
+    );
+    match answer.results[2].result.as_ref().context("empty entry")? {
+        Entry::Refused(refusal) => {
+            assert_eq!(refusal.code, Code::PermissionDenied as i32);
+            assert!(
+                refusal.message.contains("ns/kube-system"),
+                "{}",
+                refusal.message
+            );
+        }
+        other => bail!("an ID outside the pod's path was issued: {other:?}"),
+    }
+    use credlet_ca_service::metrics::Rpc;
+    assert_eq!(
+        h.metrics.count(Rpc::IssuePodCertificate, "SanNotAllowed"),
+        2
+    );
+    assert_eq!(
+        h.metrics.count(Rpc::IssuePodCertificates, "SanNotAllowed"),
+        1
+    );
+    h.stop().await
+}
+
 // ----- offline verification against the service account issuer's keys -----
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";

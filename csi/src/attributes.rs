@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
-use credlet_ca::{KeyType, PodIdentity};
+use credlet_ca::{KeyType, PodIdentity, Template, TemplateError, TemplateVars, expand_template};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
@@ -272,18 +272,21 @@ impl VolumeAttributes {
         pod: &PodIdentity,
         trust_domain: &str,
     ) -> Result<ExpandedNames, InputError> {
-        let vars = TemplateVars { pod, trust_domain };
+        let vars = TemplateVars::new(pod, trust_domain);
+        let expand = |key: &'static str, template: &str| {
+            expand_template(template, &vars).map_err(|e| template_error(key, template, &e))
+        };
         Ok(ExpandedNames {
-            spiffe_id: vars.expand(SPIFFE_ID, &self.spiffe_id)?,
+            spiffe_id: expand(SPIFFE_ID, &self.spiffe_id)?,
             dns_names: self
                 .dns_names
                 .iter()
-                .map(|t| vars.expand(DNS_NAMES, t))
+                .map(|t| expand(DNS_NAMES, t))
                 .collect::<Result<_, _>>()?,
             common_name: self
                 .common_name
                 .as_deref()
-                .map(|t| vars.expand(COMMON_NAME, t))
+                .map(|t| expand(COMMON_NAME, t))
                 .transpose()?,
         })
     }
@@ -319,82 +322,18 @@ fn split_list(value: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-const VARIABLES: [&str; 5] = [
-    "POD_NAME",
-    "POD_NAMESPACE",
-    "POD_UID",
-    "SERVICE_ACCOUNT_NAME",
-    "TRUST_DOMAIN",
-];
-
-/// Splits a template into literal text and variables; calls `each` for
-/// every piece. Errors name the attribute.
-fn walk_template<'t>(
-    key: &'static str,
-    template: &'t str,
-    mut each: impl FnMut(Piece<'t>),
-) -> Result<(), InputError> {
-    let mut rest = template;
-    while let Some(at) = rest.find('$') {
-        each(Piece::Literal(&rest[..at]));
-        let after = &rest[at + 1..];
-        let (name, consumed) = if let Some(braced) = after.strip_prefix('{') {
-            let end = braced
-                .find('}')
-                .ok_or_else(|| attr(key, "unterminated ${ in template"))?;
-            (&braced[..end], end + 2)
-        } else {
-            let end = after
-                .find(|c: char| !(c.is_ascii_uppercase() || c == '_'))
-                .unwrap_or(after.len());
-            (&after[..end], end)
-        };
-        let Some(var) = VARIABLES.iter().find(|v| **v == name) else {
-            return Err(attr(
-                key,
-                format!(
-                    "unknown template variable ${}; known: $POD_NAME, $POD_NAMESPACE, $POD_UID, $SERVICE_ACCOUNT_NAME, $TRUST_DOMAIN",
-                    printable(name)
-                ),
-            ));
-        };
-        each(Piece::Variable(var));
-        rest = &after[consumed..];
-    }
-    each(Piece::Literal(rest));
-    Ok(())
-}
-
-enum Piece<'t> {
-    Literal(&'t str),
-    Variable(&'static str),
-}
-
+/// Checks a template's syntax with the grammar the CA expands it with.
 fn check_template(key: &'static str, template: &str) -> Result<(), InputError> {
-    if template.chars().any(char::is_control) {
-        return Err(attr(key, "contains control characters"));
-    }
-    walk_template(key, template, |_| {})
+    Template::parse(template)
+        .map(drop)
+        .map_err(|e| template_error(key, template, &e))
 }
 
-struct TemplateVars<'a> {
-    pod: &'a PodIdentity,
-    trust_domain: &'a str,
-}
-
-impl TemplateVars<'_> {
-    fn expand(&self, key: &'static str, template: &str) -> Result<String, InputError> {
-        let mut out = String::with_capacity(template.len() + 32);
-        walk_template(key, template, |piece| match piece {
-            Piece::Literal(s) => out.push_str(s),
-            Piece::Variable("POD_NAME") => out.push_str(&self.pod.name),
-            Piece::Variable("POD_NAMESPACE") => out.push_str(&self.pod.namespace),
-            Piece::Variable("POD_UID") => out.push_str(&self.pod.uid),
-            Piece::Variable("SERVICE_ACCOUNT_NAME") => out.push_str(&self.pod.service_account),
-            Piece::Variable(_) => out.push_str(self.trust_domain),
-        })?;
-        Ok(out)
-    }
+fn template_error(key: &'static str, template: &str, error: &TemplateError) -> InputError {
+    attr(
+        key,
+        format!("invalid template {:?}: {error}", printable(template)),
+    )
 }
 
 /// Parses a Go-style duration made of `h`, `m` and `s` parts: `90s`,
@@ -656,7 +595,7 @@ mod tests {
         let a = VolumeAttributes::parse(&ctx(&[
             (
                 DNS_NAMES,
-                "$POD_NAME.$POD_NAMESPACE.svc, ${SERVICE_ACCOUNT_NAME}.internal,,",
+                "$POD_NAME.$POD_NAMESPACE.svc, ${SERVICE_ACCOUNT_NAME}.internal,,${POD_NAME}.${POD_NAMESPACE}.$TRUST_DOMAIN",
             ),
             (IP_ADDRESSES, "10.0.0.1, ::1"),
             (COMMON_NAME, "$POD_UID"),
@@ -677,7 +616,14 @@ mod tests {
         assert_eq!(a.ip_addresses.len(), 2);
         assert_eq!(a.fs_group, Some(2000));
         let names = a.expand(&pod(), "td.example").expect("expand");
-        assert_eq!(names.dns_names, ["web-7d9f.shop.svc", "web.internal"]);
+        assert_eq!(
+            names.dns_names,
+            [
+                "web-7d9f.shop.svc",
+                "web.internal",
+                "web-7d9f.shop.td.example"
+            ]
+        );
         assert_eq!(
             names.common_name.as_deref(),
             Some("0f1e2d3c-aaaa-bbbb-cccc-111122223333")
@@ -691,6 +637,10 @@ mod tests {
             ("credlet.io/dns-name", "typo"),
             (DNS_NAMES, "$HOSTNAME.example"),
             (DNS_NAMES, "${POD_NAME"),
+            (DNS_NAMES, "${}.example"),
+            (DNS_NAMES, "web$"),
+            (SPIFFE_ID, "spiffe://$TRUST_DOMAIN/ns/$NAMESPACE/sa/x"),
+            (COMMON_NAME, "$pod_name"),
             (COMMON_NAME, "a\nb"),
             (IP_ADDRESSES, "10.0.0.300"),
             (DURATION, "1d"),
@@ -718,6 +668,16 @@ mod tests {
         }
         let many = vec!["a.example"; 33].join(",");
         assert!(VolumeAttributes::parse(&ctx(&[(DNS_NAMES, &many)])).is_err());
+    }
+
+    #[test]
+    fn template_errors_name_the_attribute_the_template_and_the_variables() {
+        let err = VolumeAttributes::parse(&ctx(&[(DNS_NAMES, "a.example, $HOSTNAME.example")]))
+            .expect_err("unknown variable");
+        let message = err.to_string();
+        for part in [DNS_NAMES, "$HOSTNAME.example", "$POD_NAME", "$TRUST_DOMAIN"] {
+            assert!(message.contains(part), "{message}");
+        }
     }
 
     #[test]

@@ -35,15 +35,16 @@ pub struct IssueRequest {
     pub renew_before: RenewBefore,
 }
 
-/// Name templates of a volume (`$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID`,
-/// `$SERVICE_ACCOUNT_NAME`, `$TRUST_DOMAIN`), unexpanded.
+/// Name templates of a volume, unexpanded (the grammar of
+/// [`credlet_ca::Template`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NameTemplates {
     /// DNS SAN templates.
     pub dns_names: Vec<String>,
     /// Subject common name template.
     pub common_name: Option<String>,
-    /// SPIFFE ID template.
+    /// SPIFFE ID template (the default one when the volume asks for
+    /// none).
     pub spiffe_id: String,
 }
 

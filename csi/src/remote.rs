@@ -948,6 +948,9 @@ impl Issuer for RemoteIssuer {
                     .map(ToString::to_string)
                     .collect(),
                 common_name_template: request.templates.common_name.unwrap_or_default(),
+                // As the volume gives it: the CA expands it from the facts it
+                // verified and applies its SPIFFE ID rule.
+                spiffe_id_template: request.templates.spiffe_id,
                 duration_seconds: request.request.duration.as_secs(),
                 renew_before_seconds,
                 renew_before_percent,

@@ -17,7 +17,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use credlet_ca::{
-    Authority, IssuanceRequest, KeyType, PodIdentity, Policy, PrivateKey, VerifiedCsr,
+    Authority, IssuanceRequest, KeyType, PodIdentity, Policy, PrivateKey, TemplateVars,
+    VerifiedCsr, expand_template,
 };
 use credlet_csi::attributes as attr;
 use credlet_csi::fsops::PlainDirectories;
@@ -50,6 +51,7 @@ struct SeenPod {
     pod: PodIdentity,
     dns_name_templates: Vec<String>,
     common_name_template: String,
+    spiffe_id_template: String,
     renew_before_seconds: u64,
     /// Serial of the client certificate the call came with.
     client_serial: String,
@@ -76,12 +78,10 @@ fn unix(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).expect("after epoch").as_secs() as i64
 }
 
-fn expand(template: &str, pod: &PodIdentity) -> String {
-    template
-        .replace("$POD_NAMESPACE", &pod.namespace)
-        .replace("$POD_NAME", &pod.name)
-        .replace("$POD_UID", &pod.uid)
-        .replace("$SERVICE_ACCOUNT_NAME", &pod.service_account)
+/// Expands a template as `credlet ca` does (without its DNS policy).
+fn expand(template: &str, pod: &PodIdentity, trust_domain: &str) -> Result<String, Status> {
+    expand_template(template, &TemplateVars::new(pod, trust_domain))
+        .map_err(|e| Status::invalid_argument(format!("invalid template {template:?}: {e}")))
 }
 
 impl TestCa {
@@ -191,6 +191,7 @@ impl CertificateAuthority for Service {
             pod: pod.clone(),
             dns_name_templates: request.dns_name_templates.clone(),
             common_name_template: request.common_name_template.clone(),
+            spiffe_id_template: request.spiffe_id_template.clone(),
             renew_before_seconds: request.renew_before_seconds,
             client_serial,
         });
@@ -200,18 +201,24 @@ impl CertificateAuthority for Service {
             .map(|ip| ip.parse::<IpAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let trust_domain = &self.0.authority.policy().trust_domain;
         let issuance = IssuanceRequest {
             csr_der: request.csr_der,
             dns_names: request
                 .dns_name_templates
                 .iter()
-                .map(|t| expand(t, &pod))
-                .collect(),
+                .map(|t| expand(t, &pod, trust_domain))
+                .collect::<Result<_, _>>()?,
             common_name: Some(request.common_name_template)
                 .filter(|c| !c.is_empty())
-                .map(|c| expand(&c, &pod)),
+                .map(|c| expand(&c, &pod, trust_domain))
+                .transpose()?,
+            // `Authority::issue` applies the SPIFFE ID rule.
+            spiffe_id: Some(request.spiffe_id_template)
+                .filter(|t| !t.is_empty())
+                .map(|t| expand(&t, &pod, trust_domain))
+                .transpose()?,
             identity: pod,
-            spiffe_id: None,
             ip_addresses,
             duration: Duration::from_secs(request.duration_seconds),
         };
@@ -610,6 +617,7 @@ async fn publish_issues_through_the_remote_ca() {
         ["$POD_NAME.$POD_NAMESPACE.svc", "web.example"]
     );
     assert_eq!(seen.common_name_template, "$POD_NAME");
+    assert_eq!(seen.spiffe_id_template, attr::DEFAULT_SPIFFE_ID);
     assert_eq!(seen.renew_before_seconds, 20 * 60);
     assert_eq!(seen.pod.name, "web-0");
     assert_eq!(seen.pod.namespace, "shop");
@@ -668,6 +676,49 @@ async fn publish_issues_through_the_remote_ca() {
     assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error}");
     assert!(!target.exists());
     assert_eq!(fx.record_count(), 4);
+}
+
+/// The volume's templates reach the CA as written, `credlet.io/spiffe-id`
+/// included: the CA, not the agent, expands them from the facts it
+/// verified.
+#[tokio::test]
+async fn templates_and_the_spiffe_id_travel_unexpanded_to_the_ca() {
+    let fx = Fixture::new(Duration::from_secs(3600), Duration::from_secs(5)).await;
+    let manager = fx.manager().await;
+    fx.bootstrap().await;
+    let target = fx.target("p1");
+    let spiffe_id = "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/${SERVICE_ACCOUNT_NAME}/$POD_NAME";
+    manager
+        .publish(fx.request(
+            "csi-1",
+            &target,
+            Some(POD_TOKEN),
+            &[
+                (
+                    attr::DNS_NAMES,
+                    "${POD_NAME}.${POD_NAMESPACE}.svc, $POD_NAME.$TRUST_DOMAIN",
+                ),
+                (attr::COMMON_NAME, "${POD_NAME}"),
+                (attr::SPIFFE_ID, spiffe_id),
+            ],
+        ))
+        .await
+        .expect("publish");
+    let seen = fx.server.ca.seen.lock().expect("lock")[0].clone();
+    assert_eq!(
+        seen.dns_name_templates,
+        [
+            "${POD_NAME}.${POD_NAMESPACE}.svc",
+            "$POD_NAME.$TRUST_DOMAIN"
+        ]
+    );
+    assert_eq!(seen.common_name_template, "${POD_NAME}");
+    assert_eq!(seen.spiffe_id_template, spiffe_id);
+    let leaf =
+        credlet_ca::inspect_leaf(&std::fs::read_to_string(target.join("tls.crt")).expect("chain"))
+            .expect("leaf");
+    assert_eq!(leaf.dns_names, ["web-0.shop.svc", "web-0.cluster.local"]);
+    assert_eq!(leaf.uris, ["spiffe://cluster.local/ns/shop/sa/web/web-0"]);
 }
 
 #[tokio::test]

@@ -46,6 +46,7 @@ impl fmt::Debug for crate::ca::IssuePodCertificateRequest {
             .field("duration_seconds", &self.duration_seconds)
             .field("renew_before_seconds", &self.renew_before_seconds)
             .field("renew_before_percent", &self.renew_before_percent)
+            .field("spiffe_id_template", &self.spiffe_id_template)
             .finish()
     }
 }

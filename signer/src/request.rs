@@ -49,7 +49,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `credlet.io/dns-names` | comma-separated DNS SAN templates, at most [`MAX_DNS_NAMES`], each at most [`MAX_DNS_TEMPLATE_LEN`] bytes; labels of letters, digits and `-`, or the variables `$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID`, `$SERVICE_ACCOUNT_NAME`; no wildcards. The CA's DNS template policy decides which are issued. |
+//! | `credlet.io/dns-names` | comma-separated DNS SAN templates, at most [`MAX_DNS_NAMES`], each at most [`MAX_DNS_TEMPLATE_LEN`] bytes; labels of letters, digits and `-`, or the variables `$POD_NAME`, `$POD_NAMESPACE`, `$POD_UID`, `$SERVICE_ACCOUNT_NAME`, `$TRUST_DOMAIN` (each also as `${NAME}`, the grammar of [`credlet_ca::Template`]); no wildcards. The CA's DNS template policy decides which are issued. |
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

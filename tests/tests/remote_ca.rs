@@ -9,7 +9,8 @@
 //! certificates from verified tokens, a token of another pod refused, CA
 //! rollover reaching every volume's `ca.crt` without re-issuing, a broken CA
 //! key file, the CA process gone (with the agent's /readyz and CA client
-//! metrics showing it), and SIGTERM to both processes.
+//! metrics showing it), volume templates and SPIFFE IDs expanded by the CA,
+//! and SIGTERM to both processes.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
@@ -469,6 +470,62 @@ async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
     );
     assert_eq!(batched + single, 32.0, "{ca_side}");
     assert!(batched >= 2.0, "{ca_side}");
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// A volume's templates go to `credlet ca` as written and come back
+/// expanded from the verified token: `${NAME}` DNS names and a
+/// `credlet.io/spiffe-id` with `$TRUST_DOMAIN` below the pod's path. A
+/// SPIFFE ID outside that path is refused with `PermissionDenied` and
+/// leaves nothing on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_expands_the_volume_templates_and_spiffe_id() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
+    cluster.write_agent_token(&cluster.agent_pod()?)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    let command = agent_command(&agent, &cluster, &ca);
+    agent.spawn_command(command);
+    let csi = agent.wait_ready().await;
+
+    let (volume, _) = cluster.app(&agent, "tpl")?;
+    let volume = volume
+        .with("credlet.io/dns-names", "${POD_NAME}.${POD_NAMESPACE}.svc")
+        .with(
+            "credlet.io/spiffe-id",
+            "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/${SERVICE_ACCOUNT_NAME}/$POD_NAME",
+        );
+    csi.publish(&volume).await.expect("publish");
+    let files = check_volume(&volume.target, &volume.files(), CheckTime::Now)?;
+    assert_eq!(files.leaf.dns_names, ["web-tpl.shop.svc"]);
+    assert_eq!(
+        files.leaf.uris,
+        ["spiffe://cluster.local/ns/shop/sa/web/web-tpl"]
+    );
+    verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
+
+    let (outside, _) = cluster.app(&agent, "outside")?;
+    let outside = outside.with(
+        "credlet.io/spiffe-id",
+        "spiffe://$TRUST_DOMAIN/ns/kube-system/sa/$SERVICE_ACCOUNT_NAME",
+    );
+    expect_code(
+        csi.publish(&outside).await,
+        Code::PermissionDenied,
+        "spiffe://cluster.local/ns/kube-system/sa/web",
+    );
+    assert_nothing_on_disk(&agent, &outside);
+    wait_for_log(
+        "the CA's denial",
+        &ca.env,
+        0,
+        &["request denied", "SanNotAllowed"],
+    )
+    .await;
     drop(csi);
     stop_cleanly(&mut agent, "credlet agent").await;
     stop_cleanly(&mut ca.env, "credlet ca").await;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use credlet_ca_service::policy::{Facts, TEMPLATE_VARIABLES, expand};
+use credlet_ca::{Template, TemplateVars};
 
 use super::{
     DNS_NAMES_ANNOTATION, Denial, DenialReason, KNOWN_ANNOTATIONS, MAX_ANNOTATIONS_LEN,
@@ -63,13 +63,14 @@ fn dns_templates(value: &str) -> Result<Vec<String>, Denial> {
                 template.len()
             )));
         }
-        check_template(template).map_err(|reason| {
+        let template = check_template(template).map_err(|reason| {
             invalid(format!(
                 "{key} entry {:?} is not a DNS name template: {reason}",
                 printable(template)
             ))
         })?;
-        let template = lowercase_literals(template);
+        // Names compare case-insensitively, so WEB.x and web.x are one name.
+        let template = template.lowercase_literals().to_string();
         if !templates.contains(&template) {
             templates.push(template);
         }
@@ -82,27 +83,7 @@ fn dns_templates(value: &str) -> Result<Vec<String>, Denial> {
     Ok(templates)
 }
 
-/// Lowercases a template's literal text but not its `$VARIABLES`, which
-/// the CA's template grammar spells in uppercase (names are compared
-/// case-insensitively; the variables are not).
-fn lowercase_literals(template: &str) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut in_variable = false;
-    for c in template.chars() {
-        if c == '$' {
-            in_variable = true;
-            out.push(c);
-        } else if in_variable && (c.is_ascii_uppercase() || c == '_') {
-            out.push(c);
-        } else {
-            in_variable = false;
-            out.push(c.to_ascii_lowercase());
-        }
-    }
-    out
-}
-
-fn check_template(template: &str) -> Result<(), String> {
+fn check_template(template: &str) -> Result<Template, String> {
     if template.contains('*') {
         return Err("wildcards are not issued".to_owned());
     }
@@ -111,20 +92,16 @@ fn check_template(template: &str) -> Result<(), String> {
             "it is an IP address; IP SANs are not issued to pod certificate requests".to_owned(),
         );
     }
-    // Expanding with short stand-ins checks the variables (the CA's own
-    // grammar) and leaves a name whose syntax is the template's.
-    let facts = Facts {
-        namespace: "ns".to_owned(),
-        pod_name: "pod".to_owned(),
-        pod_uid: "uid".to_owned(),
-        service_account: "sa".to_owned(),
-    };
-    let name = expand(template, &facts).map_err(|_| {
-        format!(
-            "it uses an unknown $ variable; known: {}",
-            TEMPLATE_VARIABLES.join(", ")
-        )
-    })?;
+    // The CA's own grammar; expanding with short stand-ins leaves a name
+    // whose syntax is the template's.
+    let parsed = Template::parse(template).map_err(|e| e.to_string())?;
+    let name = parsed.expand(&TemplateVars {
+        pod_name: "pod",
+        pod_namespace: "ns",
+        pod_uid: "uid",
+        service_account_name: "sa",
+        trust_domain: "td",
+    });
     let label_ok = |label: &str| {
         let b = label.as_bytes();
         !b.is_empty()
@@ -139,7 +116,7 @@ fn check_template(template: &str) -> Result<(), String> {
                 .to_owned(),
         );
     }
-    Ok(())
+    Ok(parsed)
 }
 
 /// At most 64 characters of `s`, control characters escaped by `{:?}`.

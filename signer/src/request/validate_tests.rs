@@ -588,7 +588,7 @@ fn dns_name_annotation_is_parsed() {
     let v = validate(
         &with_annotations(&[(
             "credlet.io/dns-names",
-            "$POD_NAME.$POD_NAMESPACE.svc, web.team-a.svc.cluster.local,WEB.team-a.svc.cluster.local",
+            "$POD_NAME.$POD_NAMESPACE.svc, web.team-a.svc.cluster.local,WEB.team-a.svc.cluster.local, ${POD_NAME}.API.${TRUST_DOMAIN}",
         )]),
         &AcceptedKeyTypes::default(),
     )
@@ -597,7 +597,8 @@ fn dns_name_annotation_is_parsed() {
         v.options.dns_names,
         [
             "$POD_NAME.$POD_NAMESPACE.svc",
-            "web.team-a.svc.cluster.local"
+            "web.team-a.svc.cluster.local",
+            "${POD_NAME}.api.${TRUST_DOMAIN}"
         ]
         .map(String::from)
     );
@@ -609,8 +610,12 @@ fn dns_name_annotation_is_parsed() {
         service_account: "web".into(),
     };
     assert_eq!(
-        credlet_ca_service::policy::expand(&v.options.dns_names[0], &facts).unwrap(),
+        credlet_ca::expand_template(&v.options.dns_names[0], &facts.vars("cluster.local")).unwrap(),
         "web-0.team-a.svc"
+    );
+    assert_eq!(
+        credlet_ca::expand_template(&v.options.dns_names[2], &facts.vars("cluster.local")).unwrap(),
+        "web-0.api.cluster.local"
     );
 }
 
@@ -637,7 +642,11 @@ fn bad_annotations_are_denied() {
     for (value, needle) in [
         ("*.team-a.svc", "wildcards are not issued"),
         ("10.0.0.1", "IP address"),
-        ("$HOSTNAME.svc", "unknown $ variable"),
+        (
+            "$HOSTNAME.svc",
+            "unknown variable $HOSTNAME; known: $POD_NAME",
+        ),
+        ("${POD_NAME.svc", "has no closing"),
         ("web..svc", "every label"),
         ("-web.svc", "every label"),
         ("web_0.svc", "every label"),
