@@ -140,11 +140,13 @@ fn shim_sockets(tasks: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for ns in fs::read_dir(tasks).into_iter().flatten().flatten() {
         for task in fs::read_dir(ns.path()).into_iter().flatten().flatten() {
-            let addr = fs::read_to_string(task.path().join("address")).ok().or_else(|| {
-                let json = fs::read(task.path().join("bootstrap.json")).ok()?;
-                let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
-                v["address"].as_str().map(str::to_string)
-            });
+            let addr = fs::read_to_string(task.path().join("address"))
+                .ok()
+                .or_else(|| {
+                    let json = fs::read(task.path().join("bootstrap.json")).ok()?;
+                    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+                    v["address"].as_str().map(str::to_string)
+                });
             let Some(addr) = addr else {
                 continue;
             };

@@ -335,8 +335,9 @@ fn csi_volume_has_the_pods_identity_and_rotates(env: &Env) -> Result<()> {
                 "web-0",
                 "web",
                 json!({
-                    "credlet.io/dns-names": "$POD_NAME.$POD_NAMESPACE.svc,$POD_NAME.example",
+                    "credlet.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc,$POD_NAME.example",
                     "credlet.io/ip-addresses": "127.0.0.9",
+                    "credlet.io/spiffe-id": "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/${SERVICE_ACCOUNT_NAME}/web",
                     "credlet.io/duration": "30s",
                 }),
             ),
@@ -361,7 +362,7 @@ fn csi_volume_has_the_pods_identity_and_rotates(env: &Env) -> Result<()> {
         ensure!(first["key_match"] == true, "key does not match: {first}");
         ensure!(first["chain_ok"] == true, "chain does not verify: {first}");
         ensure!(
-            first["uris"] == json!(["spiffe://cluster.local/ns/csi-identity/sa/web"]),
+            first["uris"] == json!(["spiffe://cluster.local/ns/csi-identity/sa/web/web"]),
             "URI SANs: {first}"
         );
         let mut dns: Vec<String> = serde_json::from_value(first["dns"].clone())?;
