@@ -445,8 +445,12 @@ impl Cluster {
     }
 
     /// The feature gates every component gets: the PodCertificateRequest
-    /// API and ClusterTrustBundles with their projections.
+    /// API and ClusterTrustBundles with their projections, beta and off by
+    /// default before 1.37, where they are GA.
     fn feature_gates(&self) -> String {
+        if self.programs.minor() >= 37 {
+            return String::new();
+        }
         "PodCertificateRequest=true,ClusterTrustBundle=true,ClusterTrustBundleProjection=true"
             .to_string()
     }
@@ -636,12 +640,14 @@ impl Cluster {
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": false,
-            "featureGates": {
+        });
+        if self.programs.minor() < 37 {
+            config["featureGates"] = json!({
                 "PodCertificateRequest": true,
                 "ClusterTrustBundle": true,
                 "ClusterTrustBundleProjection": true,
-            },
-        });
+            });
+        }
         if let Some(policy) = &self.opts.kubelet_image_verification {
             config["imagePullCredentialsVerificationPolicy"] = json!(policy);
         }
