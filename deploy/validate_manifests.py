@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Renders every kustomize overlay under deploy/overlays and validates each
 object against the Kubernetes 1.35 OpenAPI schemas, strictly: an unknown or
-misspelt field, a wrong type or an unknown kind fails. Plain manifests given
-with --manifests are validated the same way.
+misspelt field, a wrong type or an unknown kind fails. Installs rendered
+elsewhere (--rendered: the Helm chart's `helm template`) get the same schema
+and cross-object checks; plain manifests (--manifests) the schema check.
 
 Run it through deploy/validate.sh, which installs the two pinned tools it
 needs into a private virtualenv:
@@ -207,6 +208,38 @@ def consistency(objects: list[dict[str, Any]]) -> list[str]:
     return errors
 
 
+def workload_shape(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What must agree between two renderings of a workload: each
+    container's arguments and environment, and the pod's volumes."""
+    pod = obj["spec"]["template"]["spec"]
+    containers = tuple(
+        (
+            c["name"],
+            tuple(c.get("args") or []),
+            tuple(sorted(yaml.safe_dump(e, sort_keys=True) for e in c.get("env") or [])),
+            tuple(sorted(yaml.safe_dump(m, sort_keys=True) for m in c.get("volumeMounts") or [])),
+        )
+        for c in pod["containers"]
+    )
+    volumes = tuple(sorted(yaml.safe_dump(v, sort_keys=True) for v in pod.get("volumes") or []))
+    return containers, volumes
+
+
+def same_objects(reference: list[dict[str, Any]], docs: list[dict[str, Any]], label: str) -> list[str]:
+    """Differences between an install and the overlay `label` renders."""
+    key = lambda o: (o["kind"], (o.get("metadata") or {}).get("namespace", ""), o["metadata"]["name"])
+    want = {key(o): o for o in reference}
+    have = {key(o): o for o in docs}
+    errors = [f"lacks {k[0]} {k[1]}/{k[2]} of overlay {label}" for k in sorted(set(want) - set(have))]
+    errors += [f"has {k[0]} {k[1]}/{k[2]}, which overlay {label} does not" for k in sorted(set(have) - set(want))]
+    for k in sorted(set(want) & set(have)):
+        if k[0] in ("DaemonSet", "Deployment") and workload_shape(want[k]) != workload_shape(have[k]):
+            errors.append(f"{k[0]} {k[2]}: containers or volumes differ from overlay {label}")
+        if k[0] in ("ClusterRole", "Role") and want[k].get("rules") != have[k].get("rules"):
+            errors.append(f"{k[0]} {k[2]}: rules differ from overlay {label}")
+    return errors
+
+
 def check_documents(label: str, text: str) -> tuple[int, list[str]]:
     objects = [doc for doc in yaml.safe_load_all(text) if doc]
     errors = []
@@ -234,6 +267,19 @@ def main() -> int:
         default=[],
         help="another kustomization to render and validate",
     )
+    parser.add_argument(
+        "--rendered",
+        type=pathlib.Path,
+        action="append",
+        default=[],
+        help="an install rendered elsewhere (helm template): schemas and cross-object checks",
+    )
+    parser.add_argument(
+        "--same-as",
+        metavar="OVERLAY",
+        help="every --rendered install must hold the objects this overlay renders (kind, namespace, name), "
+        "the same container arguments and environment, and the same volumes",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="write each rendered overlay here")
     args = parser.parse_args()
 
@@ -246,6 +292,7 @@ def main() -> int:
     overlays += args.overlay
     failures: list[str] = []
     passed = 0
+    reference: list[dict[str, Any]] | None = None
     for overlay in overlays:
         label = overlay.name if overlay.parent.resolve() == (args.deploy / "overlays").resolve() else str(overlay)
         try:
@@ -256,6 +303,8 @@ def main() -> int:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{overlay.name}.yaml").write_text(rendered)
+        if overlay.name == args.same_as:
+            reference = [doc for doc in yaml.safe_load_all(rendered) if doc]
         count, errors = check_documents(f"overlay {label}", rendered)
         errors += [
             f"overlay {label}: {e}"
@@ -263,6 +312,20 @@ def main() -> int:
         ]
         failures += errors
         print(f"overlay {label}: {count} objects, {'ok' if not errors else 'FAILED'}")
+        passed += 0 if errors else 1
+
+    if args.same_as and reference is None:
+        print(f"--same-as: no overlay {args.same_as!r}", file=sys.stderr)
+        return 1
+    for path in args.rendered:
+        rendered = path.read_text()
+        docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
+        count, errors = check_documents(str(path), rendered)
+        errors += [f"{path}: {e}" for e in consistency(docs)]
+        if reference is not None:
+            errors += [f"{path}: {e}" for e in same_objects(reference, docs, args.same_as)]
+        failures += errors
+        print(f"{path}: {count} objects, {'ok' if not errors else 'FAILED'}")
         passed += 0 if errors else 1
 
     files: list[pathlib.Path] = []
@@ -279,7 +342,7 @@ def main() -> int:
 
     for failure in failures:
         print(f"ERROR {failure}", file=sys.stderr)
-    checked = len(overlays) + len(files)
+    checked = len(overlays) + len(args.rendered) + len(files)
     print(f"manifests: {passed} passed, {checked - passed} failed")
     return 1 if failures else 0
 
