@@ -343,10 +343,11 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
             remote.trust_domain = config.trust_domain.clone();
             remote.timeout = ca.timeout;
             // Roots the CA publishes (a rollover's new root) stay trusted
-            // for the CA connection across restarts.
+            // for the CA connection across restarts, signed with the node's
+            // key so that no root planted there is ever trusted.
             fs::create_dir_all(&config.state_dir)
                 .with_context(|| format!("creating {}", config.state_dir.display()))?;
-            remote.bundle_cache = Some(config.state_dir.join("ca-trust-bundle.pem"));
+            remote.state_dir = Some(config.state_dir.clone());
             let issuer = Arc::new(RemoteIssuer::new(remote).context("the CA client")?);
             tracing::info!(
                 url = %ca.url,
@@ -418,12 +419,19 @@ async fn start_image_guard(
     guard: &ImageGuardConfig,
     health: &mut HealthParts,
 ) -> anyhow::Result<(Arc<CriProxy>, Arc<RecordStore>)> {
-    let (records, dropped) =
-        RecordStore::open(&guard.records_dir).context("opening the image guard's records")?;
-    if dropped > 0 {
+    let (records, opened) = RecordStore::open_report(&guard.records_dir)
+        .context("opening the image guard's records")?;
+    if opened.dropped + opened.missing > 0 {
         tracing::warn!(
-            dropped,
-            "unreadable or tampered image records dropped; those images are verified again"
+            dropped = opened.dropped,
+            missing = opened.missing,
+            "unreadable, tampered or missing image records; those images are kept private and verified again"
+        );
+    }
+    if opened.stale_intents > 0 {
+        tracing::warn!(
+            intents = opened.stale_intents,
+            "pulls of an earlier run have no record; the images they produced are kept private"
         );
     }
     let records = Arc::new(records);
@@ -480,20 +488,27 @@ async fn start_image_guard(
 }
 
 /// Drops records of images the runtime no longer has and grants of pods no
-/// longer on the node.
+/// longer on the node; settles pull intents an earlier run left (the first
+/// run is at start).
 async fn prune_records(proxy: &CriProxy, records: &RecordStore, pods: &KubePodIndex) {
     use credlet_imageguard::pods::PodIndex;
     let listed: Result<ListImagesResponse, _> = proxy
         .upstream()
         .unary(LIST_IMAGES, &ListImagesRequest::default())
         .await;
-    let images = match listed {
-        Ok(list) => list.images.into_iter().map(|i| i.id).collect(),
+    let listed = match listed {
+        Ok(list) => list.images,
         Err(error) => {
             tracing::warn!(%error, "listing images to prune records");
             return;
         }
     };
+    let named: Vec<(String, Vec<_>)> = listed
+        .iter()
+        .map(|i| (i.id.clone(), credlet_imageguard::resolve::names_of(i)))
+        .collect();
+    records.settle_stale_intents(&named);
+    let images = listed.into_iter().map(|i| i.id).collect();
     let live: Option<std::collections::HashSet<String>> = pods.is_synced().then(|| {
         pods.pods_using(&|_: &str| true)
             .iter()
@@ -506,5 +521,12 @@ async fn prune_records(proxy: &CriProxy, records: &RecordStore, pods: &KubePodIn
         }
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "pruning image guard records"),
+    }
+    // Records that could not be written (full or read-only disk) are
+    // retried here too, not only with the next change.
+    if records.pending() > 0
+        && let Err(error) = records.flush()
+    {
+        tracing::error!(%error, pending = records.pending(), "image records still not written");
     }
 }

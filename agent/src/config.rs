@@ -691,8 +691,10 @@ pub struct CaArgs {
     )]
     pub leader_election_retry_period: String,
     /// Address of the `/metrics`, `/healthz` and `/readyz` HTTP server,
-    /// `ip:port`; empty: not served.
-    #[arg(long, env = "CREDLET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    /// `ip:port`; empty: not served. Loopback by default: the server has no
+    /// authentication, so reaching it from the network (for the kubelet's
+    /// probes and a scraper, `0.0.0.0:9090`) is an explicit choice.
+    #[arg(long, env = "CREDLET_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: String,
 }
 
@@ -1041,6 +1043,19 @@ mod remote_ca_tests {
         ca.validate()
     }
 
+    /// The names the CA serves under reach the policy every issuance path
+    /// (the gRPC API and the signer) shares, so no pod gets them.
+    #[test]
+    fn the_cas_server_names_are_reserved_in_its_policy() {
+        let config = ca_args(&["--server-name", "10.96.0.10"]).expect("valid");
+        let names = &config.settings.policy.ca_names;
+        assert_eq!(names.dns_names, ["credlet-ca.credlet.svc"]);
+        assert_eq!(
+            names.ip_addresses,
+            ["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+    }
+
     #[test]
     fn ca_lifetime_bounds() {
         let policy = |extra: &[&str]| ca_args(extra).expect("valid").settings.policy;
@@ -1146,7 +1161,11 @@ mod remote_ca_tests {
     fn signer_flags() {
         let config = ca_args(&[]).expect("valid");
         assert!(config.signer.is_none(), "no --signer-name: signer off");
-        assert_eq!(config.metrics_listen, Some("0.0.0.0:9090".parse().unwrap()));
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9090".parse().unwrap()),
+            "unauthenticated metrics stay on loopback unless asked for"
+        );
         assert_eq!(
             ca_args(&["--metrics-listen", ""])
                 .expect("valid")

@@ -39,7 +39,12 @@ pub struct CertificateInfo {
 /// Reads the first certificate of a PEM chain.
 pub fn inspect_leaf(chain_pem: &str) -> Result<CertificateInfo, CaError> {
     let der = pem::first_certificate(chain_pem, "certificate chain")?;
-    let cert = parse_certificate(&der, "leaf certificate")?;
+    inspect_certificate(&der)
+}
+
+/// Reads one DER certificate (as a TLS peer presents it).
+pub fn inspect_certificate(der: &[u8]) -> Result<CertificateInfo, CaError> {
+    let cert = parse_certificate(der, "leaf certificate")?;
     let cert_err = |reason: String| CaError::Certificate {
         what: "leaf certificate".to_owned(),
         reason,

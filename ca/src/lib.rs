@@ -61,9 +61,11 @@ pub use csr::VerifiedCsr;
 pub use error::{
     CaError, CsrError, IssueError, KeyTypeError, PolicyError, PublicKeyError, TemplateError,
 };
-pub use inspect::{CertificateInfo, inspect_leaf, key_matches_certificate, verify_chain};
+pub use inspect::{
+    CertificateInfo, inspect_certificate, inspect_leaf, key_matches_certificate, verify_chain,
+};
 pub use key::{KeyType, PrivateKey};
-pub use policy::{IssuanceRequest, PodIdentity, Policy};
+pub use policy::{IssuanceRequest, PodIdentity, Policy, ca_spiffe_id};
 pub use public_key::{
     MAX_KEY_MATERIAL_LEN, PublicKeyType, UnverifiedCsr, UnverifiedPublicKey, VerifiedPublicKey,
 };

@@ -58,6 +58,16 @@ pub struct Policy {
     pub allowed_key_types: Vec<KeyType>,
 }
 
+/// `spiffe://<trust-domain>/credlet/ca`: the URI SAN of the CA service's
+/// serving certificate, which agents require of the server they send
+/// tokens to. Reserved: every ID a pod can get lies below
+/// `ns/<namespace>/sa/<service-account>` ([`Policy::check_spiffe_id`]), and
+/// agents' client certificates below `credlet/node/`, so no certificate the
+/// CA issues to anyone else carries it.
+pub fn ca_spiffe_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/credlet/ca")
+}
+
 /// Longest SPIFFE ID accepted, in bytes (the SPIFFE specification's limit).
 const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain accepted, in bytes.

@@ -749,6 +749,94 @@ fn component_certificates_carry_only_credlet_uris() {
     }
 }
 
+/// The CA's serving identity is reserved: no pod identity, however named,
+/// gets it or anything under `credlet/`, whether it asks for it literally,
+/// through a template the CA expands, or through path tricks; the issued
+/// pod certificate never carries it.
+#[test]
+fn no_pod_gets_the_cas_identity() {
+    let authority = dev_ca();
+    let policy = authority.policy().clone();
+    let ca_id = ca_spiffe_id("cluster.local");
+    assert_eq!(ca_id, "spiffe://cluster.local/credlet/ca");
+    fn vars(identity: &PodIdentity) -> TemplateVars<'_> {
+        TemplateVars {
+            pod_name: &identity.name,
+            pod_namespace: &identity.namespace,
+            pod_uid: &identity.uid,
+            service_account_name: &identity.service_account,
+            trust_domain: "cluster.local",
+        }
+    }
+    // Pods whose names resemble the reserved path.
+    let identities = [
+        identity(),
+        PodIdentity {
+            namespace: "credlet".into(),
+            name: "ca".into(),
+            uid: "uid".into(),
+            service_account: "ca".into(),
+        },
+        PodIdentity {
+            namespace: "ns".into(),
+            name: "credlet".into(),
+            uid: "uid".into(),
+            service_account: "credlet".into(),
+        },
+    ];
+    let requested = [
+        "spiffe://cluster.local/credlet/ca",
+        "spiffe://$TRUST_DOMAIN/credlet/ca",
+        "spiffe://${TRUST_DOMAIN}/credlet/${POD_NAME}",
+        "spiffe://$TRUST_DOMAIN/$POD_NAMESPACE/$SERVICE_ACCOUNT_NAME",
+        "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME/../../../../credlet/ca",
+        "spiffe://$TRUST_DOMAIN/ns/$POD_NAMESPACE/sa/$SERVICE_ACCOUNT_NAME/%2e%2e/credlet/ca",
+        "spiffe://$TRUST_DOMAIN//credlet/ca",
+        "spiffe://$TRUST_DOMAIN/./credlet/ca",
+        "spiffe://$TRUST_DOMAIN/credlet/ca/",
+        "spiffe://$TRUST_DOMAIN/credlet/node/$POD_NAME",
+    ];
+    for pod in &identities {
+        for template in requested {
+            let id = Template::parse(template)
+                .map(|t| t.expand(&vars(pod)))
+                .unwrap_or_else(|_| template.to_owned());
+            assert!(
+                policy.check_spiffe_id(&id, pod).is_err(),
+                "{}/{} may ask for {id:?}",
+                pod.namespace,
+                pod.name
+            );
+            let (_, der) = csr(KeyType::EcdsaP256);
+            let mut request = request_for(der);
+            request.identity = pod.clone();
+            request.spiffe_id = Some(id.clone());
+            assert!(
+                authority.issue(&request, SystemTime::now()).is_err(),
+                "{id:?} issued"
+            );
+        }
+        // The default ID is the pod's own.
+        let (_, der) = csr(KeyType::EcdsaP256);
+        let mut request = request_for(der);
+        request.identity = pod.clone();
+        let issued = authority.issue(&request, SystemTime::now()).unwrap();
+        let uris = inspect_leaf(&issued.chain_pem).unwrap().uris;
+        assert_eq!(
+            uris,
+            [format!(
+                "spiffe://cluster.local/ns/{}/sa/{}",
+                pod.namespace, pod.service_account
+            )]
+        );
+        assert!(
+            !uris
+                .iter()
+                .any(|u| u.starts_with("spiffe://cluster.local/credlet/"))
+        );
+    }
+}
+
 /// A key held in this process is certified without a CSR, with the same
 /// leaf as the CSR path and the same policy (names and key types).
 #[test]

@@ -169,6 +169,21 @@ pub enum Error {
         /// The allowed templates or ranges, for the message.
         allowed: String,
     },
+    /// A requested SAN is one of the CA's own server names: a pod holding
+    /// it could pose as the CA to agents that reach the CA by that name.
+    #[error(
+        "{kind} SAN {value:?} (from {template:?}) is one of the CA's own server names (--server-name) and is never issued to pod {pod}: a pod holding it could pose as the CA"
+    )]
+    SanReservedForCa {
+        /// The pod, `namespace/name`.
+        pod: String,
+        /// `DNS` or `IP`.
+        kind: &'static str,
+        /// The requested template or literal.
+        template: String,
+        /// The expanded value.
+        value: String,
+    },
     /// A template uses an unknown variable or expands to an invalid name.
     #[error("invalid template {template:?}: {reason}")]
     InvalidTemplate {
@@ -278,7 +293,8 @@ impl Error {
             | Self::NotAgentServiceAccount { .. }
             | Self::PodUidMismatch { .. }
             | Self::NodeMismatch { .. }
-            | Self::SanNotAllowed { .. } => Code::PermissionDenied,
+            | Self::SanNotAllowed { .. }
+            | Self::SanReservedForCa { .. } => Code::PermissionDenied,
             Self::PodGone { .. } => Code::FailedPrecondition,
             Self::InvalidTemplate { .. }
             | Self::InvalidField { .. }
@@ -312,6 +328,7 @@ impl Error {
             Self::PodUidMismatch { .. } => "PodUidMismatch",
             Self::NodeMismatch { .. } => "NodeMismatch",
             Self::SanNotAllowed { .. } => "SanNotAllowed",
+            Self::SanReservedForCa { .. } => "SanReservedForCa",
             Self::InvalidTemplate { .. } => "InvalidTemplate",
             Self::InvalidField { .. } => "InvalidField",
             Self::Csr(CsrError::UnsupportedKeyType { .. }) => "UnsupportedKeyType",
@@ -332,7 +349,7 @@ impl Error {
 
 /// The one mapping of CA service errors to gRPC statuses: `Unauthenticated`
 /// (bad, expired or wrong-audience token; no client certificate),
-/// `PermissionDenied` (node mismatch, SAN not allowed, token for another
+/// `PermissionDenied` (node mismatch, SAN not allowed or the CA's own, token for another
 /// pod, not the agent service account), `FailedPrecondition` (pod gone),
 /// `InvalidArgument` (malformed CSR, proof of possession, unsupported key
 /// type), `Unavailable` (API server unreachable), `Internal` otherwise.

@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use credlet_ca::{PodIdentity, PolicyError, Template, TemplateVars};
 
 use crate::error::Error;
+use crate::tls::ServerNames;
 use crate::tokens::VerifiedToken;
 
 /// The verified facts templates expand from.
@@ -264,6 +265,12 @@ pub struct ServicePolicy {
     /// the lifetime on each side of the nominal point (default 10: renewal
     /// at 50–70 %); 0 turns spreading off.
     pub renewal_spread_percent: u32,
+    /// The CA's own server names (`--server-name`), never issued to a pod:
+    /// agents dial the CA by one of them, so a pod holding one could pose
+    /// as the CA (agents also require the CA's SPIFFE ID; this keeps the
+    /// names themselves out of pods' reach). [`crate::Settings::new`] fills
+    /// it in.
+    pub ca_names: ServerNames,
 }
 
 impl ServicePolicy {
@@ -287,6 +294,7 @@ impl ServicePolicy {
             },
             default_renew_before_percent: 40,
             renewal_spread_percent: DEFAULT_RENEWAL_SPREAD_PERCENT,
+            ca_names: ServerNames::default(),
         }
     }
 
@@ -355,6 +363,14 @@ impl ServicePolicy {
         let mut names: Vec<String> = Vec::with_capacity(templates.len());
         for template in templates {
             let name = parse_template(template)?.expand(&vars).to_ascii_lowercase();
+            if self.ca_names.dns_names.contains(&name) {
+                return Err(Error::SanReservedForCa {
+                    pod: facts.pod(),
+                    kind: "DNS",
+                    template: template.clone(),
+                    value: name,
+                });
+            }
             if !patterns.iter().any(|p| p.matches(&name, &vars)) {
                 return Err(Error::SanNotAllowed {
                     pod: facts.pod(),
@@ -381,6 +397,20 @@ impl ServicePolicy {
                     field: "ip_addresses",
                     reason: format!("{text:?} is not an IP address"),
                 })?;
+                // `::ffff:a.b.c.d` is the CA's `a.b.c.d` too.
+                if self
+                    .ca_names
+                    .ip_addresses
+                    .iter()
+                    .any(|own| own.to_canonical() == ip.to_canonical())
+                {
+                    return Err(Error::SanReservedForCa {
+                        pod: facts.pod(),
+                        kind: "IP",
+                        template: text.clone(),
+                        value: ip.to_string(),
+                    });
+                }
                 if self.ip_ranges.iter().any(|r| r.contains(ip)) {
                     Ok(ip)
                 } else {
@@ -485,9 +515,9 @@ impl ServicePolicy {
     }
 
     /// `spiffe://<td>/credlet/ca`: the URI SAN of the CA's serving
-    /// certificate.
+    /// certificate, which agents require (see [`credlet_ca::ca_spiffe_id`]).
     pub fn ca_spiffe_id(&self) -> String {
-        format!("spiffe://{}/credlet/ca", self.trust_domain)
+        credlet_ca::ca_spiffe_id(&self.trust_domain)
     }
 
     /// The node named by an agent client certificate's URI SAN, if `uri` is
@@ -769,6 +799,52 @@ mod tests {
             p.ip_addresses(&facts(), &["10.1.2.3".into()]),
             Err(Error::SanNotAllowed { .. })
         ));
+    }
+
+    /// The CA's own names are refused to every pod, before (and whatever)
+    /// the allowed templates and ranges say; other names of the same
+    /// ranges are still issued.
+    #[test]
+    fn the_cas_own_names_are_never_a_pods() {
+        let mut p = ServicePolicy::new("cluster.local");
+        p.add_dns_template("*.credlet.svc").unwrap();
+        p.add_dns_template("$POD_NAME.credlet.svc").unwrap();
+        p.ip_ranges.push(IpRange::parse("10.0.0.0/8").unwrap());
+        p.ip_ranges.push(IpRange::parse("::/0").unwrap());
+        p.ca_names = ServerNames::parse(&["credlet-ca.credlet.svc", "10.96.0.10", "fd00::10"]);
+        let mut f = facts();
+        f.pod_name = "credlet-ca".into();
+        let dns: &[(&str, bool)] = &[
+            ("credlet-ca.credlet.svc", false),
+            ("CREDLET-CA.credlet.svc", false),
+            ("$POD_NAME.credlet.svc", false),
+            ("${POD_NAME}.credlet.svc", false),
+            ("other.credlet.svc", true),
+        ];
+        for (template, issued) in dns {
+            let result = p.dns_names(&f, &[(*template).to_owned()]);
+            assert_eq!(result.is_ok(), *issued, "{template}: {result:?}");
+            if let Err(error) = result {
+                assert_eq!(error.reason(), "SanReservedForCa", "{template}");
+                assert_eq!(error.code(), tonic::Code::PermissionDenied);
+            }
+        }
+        let ips: &[(&str, bool)] = &[
+            ("10.96.0.10", false),
+            ("::ffff:10.96.0.10", false),
+            ("fd00::10", false),
+            ("fd00:0:0::10", false),
+            ("10.96.0.11", true),
+            ("fd00::11", true),
+        ];
+        for (text, issued) in ips {
+            let result = p.ip_addresses(&f, &[(*text).to_owned()]);
+            assert_eq!(result.is_ok(), *issued, "{text}: {result:?}");
+            if let Err(error) = result {
+                assert_eq!(error.reason(), "SanReservedForCa", "{text}");
+                assert!(error.to_string().contains("CA's own"), "{error}");
+            }
+        }
     }
 
     #[test]

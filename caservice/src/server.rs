@@ -42,13 +42,16 @@ pub struct Settings {
 
 impl Settings {
     /// Settings with defaults: 5 s API timeouts, 200 ms reload debounce,
-    /// the pod cache with its defaults.
+    /// the pod cache with its defaults. The server names become the
+    /// policy's [`ServicePolicy::ca_names`], so that no issuance path (the
+    /// gRPC API or the PodCertificateRequest signer) hands them to a pod.
     pub fn new(
         files: KeyFiles,
-        policy: ServicePolicy,
+        mut policy: ServicePolicy,
         audience: impl Into<String>,
         server_names: ServerNames,
     ) -> Self {
+        policy.ca_names = server_names.clone();
         Self {
             files,
             policy,
@@ -106,7 +109,20 @@ impl CaServer {
         tokens: Arc<dyn TokenVerifier>,
     ) -> Result<Self, Error> {
         settings.policy.validate()?;
-        let policy = Arc::new(settings.policy.clone());
+        let mut policy = settings.policy.clone();
+        // Whatever the settings were built with, the names this server
+        // answers to are never a pod's.
+        for name in &settings.server_names.dns_names {
+            if !policy.ca_names.dns_names.contains(name) {
+                policy.ca_names.dns_names.push(name.clone());
+            }
+        }
+        for ip in &settings.server_names.ip_addresses {
+            if !policy.ca_names.ip_addresses.contains(ip) {
+                policy.ca_names.ip_addresses.push(*ip);
+            }
+        }
+        let policy = Arc::new(policy);
         let keys = KeyStore::load(settings.files.clone(), policy.ca_policy())?;
         let watch = keys.watch(settings.reload_debounce)?;
         let tls = ServerTls::new(&keys, Arc::clone(&policy), settings.server_names.clone())?;

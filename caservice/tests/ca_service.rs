@@ -506,7 +506,8 @@ fn expect_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code,
 }
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) -> Result<()> {
-    for _ in 0..100 {
+    // 15 s: longer than the 5 s the relist test holds the re-watch back.
+    for _ in 0..300 {
         if check() {
             return Ok(());
         }

@@ -123,6 +123,15 @@ pub enum Error {
         /// The offending component.
         component: String,
     },
+    /// A mount that is not credlet's covers the target: credlet neither
+    /// writes into it nor unmounts it.
+    #[error("target path {path:?} is covered by {mount}, which is not credlet's; leaving it")]
+    ForeignMount {
+        /// The target path.
+        path: PathBuf,
+        /// What the mount is.
+        mount: String,
+    },
     /// The target's parent directory does not exist.
     #[error("parent directory of target path {path:?} does not exist")]
     TargetParentMissing {
@@ -188,7 +197,9 @@ impl Error {
         match self {
             Self::Input(_) | Self::UnsafeTarget { .. } => tonic::Code::InvalidArgument,
             Self::AlreadyPublished { .. } => tonic::Code::AlreadyExists,
-            Self::TargetParentMissing { .. } => tonic::Code::FailedPrecondition,
+            Self::TargetParentMissing { .. } | Self::ForeignMount { .. } => {
+                tonic::Code::FailedPrecondition
+            }
             Self::Issue { source, .. } => source.code(),
             Self::NotReady { .. } => tonic::Code::Unavailable,
             Self::Io { .. } | Self::Crypto { .. } | Self::State { .. } => tonic::Code::Internal,

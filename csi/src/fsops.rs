@@ -19,8 +19,9 @@ use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 use crate::error::Error;
 use crate::paths::{TargetPath, os_bytes};
 
-/// `statfs` magic of tmpfs.
-const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// Source name of credlet's tmpfs mounts. It is what makes a mount
+/// provably credlet's: the agent unmounts, and writes into, no other mount.
+pub const TMPFS_SOURCE: &str = "credlet";
 /// Name of the symlink that points at the current payload directory.
 pub const DATA_DIR: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
@@ -72,7 +73,7 @@ impl NodeSyscalls for LinuxSyscalls {
         // Mounting through the descriptor's magic link mounts on exactly the
         // directory we opened with O_NOFOLLOW, whatever the path says now.
         mount(
-            "credlet",
+            TMPFS_SOURCE,
             proc_fd_path(dir).as_str(),
             "tmpfs",
             MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC,
@@ -243,40 +244,133 @@ impl TargetDir {
         }
     }
 
-    /// Whether `dir` (this target, opened) is a tmpfs mounted on it.
-    pub fn is_tmpfs_mount(&self, dir: &OwnedFd) -> Result<bool, Error> {
+    /// What is mounted on `dir` (this target, opened): nothing, credlet's
+    /// tmpfs, or anything else. A mount that can not be identified (no
+    /// `/proc`, a kernel without `STATX_MNT_ID`) counts as not credlet's.
+    pub fn mount_state(&self, dir: &OwnedFd) -> Result<MountState, Error> {
+        use rustix::fs::{StatxAttributes, StatxFlags};
         let err = |e: rustix::io::Errno| Error::io("stat target", &self.path, e.into());
         let own = rustix::fs::fstat(dir).map_err(err)?;
         let parent = rustix::fs::fstat(&self.parent).map_err(err)?;
-        if own.st_dev == parent.st_dev {
-            return Ok(false);
+        let statx = rustix::fs::statx(dir, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID);
+        // A bind mount from the same filesystem keeps the device number;
+        // the mount-root attribute still tells.
+        let mount_root = statx.as_ref().is_ok_and(|x| {
+            x.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+                && x.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+        });
+        if own.st_dev == parent.st_dev && !mount_root {
+            return Ok(MountState::NotMounted);
         }
-        let fs = rustix::fs::fstatfs(dir).map_err(err)?;
-        #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
-        let magic = fs.f_type as u64;
-        Ok(magic == TMPFS_MAGIC)
+        let unidentified = |why: String| MountState::Foreign {
+            description: format!("an unidentified mount ({why})"),
+        };
+        // statx has the mount id since Linux 5.8; fdinfo since 3.15.
+        let mount_id = match statx {
+            Ok(x) if x.stx_mask & StatxFlags::MNT_ID.bits() != 0 => Some(x.stx_mnt_id),
+            _ => None,
+        }
+        .or_else(|| fdinfo_mount_id(dir));
+        let Some(mount_id) = mount_id else {
+            return Ok(unidentified("no mount id from statx or fdinfo".into()));
+        };
+        match std::fs::read_to_string("/proc/self/mountinfo") {
+            Ok(text) => Ok(classify_mount(find_mount(&text, mount_id).as_ref())),
+            Err(e) => Ok(unidentified(format!("/proc/self/mountinfo: {e}"))),
+        }
     }
 
-    /// Whether anything is mounted on the target (device differs from the
-    /// parent's).
-    pub fn is_mount_point(&self, dir: &OwnedFd) -> Result<bool, Error> {
-        let err = |e: rustix::io::Errno| Error::io("stat target", &self.path, e.into());
-        let own = rustix::fs::fstat(dir).map_err(err)?;
-        let parent = rustix::fs::fstat(&self.parent).map_err(err)?;
-        Ok(own.st_dev != parent.st_dev)
-    }
-
-    /// Removes the (unmounted) target directory and anything left in it.
-    pub fn remove(&self) -> Result<(), Error> {
-        if let Some(dir) = self.open()? {
-            clear_directory(&dir)
-                .map_err(|e| Error::io("empty target directory", &self.path, e))?;
-        }
+    /// Removes the target directory if it is empty: `Ok(true)` when it is
+    /// gone (or was never there), `Ok(false)` when something is still in it
+    /// or mounted on it, which is left as it is.
+    pub fn remove_if_empty(&self) -> Result<bool, Error> {
         match rustix::fs::unlinkat(&self.parent, os_bytes(&self.name), AtFlags::REMOVEDIR) {
-            Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(true),
+            Err(e)
+                if e == rustix::io::Errno::NOTEMPTY
+                    || e == rustix::io::Errno::EXIST
+                    || e == rustix::io::Errno::BUSY =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(Error::io("remove target directory", &self.path, e.into())),
         }
+    }
+}
+
+/// The mount id of an open file from `/proc/self/fdinfo`.
+fn fdinfo_mount_id(fd: &OwnedFd) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("mnt_id:"))
+        .and_then(|id| id.trim().parse().ok())
+}
+
+/// What covers a target directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountState {
+    /// Nothing is mounted on it.
+    NotMounted,
+    /// A tmpfs credlet mounted (source [`TMPFS_SOURCE`]).
+    Credlet,
+    /// Another mount: another driver's volume, an `emptyDir`, a bind mount,
+    /// or one that could not be identified. Never unmounted or written.
+    Foreign {
+        /// What it is, for messages.
+        description: String,
+    },
+}
+
+/// One line of `/proc/self/mountinfo`, as far as ownership goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountFacts {
+    /// The mount id (first field).
+    pub id: u64,
+    /// The path inside its filesystem that is mounted (`/` for a whole
+    /// filesystem; a bind mount of a subdirectory shows that directory).
+    pub root: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+}
+
+/// The mount with id `mount_id` in the text of a `mountinfo` file.
+pub fn find_mount(mountinfo: &str, mount_id: u64) -> Option<MountFacts> {
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let mut fields = before.split(' ');
+        let id: u64 = fields.next()?.parse().ok()?;
+        if id != mount_id {
+            return None;
+        }
+        let root = fields.nth(2)?.to_owned();
+        let mut after = after.split(' ');
+        Some(MountFacts {
+            id,
+            root,
+            fstype: after.next()?.to_owned(),
+            source: after.next()?.to_owned(),
+        })
+    })
+}
+
+/// Whether a mount is credlet's: a whole tmpfs whose source is
+/// [`TMPFS_SOURCE`]. A bind mount of part of one is not: it may show
+/// another volume's files.
+pub fn classify_mount(facts: Option<&MountFacts>) -> MountState {
+    match facts {
+        Some(m) if m.fstype == "tmpfs" && m.source == TMPFS_SOURCE && m.root == "/" => {
+            MountState::Credlet
+        }
+        Some(m) => MountState::Foreign {
+            description: format!("a {} mount of {:?}", m.fstype, m.source),
+        },
+        None => MountState::Foreign {
+            description: "a mount missing from /proc/self/mountinfo".into(),
+        },
     }
 }
 
@@ -314,6 +408,58 @@ fn walk(root: &OwnedFd, dirs: &Path, target: &TargetPath) -> Result<Option<Owned
         .map(Some)
         .map_err(|e| Error::io("open", target.as_path(), e.into())),
     }
+}
+
+/// Removes what the atomic writer puts into a directory and nothing else:
+/// the visible `names` where they are links through `..data`, `..data`,
+/// `..data_tmp`, and `..<timestamp>` payload directories. Anything else in
+/// the directory was not written by credlet and stays.
+pub fn remove_payload(dir: &OwnedFd, names: &[&str]) -> io::Result<()> {
+    for name in names {
+        let link = format!("{DATA_DIR}/{name}");
+        if let Ok(current) = rustix::fs::readlinkat(dir, *name, Vec::new())
+            && current.as_bytes() == link.as_bytes()
+        {
+            unlink_if_present(dir, name)?;
+        }
+    }
+    for link in [DATA_DIR, DATA_TMP] {
+        if rustix::fs::readlinkat(dir, link, Vec::new()).is_ok() {
+            unlink_if_present(dir, link)?;
+        }
+    }
+    for name in list(dir)? {
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        if is_payload_dir_name(&name) {
+            remove_payload_dir(dir, &name)?;
+        }
+    }
+    Ok(())
+}
+
+fn unlink_if_present(dir: &OwnedFd, name: &str) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NOENT => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `name` has the shape of [`payload_dir_name`]'s names.
+fn is_payload_dir_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("..") else {
+        return false;
+    };
+    let bytes = rest.as_bytes();
+    // `YYYY_MM_DD_HH_MM_SS.` then digits.
+    bytes.len() > 20
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 | 10 | 13 | 16 => *b == b'_',
+            19 => *b == b'.',
+            _ => b.is_ascii_digit(),
+        })
 }
 
 /// Removes everything inside `dir` without following symlinks.
@@ -842,11 +988,107 @@ mod tests {
             .expect("parent");
         target.create().expect("mkdir");
         let fd = target.open().expect("open").expect("exists");
-        assert!(!target.is_tmpfs_mount(&fd).expect("stat"));
+        assert_eq!(
+            target.mount_state(&fd).expect("stat"),
+            MountState::NotMounted
+        );
         let meta = std::fs::metadata(root.path().join("pods/uid/volumes/real")).expect("meta");
         assert!(meta.is_dir());
         assert_eq!(meta.uid(), rustix::process::geteuid().as_raw());
-        target.remove().expect("remove");
+        std::fs::write(root.path().join("pods/uid/volumes/real/other"), b"x").expect("file");
+        assert!(!target.remove_if_empty().expect("not empty"));
+        assert!(root.path().join("pods/uid/volumes/real/other").exists());
+        std::fs::remove_file(root.path().join("pods/uid/volumes/real/other")).expect("rm");
+        assert!(target.remove_if_empty().expect("remove"));
         assert!(!root.path().join("pods/uid/volumes/real").exists());
+        assert!(target.remove_if_empty().expect("already gone"));
+    }
+
+    /// Both sources of a mount id agree (the fallback for kernels before
+    /// 5.8 gives the same answer).
+    #[test]
+    fn fdinfo_and_statx_give_the_same_mount_id() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = open_dir(tmp.path());
+        let statx = rustix::fs::statx(
+            &dir,
+            "",
+            AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .expect("statx");
+        if statx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0 {
+            assert_eq!(fdinfo_mount_id(&dir), Some(statx.stx_mnt_id));
+        }
+        assert!(fdinfo_mount_id(&dir).is_some());
+    }
+
+    /// Only a whole tmpfs named credlet's is credlet's.
+    #[test]
+    fn mounts_are_credlets_only_by_source_type_and_root() {
+        let mountinfo = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+97 22 0:50 / /var/lib/kubelet/pods/a/volumes/kubernetes.io~csi/c/mount rw,nosuid,nodev,noexec - tmpfs credlet rw,size=1024k
+98 22 0:51 / /var/lib/kubelet/pods/b/volumes/kubernetes.io~empty-dir/m rw - tmpfs tmpfs rw
+99 22 0:50 /..2024_01_01_00_00_00.0000000001 /var/lib/kubelet/pods/c/x rw master:4 - tmpfs credlet rw
+100 22 0:52 / /var/lib/kubelet/pods/d/volumes/kubernetes.io~csi/s/mount rw - tmpfs credlet-other rw
+101 22 8:1 /srv /var/lib/kubelet/pods/e/x rw - ext4 /dev/vda rw
+102 22 0:53 / /var/lib/kubelet/pods/f/x rw - fuse.credlet credlet rw
+";
+        let cases: &[(u64, Option<MountState>)] = &[
+            (97, Some(MountState::Credlet)),
+            (98, None),
+            (99, None),
+            (100, None),
+            (101, None),
+            (102, None),
+            (7, None),
+        ];
+        for (id, expected) in cases {
+            let facts = find_mount(mountinfo, *id);
+            if *id != 7 {
+                assert_eq!(facts.as_ref().map(|f| f.id), Some(*id));
+            }
+            let state = classify_mount(facts.as_ref());
+            match expected {
+                Some(expected) => assert_eq!(&state, expected, "mount {id}"),
+                None => assert!(
+                    matches!(state, MountState::Foreign { .. }),
+                    "mount {id}: {state:?}"
+                ),
+            }
+        }
+        assert_eq!(
+            find_mount(mountinfo, 98).map(|f| f.source).as_deref(),
+            Some("tmpfs")
+        );
+    }
+
+    /// Taking a plain-directory volume down removes the writer's files and
+    /// nothing else.
+    #[test]
+    fn payload_removal_leaves_other_files() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = open_dir(tmp.path());
+        write_atomically(
+            &PlainDirectories,
+            &dir,
+            &payload(b"key", b"crt"),
+            None,
+            VisibleLinks::Verify,
+        )
+        .expect("write");
+        std::fs::write(tmp.path().join("theirs.txt"), b"not ours").expect("file");
+        std::fs::create_dir(tmp.path().join("..not-a-payload")).expect("dir");
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("ca.crt")).expect("link");
+        remove_payload(&dir, &["tls.key", "tls.crt", "ca.crt"]).expect("remove");
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["..not-a-payload", "ca.crt", "theirs.txt"]);
+        assert!(is_payload_dir_name(&payload_dir_name(SystemTime::now())));
+        assert!(!is_payload_dir_name("..data"));
     }
 }

@@ -5,13 +5,15 @@
 //! target ([`fsops`]), generates a key on the node, has an [`issuer::Issuer`]
 //! sign a CSR, and writes key, chain and trust bundle atomically. One
 //! [`rotation`] timer queue renews every volume; [`state`] records let a
-//! restarted agent [`recover`](volumes::VolumeManager::recover) its volumes.
+//! restarted agent [`recover`](volumes::VolumeManager::recover) its volumes,
+//! and only records this node's agent wrote ([`node_key`]).
 
 pub mod attributes;
 pub mod error;
 pub mod fsops;
 pub mod issuer;
 pub mod metrics;
+pub mod node_key;
 pub mod paths;
 pub mod registration;
 pub mod remote;

@@ -12,6 +12,14 @@
 //!   Until there is one, the issuer is not ready.
 //! - [`RemoteIssuer::run_trust_bundle_watch`] follows `WatchTrustBundle` and
 //!   writes every change into the published volumes without re-issuing.
+//! - The CA is whoever presents a certificate that chains to the trust roots,
+//!   matches the host name AND carries the CA's reserved SPIFFE ID
+//!   `spiffe://<trust-domain>/credlet/ca` ([`check_ca_identity`]). The roots
+//!   also sign every pod's certificate, and a pod may hold a DNS or IP SAN
+//!   by which the CA is reached: chain and host name alone would let that
+//!   pod pose as the CA and receive the agent's token. Roots learned from
+//!   the CA are kept for the next start only with an HMAC under the node's
+//!   key ([`NodeKey`]); a saved bundle without a valid one is ignored.
 
 use std::fmt;
 use std::future::Future;
@@ -39,8 +47,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::attributes::RenewBefore;
+use crate::error::Error as CsiError;
 use crate::issuer::{BoxFuture, IssueRequest, Issued, Issuer, IssuerError};
 use crate::metrics::{CaClientMetrics, CaRpc, code_label};
+use crate::node_key::{NodeKey, Purpose};
 use crate::schedule::{backoff, renewal_time, until};
 use crate::volumes::VolumeManager;
 
@@ -72,10 +82,11 @@ pub struct RemoteConfig {
     pub retry_base: Duration,
     /// Longest retry delay.
     pub retry_cap: Duration,
-    /// Where the last trust bundle from the CA is kept (public roots only),
+    /// The agent's state directory: the last trust bundle from the CA is
+    /// kept there (public roots only, with an HMAC under the node's key),
     /// so that after a CA rollover a restarted agent still trusts the CA's
     /// new serving certificate. `None`: not kept.
-    pub bundle_cache: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RemoteConfig {
@@ -90,7 +101,7 @@ impl RemoteConfig {
             timeout: DEFAULT_TIMEOUT,
             retry_base: Duration::from_secs(1),
             retry_cap: Duration::from_secs(60),
-            bundle_cache: None,
+            state_dir: None,
         }
     }
 }
@@ -119,6 +130,112 @@ pub enum RemoteError {
         #[source]
         source: rustls::Error,
     },
+    /// The node key in the state directory is not usable.
+    #[error("the agent's state directory: {source}")]
+    State {
+        /// What went wrong.
+        #[source]
+        source: CsiError,
+    },
+}
+
+/// File name of the saved trust bundle in the state directory.
+pub const SAVED_BUNDLE_FILE: &str = "ca-trust-bundle.pem";
+
+/// Why a server's certificate is not the CA's, although it chains to the
+/// trust roots and matches the host name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaIdentityError {
+    /// It names the CA of another trust domain: a configuration mismatch.
+    #[error(
+        "the server's certificate is the CA's of trust domain {found:?} ({uri}), but this agent has --trust-domain {expected:?}; give the agent the CA's trust domain"
+    )]
+    OtherTrustDomain {
+        /// The trust domain in the certificate.
+        found: String,
+        /// The URI SAN.
+        uri: String,
+        /// The agent's trust domain.
+        expected: String,
+    },
+    /// It lacks the CA's identity: a pod's or a node's certificate, or
+    /// another server's.
+    #[error(
+        "the server's certificate is not the CA's: it lacks the URI SAN {expected} (its URI SANs: {uris:?}); a certificate the CA issued to a pod or a node does not make its holder the CA"
+    )]
+    NotTheCa {
+        /// The required URI SAN.
+        expected: String,
+        /// The URI SANs it has.
+        uris: Vec<String>,
+    },
+    /// The certificate does not parse.
+    #[error("the server's certificate does not parse: {reason}")]
+    Unreadable {
+        /// The parser's reason.
+        reason: String,
+    },
+}
+
+/// Whether a server certificate's URI SANs make it the CA of
+/// `trust_domain`: one of them must be [`credlet_ca::ca_spiffe_id`], which
+/// the CA's issuance policy never gives to a pod or an agent.
+pub fn check_ca_identity(uris: &[String], trust_domain: &str) -> Result<(), CaIdentityError> {
+    let expected = credlet_ca::ca_spiffe_id(trust_domain);
+    if uris.contains(&expected) {
+        return Ok(());
+    }
+    let other_domain = uris.iter().find_map(|uri| {
+        let (domain, path) = uri.strip_prefix("spiffe://")?.split_once('/')?;
+        (path == "credlet/ca").then(|| (domain.to_owned(), uri.clone()))
+    });
+    match other_domain {
+        Some((found, uri)) => Err(CaIdentityError::OtherTrustDomain {
+            found,
+            uri,
+            expected: trust_domain.to_owned(),
+        }),
+        None => Err(CaIdentityError::NotTheCa {
+            expected,
+            uris: uris.to_vec(),
+        }),
+    }
+}
+
+/// Why a saved trust bundle is not used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SavedBundleError {
+    /// No HMAC header: not written by this agent (or by one before saved
+    /// bundles were signed).
+    #[error("it has no HMAC header")]
+    Unsigned,
+    /// The HMAC does not match: changed since, or another node's.
+    #[error("its HMAC does not verify under this node's key")]
+    BadMac,
+}
+
+const SAVED_BUNDLE_HEADER: &str = "# credlet HMAC-SHA256 ";
+
+/// The saved form of a trust bundle: an HMAC header line, then the PEM.
+pub fn seal_bundle(key: &NodeKey, bundle_pem: &str) -> String {
+    format!(
+        "{SAVED_BUNDLE_HEADER}{}\n{bundle_pem}",
+        key.sign(Purpose::CaTrustBundle, bundle_pem.as_bytes())
+    )
+}
+
+/// The PEM of a saved trust bundle, if its HMAC verifies under `key`.
+pub fn open_bundle<'a>(key: &NodeKey, saved: &'a str) -> Result<&'a str, SavedBundleError> {
+    let (header, pem) = saved
+        .strip_prefix(SAVED_BUNDLE_HEADER)
+        .and_then(|rest| rest.split_once('\n'))
+        .ok_or(SavedBundleError::Unsigned)?;
+    if key.verify(Purpose::CaTrustBundle, pem.as_bytes(), header.trim()) {
+        Ok(pem)
+    } else {
+        Err(SavedBundleError::BadMac)
+    }
 }
 
 /// Facts about the agent's current client certificate.
@@ -249,6 +366,8 @@ fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 /// Issues pod certificates through credlet's CA service.
 pub struct RemoteIssuer {
     config: RemoteConfig,
+    /// Where the bundle is saved, and the key it is saved under.
+    saved_bundle: Option<(PathBuf, NodeKey)>,
     /// Roots for the CA's serving certificate: `--ca-trust` plus the
     /// bundle the CA last sent.
     server_roots: Arc<ServerRoots>,
@@ -325,12 +444,23 @@ impl RemoteIssuer {
             return Err(url_error("must not have a path"));
         }
 
-        let learned = config
-            .bundle_cache
+        let saved_bundle = match &config.state_dir {
+            Some(dir) => Some((
+                dir.join(SAVED_BUNDLE_FILE),
+                NodeKey::load_or_create(dir).map_err(|source| RemoteError::State { source })?,
+            )),
+            None => None,
+        };
+        let learned = saved_bundle
             .as_ref()
-            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|(path, key)| load_saved_bundle(path, key))
             .unwrap_or_default();
-        let server_roots = Arc::new(ServerRoots::new(&config.trust_pem, &learned)?);
+        let server_roots = Arc::new(ServerRoots::new(
+            &config.trust_pem,
+            &learned,
+            &config.trust_domain,
+            &config.url,
+        )?);
         let identity = Arc::new(AgentCertificate::default());
         let tls_config = |resolver: Option<Arc<AgentCertificate>>| {
             let builder = ClientConfig::builder_with_provider(Arc::new(
@@ -371,6 +501,7 @@ impl RemoteIssuer {
         let config_timeout = config.timeout;
         Ok(Self {
             config,
+            saved_bundle,
             server_roots,
             endpoint,
             mtls,
@@ -656,18 +787,50 @@ impl RemoteIssuer {
             tracing::warn!(%error, "trust bundle from the CA not usable for the CA connection");
             return;
         }
-        if let Some(path) = &self.config.bundle_cache
-            && let Err(error) = write_file_atomically(path, bundle_pem.as_bytes())
+        if let Some((path, key)) = &self.saved_bundle
+            && let Err(error) = write_file_atomically(path, seal_bundle(key, bundle_pem).as_bytes())
         {
             tracing::warn!(path = %path.display(), %error, "keeping the CA's trust bundle");
         }
     }
 }
 
+/// The roots of the saved bundle, or none when it is missing or not
+/// authentic (the configured roots still hold; the CA's next bundle is
+/// saved anew).
+fn load_saved_bundle(path: &std::path::Path, key: &NodeKey) -> String {
+    let saved = match std::fs::read_to_string(path) {
+        Ok(saved) => saved,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return String::new(),
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "saved trust bundle unreadable; ignored");
+            return String::new();
+        }
+    };
+    match open_bundle(key, &saved) {
+        Ok(pem) => pem.to_owned(),
+        Err(error) => {
+            tracing::warn!(
+                path = %path.display(),
+                %error,
+                "saved trust bundle is not authentic (not written by this node's agent, or changed since); ignored: only --ca-trust is trusted until the CA sends its bundle"
+            );
+            String::new()
+        }
+    }
+}
+
 fn write_file_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&tmp)?;
     file.write_all(contents)?;
     file.sync_all()?;
     drop(file);
@@ -675,15 +838,24 @@ fn write_file_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Re
 }
 
 /// Verifies the CA's serving certificate against the configured roots plus
-/// the roots the CA itself published (swapped atomically on change).
+/// the roots the CA itself published (swapped atomically on change), and
+/// requires the CA's identity of the agent's trust domain.
 #[derive(Debug)]
 struct ServerRoots {
     configured: Vec<CertificateDer<'static>>,
     verifier: RwLock<Arc<rustls::client::WebPkiServerVerifier>>,
+    trust_domain: String,
+    /// For log lines.
+    url: String,
 }
 
 impl ServerRoots {
-    fn new(configured_pem: &str, learned_pem: &str) -> Result<Self, RemoteError> {
+    fn new(
+        configured_pem: &str,
+        learned_pem: &str,
+        trust_domain: &str,
+        url: &str,
+    ) -> Result<Self, RemoteError> {
         let configured = parse_roots(configured_pem)?;
         if configured.is_empty() {
             return Err(RemoteError::Trust {
@@ -696,7 +868,19 @@ impl ServerRoots {
         Ok(Self {
             configured,
             verifier: RwLock::new(verifier),
+            trust_domain: trust_domain.to_owned(),
+            url: url.to_owned(),
         })
+    }
+
+    /// The identity check after chain and host name verified.
+    fn check_identity(&self, end_entity: &CertificateDer<'_>) -> Result<(), CaIdentityError> {
+        let info = credlet_ca::inspect_certificate(end_entity.as_ref()).map_err(|e| {
+            CaIdentityError::Unreadable {
+                reason: e.to_string(),
+            }
+        })?;
+        check_ca_identity(&info.uris, &self.trust_domain)
     }
 
     fn build(
@@ -760,13 +944,26 @@ impl rustls::client::danger::ServerCertVerifier for ServerRoots {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.current().verify_server_cert(
+        let verified = self.current().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
             ocsp_response,
             now,
-        )
+        )?;
+        // Only after the chain verified: the identity of a certificate
+        // nobody vouched for means nothing.
+        if let Err(error) = self.check_identity(end_entity) {
+            tracing::error!(
+                url = %self.url,
+                %error,
+                "refusing the TLS connection to the CA URL; no token is sent to it"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(error))),
+            ));
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -1008,6 +1205,107 @@ mod tests {
             status_error(&Status::new(Code::Internal, "bug")),
             IssuerError::Internal { .. }
         ));
+    }
+
+    #[test]
+    fn only_the_cas_reserved_identity_is_the_ca() {
+        let uris = |list: &[&str]| list.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let ok = |r: &Result<(), CaIdentityError>| r.is_ok();
+        let other_domain = |r: &Result<(), CaIdentityError>| {
+            matches!(r, Err(CaIdentityError::OtherTrustDomain { .. }))
+        };
+        let not_ca =
+            |r: &Result<(), CaIdentityError>| matches!(r, Err(CaIdentityError::NotTheCa { .. }));
+        type Check = fn(&Result<(), CaIdentityError>) -> bool;
+        let cases: &[(&[&str], &str, Check)] = &[
+            (&["spiffe://cluster.local/credlet/ca"], "cluster.local", ok),
+            (
+                &[
+                    "spiffe://cluster.local/ns/a/sa/b",
+                    "spiffe://cluster.local/credlet/ca",
+                ],
+                "cluster.local",
+                ok,
+            ),
+            // A pod's certificate, whatever else it has.
+            (
+                &["spiffe://cluster.local/ns/credlet/sa/ca"],
+                "cluster.local",
+                not_ca,
+            ),
+            (
+                &["spiffe://cluster.local/ns/a/sa/b/credlet/ca"],
+                "cluster.local",
+                not_ca,
+            ),
+            // An agent's certificate.
+            (
+                &["spiffe://cluster.local/credlet/node/n"],
+                "cluster.local",
+                not_ca,
+            ),
+            (&[], "cluster.local", not_ca),
+            (
+                &["spiffe://cluster.local/credlet/ca/"],
+                "cluster.local",
+                not_ca,
+            ),
+            (
+                &["spiffe://cluster.local/credlet/CA"],
+                "cluster.local",
+                not_ca,
+            ),
+            (
+                &["https://cluster.local/credlet/ca"],
+                "cluster.local",
+                not_ca,
+            ),
+            // The CA of another trust domain.
+            (
+                &["spiffe://cluster.local/credlet/ca"],
+                "example.org",
+                other_domain,
+            ),
+            (
+                &["spiffe://example.org/credlet/ca"],
+                "cluster.local",
+                other_domain,
+            ),
+        ];
+        for (list, domain, check) in cases {
+            let result = check_ca_identity(&uris(list), domain);
+            assert!(check(&result), "{list:?} in {domain}: {result:?}");
+        }
+        let message =
+            check_ca_identity(&uris(&["spiffe://cluster.local/credlet/ca"]), "example.org")
+                .unwrap_err()
+                .to_string();
+        for part in ["\"cluster.local\"", "--trust-domain \"example.org\""] {
+            assert!(message.contains(part), "{message}");
+        }
+    }
+
+    #[test]
+    fn saved_bundles_are_used_only_as_written() {
+        let key = NodeKey::from_secret(&[3; 32]);
+        let pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let sealed = seal_bundle(&key, pem);
+        let planted =
+            format!("{sealed}-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n");
+        let cases: &[(&NodeKey, &str, Result<&str, SavedBundleError>)] = &[
+            (&key, &sealed, Ok(pem)),
+            (&key, &planted, Err(SavedBundleError::BadMac)),
+            (&key, pem, Err(SavedBundleError::Unsigned)),
+            (&key, "", Err(SavedBundleError::Unsigned)),
+            (
+                &NodeKey::from_secret(&[4; 32]),
+                &sealed,
+                Err(SavedBundleError::BadMac),
+            ),
+        ];
+        for (i, (key, saved, expected)) in cases.iter().enumerate() {
+            assert_eq!(open_bundle(key, saved), *expected, "case {i}");
+        }
     }
 
     #[test]

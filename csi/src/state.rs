@@ -7,6 +7,13 @@
 //! volume's next renewal (the kubelet re-sends them on republish).
 //! Files are not fsynced: a power loss also empties every tmpfs volume, and
 //! the kubelet then publishes them again.
+//!
+//! A record says where the agent mounts and writes, so each file carries an
+//! HMAC under the node's key ([`NodeKey`]): a record this node's agent did
+//! not write (crafted, edited, copied from another node, or from a credlet
+//! before records were signed) is refused at start and moved aside, and
+//! nothing is mounted for it. Its volume, if real, is taken over again by
+//! the kubelet's next republish.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -18,10 +25,18 @@ use credlet_ca::PodIdentity;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::node_key::{NodeKey, Purpose};
 use crate::paths::VolumeId;
 
-/// Current record format.
-pub const RECORD_VERSION: u32 = 1;
+/// Current record format (2: signed).
+pub const RECORD_VERSION: u32 = 2;
+
+/// A record file: the record and the HMAC of its JSON encoding.
+#[derive(Serialize, Deserialize)]
+struct SignedRecord {
+    record: VolumeRecord,
+    mac: String,
+}
 
 /// What is remembered about one published volume.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,11 +83,19 @@ pub struct BadRecord {
 #[derive(Debug)]
 pub struct StateStore {
     dir: PathBuf,
+    key: NodeKey,
 }
 
 impl StateStore {
-    /// Opens (creating, mode 0700) `<state_dir>/volumes`.
+    /// Opens (creating, mode 0700) `<state_dir>/volumes`, with the node key
+    /// of `state_dir` (made on first use).
     pub fn open(state_dir: &Path) -> Result<Self, Error> {
+        let key = NodeKey::load_or_create(state_dir)?;
+        Self::open_with_key(state_dir, key)
+    }
+
+    /// Opens `<state_dir>/volumes` with a given node key.
+    pub fn open_with_key(state_dir: &Path, key: NodeKey) -> Result<Self, Error> {
         let dir = state_dir.join("volumes");
         fs::create_dir_all(&dir).map_err(|e| Error::io("create state directory", &dir, e))?;
         let mut perms = fs::metadata(&dir)
@@ -81,7 +104,7 @@ impl StateStore {
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o700);
         fs::set_permissions(&dir, perms)
             .map_err(|e| Error::io("chmod state directory", &dir, e))?;
-        Ok(Self { dir })
+        Ok(Self { dir, key })
     }
 
     fn path(&self, id: &VolumeId) -> PathBuf {
@@ -92,10 +115,16 @@ impl StateStore {
     pub fn save(&self, id: &VolumeId, record: &VolumeRecord) -> Result<(), Error> {
         let path = self.path(id);
         let tmp = self.dir.join(format!("{id}.json.tmp"));
-        let body = serde_json::to_vec(record).map_err(|e| Error::State {
+        let encode = |e: serde_json::Error| Error::State {
             path: path.clone(),
             reason: e.to_string(),
-        })?;
+        };
+        let content = serde_json::to_vec(record).map_err(encode)?;
+        let body = serde_json::to_vec(&SignedRecord {
+            record: record.clone(),
+            mac: self.key.sign(Purpose::VolumeRecord, &content),
+        })
+        .map_err(encode)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -121,8 +150,9 @@ impl StateStore {
     }
 
     /// Loads every record. Temporary files of interrupted writes are
-    /// removed; unreadable records are returned separately and moved aside
-    /// (`.corrupt`) so they are reported once, not on every start.
+    /// removed; unreadable and unauthentic records are returned separately
+    /// and moved aside (`.corrupt`) so they are reported once, not on every
+    /// start.
     pub fn load_all(&self) -> Result<(Vec<VolumeRecord>, Vec<BadRecord>), Error> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
@@ -140,7 +170,7 @@ impl StateStore {
             let Some(stem) = name.strip_suffix(".json") else {
                 continue;
             };
-            match Self::load_one(&path, stem) {
+            match self.load_one(&path, stem) {
                 Ok(record) => good.push(record),
                 Err(reason) => {
                     let _ = fs::rename(&path, path.with_extension("json.corrupt"));
@@ -152,9 +182,21 @@ impl StateStore {
         Ok((good, bad))
     }
 
-    fn load_one(path: &Path, stem: &str) -> Result<VolumeRecord, String> {
+    fn load_one(&self, path: &Path, stem: &str) -> Result<VolumeRecord, String> {
         let body = fs::read(path).map_err(|e| e.to_string())?;
-        let record: VolumeRecord = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let not_authentic = "not authentic: no valid HMAC under this node's key (not written by this node's agent, changed since, or from a credlet that did not sign records); nothing is mounted for it";
+        let file: SignedRecord = serde_json::from_slice(&body).map_err(|e| {
+            if serde_json::from_slice::<VolumeRecord>(&body).is_ok() {
+                not_authentic.to_owned()
+            } else {
+                e.to_string()
+            }
+        })?;
+        let content = serde_json::to_vec(&file.record).map_err(|e| e.to_string())?;
+        if !self.key.verify(Purpose::VolumeRecord, &content, &file.mac) {
+            return Err(not_authentic.to_owned());
+        }
+        let record = file.record;
         if record.version != RECORD_VERSION {
             return Err(format!("unknown record version {}", record.version));
         }
@@ -216,6 +258,53 @@ mod tests {
         store.remove(&a).expect("remove");
         store.remove(&a).expect("remove twice");
         assert!(store.load_all().expect("load").0.is_empty());
+    }
+
+    /// Only records this node's agent wrote, unchanged, are loaded; the
+    /// rest are moved aside as not authentic.
+    #[test]
+    fn records_are_bound_to_the_node_key() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store =
+            StateStore::open_with_key(tmp.path(), NodeKey::from_secret(&[1; 32])).expect("open");
+        let a = VolumeId::parse("csi-a").expect("id");
+        store.save(&a, &record("csi-a")).expect("save");
+        let genuine = fs::read_to_string(tmp.path().join("volumes/csi-a.json")).expect("read");
+        let other_node = tempfile::tempdir().expect("tmp");
+        let foreign = StateStore::open_with_key(other_node.path(), NodeKey::from_secret(&[2; 32]))
+            .expect("open");
+        foreign.save(&a, &record("csi-a")).expect("save");
+        let from_other_node =
+            fs::read_to_string(other_node.path().join("volumes/csi-a.json")).expect("read");
+        let unsigned = serde_json::to_string(&record("csi-a")).expect("json");
+        let cases: &[(&str, String, bool)] = &[
+            ("genuine", genuine.clone(), true),
+            (
+                "retargeted",
+                genuine.replace("/var/lib/kubelet/pods/x/", "/var/lib/kubelet/pods/victim/"),
+                false,
+            ),
+            ("another node's", from_other_node, false),
+            ("unsigned", unsigned, false),
+            (
+                "bad tag",
+                genuine.replace("\"mac\":\"", "\"mac\":\"00"),
+                false,
+            ),
+        ];
+        for (what, body, loaded) in cases {
+            fs::write(tmp.path().join("volumes/csi-a.json"), body).expect("write");
+            let (good, bad) = store.load_all().expect("load");
+            assert_eq!(good.len() == 1, *loaded, "{what}");
+            if !loaded {
+                assert!(
+                    bad[0].reason.contains("not authentic"),
+                    "{what}: {}",
+                    bad[0].reason
+                );
+                assert!(tmp.path().join("volumes/csi-a.json.corrupt").exists());
+            }
+        }
     }
 
     #[test]

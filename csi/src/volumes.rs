@@ -22,8 +22,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 use crate::attributes::{ExpandedNames, ServiceAccountToken, VolumeAttributes};
 use crate::error::{Error, InputError};
 use crate::fsops::{
-    self, NodeSyscalls, Payload, TargetDir, TmpfsOptions, VisibleLinks, ensure_visible_links,
-    has_payload, read_current, remove_stale_payloads, write_atomically,
+    self, MountState, NodeSyscalls, Payload, TargetDir, TmpfsOptions, VisibleLinks,
+    ensure_visible_links, has_payload, read_current, remove_payload, remove_stale_payloads,
+    write_atomically,
 };
 use crate::issuer::{BoxFuture, IssueRequest, Issuer, IssuerError, NameTemplates};
 use crate::metrics::{Metrics, Operation, Outcome};
@@ -531,7 +532,8 @@ impl VolumeManager {
                 self.metrics
                     .issued(Operation::Publish, Outcome::Error, started.elapsed());
                 tracing::warn!(volume_id = %id, %error, "publish failed; undoing");
-                if let Err(cleanup) = self.teardown(&target) {
+                let files: Vec<&str> = volume.attributes.files.iter().collect();
+                if let Err(cleanup) = self.teardown(&id, &target, Owner::Written(&files)) {
                     tracing::error!(volume_id = %id, error = %cleanup, "cleanup after failed publish");
                 }
                 if let Err(cleanup) = self.state.remove(&id) {
@@ -673,6 +675,7 @@ impl VolumeManager {
     }
 
     /// Mounts the volume's tmpfs if it is not mounted yet and opens it.
+    /// A mount that is not credlet's is never written into.
     fn ensure_mounted(&self, target: &TargetDir, gid: Option<u32>) -> Result<OwnedFd, Error> {
         let open = || {
             target.open()?.ok_or_else(|| Error::TargetParentMissing {
@@ -696,48 +699,87 @@ impl VolumeManager {
                 .map_err(|e| Error::io("prepare volume directory", target.path(), e))?;
             return Ok(dir);
         }
-        if target.is_tmpfs_mount(&dir)? {
-            return Ok(dir);
+        match target.mount_state(&dir)? {
+            MountState::Credlet => return Ok(dir),
+            MountState::Foreign { description } => {
+                return Err(Error::ForeignMount {
+                    path: target.path().to_owned(),
+                    mount: description,
+                });
+            }
+            MountState::NotMounted => {}
         }
         self.syscalls
             .mount_tmpfs(dir.as_fd(), options)
             .map_err(|e| Error::io("mount tmpfs", target.path(), e))?;
         let mounted = open()?;
-        if !target.is_tmpfs_mount(&mounted)? {
+        if target.mount_state(&mounted)? != MountState::Credlet {
             return Err(Error::io(
                 "mount tmpfs",
                 target.path(),
-                std::io::Error::other("tmpfs not visible at the target after mounting"),
+                std::io::Error::other("credlet's tmpfs not visible at the target after mounting"),
             ));
         }
         Ok(mounted)
     }
 
-    /// Unmounts (only our tmpfs) and removes a target directory.
-    fn teardown(&self, target: &TargetDir) -> Result<(), Error> {
-        if self.syscalls.mounts() {
-            for _ in 0..8 {
-                let Some(dir) = target.open()? else {
-                    return Ok(());
-                };
-                if !target.is_tmpfs_mount(&dir)? {
-                    break;
-                }
-                self.syscalls
+    /// Takes a target down as far as it is credlet's to take down (see
+    /// [`teardown_step`]): unmounts only credlet's tmpfs, removes only files
+    /// credlet wrote and the directory only when that leaves it empty.
+    fn teardown(&self, id: &VolumeId, target: &TargetDir, owner: Owner<'_>) -> Result<(), Error> {
+        // Mounts can be stacked (a mount made twice); a bound, not a loop
+        // that trusts the kernel to run out of them.
+        for _ in 0..8 {
+            let Some(dir) = target.open()? else {
+                return Ok(());
+            };
+            let state = if self.syscalls.mounts() {
+                target.mount_state(&dir)?
+            } else {
+                MountState::NotMounted
+            };
+            match teardown_step(owner.is_written(), self.syscalls.mounts(), &state) {
+                TeardownStep::Unmount => self
+                    .syscalls
                     .unmount(dir.as_fd())
-                    .map_err(|e| Error::io("unmount", target.path(), e))?;
-            }
-            if let Some(dir) = target.open()?
-                && target.is_mount_point(&dir)?
-            {
-                return Err(Error::io(
-                    "unmount",
-                    target.path(),
-                    std::io::Error::other("a mount that is not credlet's covers the target"),
-                ));
+                    .map_err(|e| Error::io("unmount", target.path(), e))?,
+                TeardownStep::Refuse => {
+                    return Err(Error::ForeignMount {
+                        path: target.path().to_owned(),
+                        mount: mount_description(state),
+                    });
+                }
+                TeardownStep::Leave => {
+                    tracing::warn!(
+                        volume_id = %id,
+                        target = %target.path().display(),
+                        mount = %mount_description(state),
+                        "unpublish of a volume credlet has no record of: the target is a mount that is not credlet's; leaving it"
+                    );
+                    return Ok(());
+                }
+                TeardownStep::RemoveDirectory { payload } => {
+                    if payload && let Owner::Written(files) = owner {
+                        remove_payload(&dir, files)
+                            .map_err(|e| Error::io("remove volume files", target.path(), e))?;
+                    }
+                    drop(dir);
+                    if !target.remove_if_empty()? {
+                        tracing::warn!(
+                            volume_id = %id,
+                            target = %target.path().display(),
+                            "the target directory holds files that are not credlet's; leaving it"
+                        );
+                    }
+                    return Ok(());
+                }
             }
         }
-        target.remove()
+        Err(Error::io(
+            "unmount",
+            target.path(),
+            std::io::Error::other("still mounted after 8 unmounts"),
+        ))
     }
 
     /// Generates a key on the node, sends only the CSR, checks the answer
@@ -844,28 +886,49 @@ impl VolumeManager {
     }
 
     /// `NodeUnpublishVolume`: stops rotation, unmounts, removes the target
-    /// directory and the record. Unknown volumes are fine (idempotent).
+    /// directory and the record. Unknown volumes are fine (idempotent), but
+    /// for them only credlet's own tmpfs is unmounted and only an empty
+    /// directory removed: a volume id credlet never published does not make
+    /// another volume's files credlet's.
     pub async fn unpublish(&self, id: &VolumeId, target: &TargetPath) -> Result<(), Error> {
         let slot = self.volumes.get(id).map(|s| Arc::clone(s.value()));
         let mut guard = match &slot {
             Some(slot) => Some(slot.clone().lock_owned().await),
             None => None,
         };
-        if let Some(volume) = guard.as_ref().and_then(|g| g.as_ref())
-            && volume.target != *target
-        {
-            tracing::warn!(
-                volume_id = %id,
-                published = %volume.target.as_path().display(),
-                requested = %target.as_path().display(),
-                "unpublish for a target the volume is not published at; leaving it"
-            );
-            return Ok(());
-        }
+        let files: Option<Vec<&str>> = match guard.as_ref().and_then(|g| g.as_ref()) {
+            Some(volume) if volume.target != *target => {
+                tracing::warn!(
+                    volume_id = %id,
+                    published = %volume.target.as_path().display(),
+                    requested = %target.as_path().display(),
+                    "unpublish for a target the volume is not published at; leaving it"
+                );
+                return Ok(());
+            }
+            Some(volume) => Some(volume.attributes.files.iter().collect()),
+            None => {
+                if let Some(other) = self.volume_published_at(id, target).await {
+                    tracing::warn!(
+                        volume_id = %id,
+                        published_volume = %other,
+                        target = %target.as_path().display(),
+                        "unpublish of an unknown volume id for the target of another volume; leaving it"
+                    );
+                    return Ok(());
+                }
+                None
+            }
+        };
         self.rotation.cancel(id.clone());
         if let Some(dir) = TargetDir::open_parent(&self.root, target)? {
-            self.teardown(&dir)?;
+            let owner = match &files {
+                Some(files) => Owner::Written(files),
+                None => Owner::Unknown,
+            };
+            self.teardown(id, &dir, owner)?;
         }
+        drop(files);
         self.state.remove(id)?;
         if let Some(g) = guard.as_mut()
             && let Some(volume) = g.take()
@@ -882,6 +945,27 @@ impl VolumeManager {
         }
         self.metrics.volumes.set(self.volumes.len() as i64);
         Ok(())
+    }
+
+    /// The id of another volume published at `target`, if any. Slots busy
+    /// with a publish or renewal are waited for: they may be that volume.
+    async fn volume_published_at(&self, id: &VolumeId, target: &TargetPath) -> Option<VolumeId> {
+        let slots: Vec<(VolumeId, Slot)> = self
+            .volumes
+            .iter()
+            .filter(|entry| entry.key() != id)
+            .map(|entry| (entry.key().clone(), Arc::clone(entry.value())))
+            .collect();
+        for (other, slot) in slots {
+            let guard = match slot.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => slot.lock().await,
+            };
+            if guard.as_ref().is_some_and(|v| v.target == *target) {
+                return Some(other);
+            }
+        }
+        None
     }
 
     /// Writes a new trust bundle into every published volume WITHOUT
@@ -1220,6 +1304,63 @@ enum Recovered {
     Gone,
 }
 
+/// Whose a target is, for taking it down.
+#[derive(Clone, Copy, Debug)]
+enum Owner<'a> {
+    /// A volume credlet published there, with its visible file names.
+    Written(&'a [&'a str]),
+    /// A volume id credlet has no record of.
+    Unknown,
+}
+
+impl Owner<'_> {
+    fn is_written(self) -> bool {
+        matches!(self, Self::Written(_))
+    }
+}
+
+/// The next step of taking a target down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TeardownStep {
+    /// Unmount the tmpfs on top (credlet's).
+    Unmount,
+    /// A mount that is not credlet's covers a volume credlet published:
+    /// an error, the kubelet retries and an operator has a look.
+    Refuse,
+    /// A mount that is not credlet's, at a target credlet has no record
+    /// of: not credlet's business.
+    Leave,
+    /// Remove the directory if empty; with `payload`, first the files the
+    /// atomic writer put into it (plain-directory volumes, which have no
+    /// tmpfs to take them along).
+    RemoveDirectory {
+        /// Remove the writer's files first.
+        payload: bool,
+    },
+}
+
+/// Decides the next step of a teardown from what is at the target. Only
+/// credlet's tmpfs is ever unmounted; files are removed only for a volume
+/// credlet wrote, and only the writer's own; a directory only if empty.
+fn teardown_step(written: bool, mounts: bool, state: &MountState) -> TeardownStep {
+    match (state, written) {
+        (MountState::Credlet, _) => TeardownStep::Unmount,
+        (MountState::Foreign { .. }, true) => TeardownStep::Refuse,
+        (MountState::Foreign { .. }, false) => TeardownStep::Leave,
+        (MountState::NotMounted, written) => TeardownStep::RemoveDirectory {
+            payload: written && !mounts,
+        },
+    }
+}
+
+fn mount_description(state: MountState) -> String {
+    match state {
+        MountState::Foreign { description } => description,
+        MountState::Credlet => "credlet's tmpfs".into(),
+        MountState::NotMounted => "nothing".into(),
+    }
+}
+
 impl Renew for VolumeManager {
     fn renew(&self, volume: VolumeId) -> BoxFuture<'_, Option<Duration>> {
         Box::pin(async move { VolumeManager::renew(self, &volume).await })
@@ -1237,6 +1378,51 @@ mod tests {
             .collect();
         let attributes = VolumeAttributes::parse(&raw).expect("valid attributes");
         (fingerprint(&raw), attributes)
+    }
+
+    #[test]
+    fn teardown_touches_only_what_is_credlets() {
+        let foreign = MountState::Foreign {
+            description: "a tmpfs mount of \"tmpfs\"".into(),
+        };
+        // (record, real mounts, what is there) → step
+        let cases: &[(bool, bool, &MountState, TeardownStep)] = &[
+            (true, true, &MountState::Credlet, TeardownStep::Unmount),
+            (false, true, &MountState::Credlet, TeardownStep::Unmount),
+            (true, true, &foreign, TeardownStep::Refuse),
+            (false, true, &foreign, TeardownStep::Leave),
+            (
+                true,
+                true,
+                &MountState::NotMounted,
+                TeardownStep::RemoveDirectory { payload: false },
+            ),
+            (
+                true,
+                false,
+                &MountState::NotMounted,
+                TeardownStep::RemoveDirectory { payload: true },
+            ),
+            (
+                false,
+                true,
+                &MountState::NotMounted,
+                TeardownStep::RemoveDirectory { payload: false },
+            ),
+            (
+                false,
+                false,
+                &MountState::NotMounted,
+                TeardownStep::RemoveDirectory { payload: false },
+            ),
+        ];
+        for (written, mounts, state, step) in cases {
+            assert_eq!(
+                teardown_step(*written, *mounts, state),
+                *step,
+                "record {written}, mounts {mounts}, {state:?}"
+            );
+        }
     }
 
     #[test]

@@ -363,25 +363,17 @@ impl CaServer {
         let authority = Authority::generate_self_signed(policy.clone()).expect("CA");
         let bundle = authority.trust_bundle_pem().to_owned();
 
-        // The serving certificate, from a separate root.
+        // The serving certificate, from a separate root, with the CA's
+        // identity (the agent requires it).
         let serving_ca = Authority::generate_self_signed(policy).expect("serving CA");
         let serving_key = PrivateKey::generate(KeyType::EcdsaP256).expect("key");
         let serving = serving_ca
-            .issue(
-                &IssuanceRequest {
-                    csr_der: serving_key.certificate_signing_request().expect("csr"),
-                    identity: PodIdentity {
-                        namespace: "credlet-system".into(),
-                        name: "credlet-ca".into(),
-                        uid: "ca-uid".into(),
-                        service_account: "credlet-ca".into(),
-                    },
-                    spiffe_id: None,
-                    dns_names: vec!["localhost".into()],
-                    ip_addresses: vec![IpAddr::from([127, 0, 0, 1])],
-                    common_name: None,
-                    duration: Duration::from_secs(3600),
-                },
+            .issue_component(
+                &serving_key.certificate_signing_request().expect("csr"),
+                &credlet_ca::ca_spiffe_id("cluster.local"),
+                &["localhost".into()],
+                &[IpAddr::from([127, 0, 0, 1])],
+                Duration::from_secs(3600),
                 SystemTime::now(),
             )
             .expect("serving certificate");
@@ -642,7 +634,7 @@ async fn publish_issues_through_the_remote_ca() {
     )
     .expect("json");
     assert_eq!(
-        record["certificate"]["renew_at_ms"].as_i64(),
+        record["record"]["certificate"]["renew_at_ms"].as_i64(),
         Some(*fx.server.ca.last_renew_at_ms.lock().expect("lock"))
     );
 

@@ -589,7 +589,8 @@ fn decision_in_process(state: &std::path::Path, image: &str, image_id: &str) -> 
             .and_then(|c| c.metadata)
             .map(|m| m.namespace)
             .unwrap_or_default();
-        let required = policy.requires_verification(&namespace, &reference, provenance);
+        let required =
+            policy.requires_verification(&namespace, std::slice::from_ref(&reference), provenance);
         let cached = records.with(image_id, |r| {
             r.is_some_and(|r| r.credential_verified(&id, policy.ttl, SystemTime::now()))
         });

@@ -110,6 +110,8 @@ pub enum Code {
     PermissionDenied = 7,
     /// 9
     FailedPrecondition = 9,
+    /// 12
+    Unimplemented = 12,
     /// 13
     Internal = 13,
     /// 14

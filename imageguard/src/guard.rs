@@ -2,24 +2,31 @@
 //! credlet, which are refused.
 //!
 //! - `ImageStatus`: a protected image is reported absent while a pod on this
-//!   node that uses it holds no valid verification — the kubelet then calls
-//!   `PullImage` with that pod's credentials (`IfNotPresent`) or reports
-//!   `ErrImageNeverPull` (`Never`).
+//!   node that uses it (in a container or as an image volume) holds no valid
+//!   verification — the kubelet then calls `PullImage` with that pod's
+//!   credentials (`IfNotPresent`) or reports `ErrImageNeverPull` (`Never`).
 //! - `PullImage` of a cached image: the pod's credentials are checked with
 //!   one manifest HEAD (or a cached positive result within the TTL) and the
 //!   existing image is returned, nothing downloaded. A pull of an absent
-//!   image goes to the runtime, and credlet records how it was pulled.
-//! - `CreateContainer`: the last gate for a pod without a verification.
+//!   image goes to the runtime, and credlet records how it was pulled —
+//!   on disk before the pull is answered with success.
+//! - `CreateContainer`: the last gate, for every image the container uses
+//!   (`config.image` and every image volume, `mounts[].image`), for the pod
+//!   the runtime ran the sandbox for.
 //!
-//! Anything credlet can not establish (runtime or registry unreachable,
-//! undecodable answers) denies: the guard fails closed.
+//! Every decision is about the image the runtime resolved a request to, by
+//! that image's own names (see [`crate::resolve`]). Anything credlet can
+//! not establish (runtime or registry unreachable, undecodable requests or
+//! answers, a record it can not write) denies: the guard fails closed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use credlet_proto::cri::{
     CreateContainerRequest, Image, ImageSpec, ImageStatusRequest, ImageStatusResponse,
-    PodSandboxConfig, PullImageRequest, PullImageResponse,
+    PodSandboxConfig, PodSandboxStatusRequest, PodSandboxStatusResponse, PullImageRequest,
+    PullImageResponse,
 };
 use http::Response;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -33,10 +40,14 @@ use crate::events::{EventSink, PodRef};
 use crate::grpc::{self, Code, ProxyBody};
 use crate::pods::{PodIndex, PullPolicy};
 use crate::policy::{GuardPolicy, Mode, Provenance};
-use crate::proxy::{BoxFuture, IMAGE_STATUS, InspectedCall, Inspector, Rpc, Upstream};
-use crate::records::{Grant, RecordStore, Stored, unix};
+use crate::proxy::{
+    BoxFuture, IMAGE_STATUS, InspectedCall, Inspector, POD_SANDBOX_STATUS, Rpc, Upstream,
+    UpstreamError,
+};
+use crate::records::{Grant, RecordError, RecordStore, Stored, unix};
 use crate::reference::ImageRef;
 use crate::registry::{Access, Verifier};
+use crate::resolve::{Resolved, manifest_digest, refers_to, resolve};
 
 /// How a decision ended, for metrics and logs.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -125,6 +136,10 @@ impl GuardMetrics {
     }
 }
 
+/// Most sandboxes whose pod is remembered; past that the memory starts
+/// over (a node runs far fewer, and a forgotten one is asked again).
+const MAX_REMEMBERED_SANDBOXES: usize = 4096;
+
 /// The image guard.
 pub struct ImageGuard {
     policy: GuardPolicy,
@@ -133,6 +148,9 @@ pub struct ImageGuard {
     pods: Arc<dyn PodIndex>,
     events: Arc<dyn EventSink>,
     metrics: GuardMetrics,
+    /// The pod each sandbox was run for, by full sandbox id, as the runtime
+    /// reported it (fixed for a sandbox's life; ids are never reused).
+    sandboxes: Mutex<HashMap<String, Option<PodRef>>>,
 }
 
 impl std::fmt::Debug for ImageGuard {
@@ -161,6 +179,69 @@ struct Refusal {
     reason: String,
 }
 
+impl Refusal {
+    fn new(code: Code, outcome: Outcome, reason: String) -> Self {
+        Self {
+            code,
+            outcome,
+            reason,
+        }
+    }
+
+    /// The runtime could not be asked: `Unavailable`.
+    fn upstream(error: &UpstreamError) -> Self {
+        Self::new(Code::Unavailable, Outcome::Unavailable, error.to_string())
+    }
+}
+
+/// One image a `CreateContainer` uses.
+struct ImageUse {
+    /// What the caller asked for.
+    spec: ImageSpec,
+    /// Where: `None` for the container's own image, else the image
+    /// volume's mount point.
+    mount: Option<String>,
+}
+
+impl ImageUse {
+    /// " (image volume at /v)", or nothing for the container's image.
+    fn suffix(&self) -> String {
+        self.mount
+            .as_ref()
+            .map(|path| format!(" (image volume at {path})"))
+            .unwrap_or_default()
+    }
+}
+
+/// Every image a container uses: its own and its image volumes'. Refuses
+/// a request that names no image or an image volume without one.
+fn image_uses(request: &CreateContainerRequest) -> Result<Vec<ImageUse>, String> {
+    let config = request
+        .config
+        .as_ref()
+        .ok_or("CreateContainer carries no container config")?;
+    let spec = config
+        .image
+        .clone()
+        .filter(|s| !s.image.is_empty())
+        .ok_or("CreateContainer names no image")?;
+    let mut uses = vec![ImageUse { spec, mount: None }];
+    for mount in &config.mounts {
+        let Some(spec) = &mount.image else { continue };
+        if spec.image.is_empty() {
+            return Err(format!(
+                "the image volume at {:?} names no image",
+                mount.container_path
+            ));
+        }
+        uses.push(ImageUse {
+            spec: spec.clone(),
+            mount: Some(mount.container_path.clone()),
+        });
+    }
+    Ok(uses)
+}
+
 impl ImageGuard {
     /// Builds the guard.
     pub fn new(
@@ -178,6 +259,7 @@ impl ImageGuard {
             pods,
             events,
             metrics,
+            sandboxes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -240,51 +322,122 @@ impl ImageGuard {
         })
     }
 
-    /// Finishes a record update: pending changes get written behind. A
-    /// failed write leaves the decision standing for this call; it is just
-    /// not remembered.
-    fn remember(&self, result: Result<Stored, crate::records::RecordError>) {
-        match result {
-            Ok(Stored::Deferred) => self.records.schedule_flush(),
-            Ok(Stored::Created | Stored::Unchanged) => {}
-            Err(error) => tracing::error!(%error, "writing image record"),
+    /// Finishes a record update: pending changes get written behind. An
+    /// error means a new record is not on disk: the caller must not answer
+    /// with success.
+    fn remember(&self, result: Result<Stored, RecordError>) -> Result<(), RecordError> {
+        match result? {
+            Stored::Deferred => self.records.schedule_flush(),
+            Stored::Created | Stored::Unchanged => {}
+        }
+        Ok(())
+    }
+
+    /// How the image came to the node, as far as it decides a call at
+    /// `now`: `None` (preloaded: credlet never saw it pulled), private, or
+    /// public while its last anonymous success is within the TTL.
+    ///
+    /// An image with no record that a pull of an earlier run produced
+    /// (a stale pull intent) is private. A public answer past the TTL is
+    /// checked again anonymously (one manifest HEAD): still public, or
+    /// private from then on; if it can not be checked, private for this
+    /// call.
+    async fn provenance(
+        &self,
+        image: &Image,
+        resolved: &Resolved,
+        now: SystemTime,
+    ) -> Option<Provenance> {
+        let ttl = self.policy.ttl;
+        let known = self.records.with(&image.id, |r| {
+            r.map(|r| {
+                (
+                    r.effective_provenance(ttl, now),
+                    r.public_answer_expired(ttl, now),
+                )
+            })
+        });
+        match known {
+            None => (self.records.has_stale_intents()
+                && self.records.claim_stale_intent(&image.id, &resolved.names))
+            .then_some(Provenance::Credentials),
+            Some((provenance, false)) => Some(provenance),
+            Some((_, true)) => Some(self.check_still_public(image, resolved).await),
         }
     }
 
-    fn provenance(&self, image_id: &str) -> Option<Provenance> {
-        self.records.with(image_id, |r| r.map(|r| r.provenance))
+    /// Asks the registry again whether an image once pulled or checked
+    /// anonymously is still public, and records the answer.
+    async fn check_still_public(&self, image: &Image, resolved: &Resolved) -> Provenance {
+        let Some(reference) = resolved.reference.as_ref() else {
+            return Provenance::Credentials;
+        };
+        let Some(digest) = manifest_digest(reference, image) else {
+            return Provenance::Credentials;
+        };
+        self.metrics.registry_checks.inc();
+        let anonymous = self.records.credential_id(None);
+        let (provenance, reason) = match self.verifier.check(reference, &digest, None).await {
+            Ok(Access::Granted) => (Provenance::Anonymous, "still public".to_owned()),
+            Ok(Access::Denied { reason }) => (Provenance::Credentials, reason),
+            // Not recorded: an outage must not make a public image private
+            // for good, nor a private one public.
+            Err(error) => {
+                tracing::warn!(image = %reference, %error, "cannot check again whether a public image still is; private until it can be");
+                return Provenance::Credentials;
+            }
+        };
+        let now = unix(SystemTime::now());
+        let result = self.records.update(&image.id, provenance, |r| {
+            r.provenance = provenance;
+            if provenance == Provenance::Anonymous {
+                r.verified.insert(anonymous.clone(), now);
+            } else {
+                r.verified.remove(&anonymous);
+            }
+            true
+        });
+        if let Err(error) = self.remember(result) {
+            tracing::error!(%error, "writing image record");
+        }
+        tracing::info!(image = %reference, image_id = image.id, public = provenance == Provenance::Anonymous, reason, "public answer past its TTL checked again");
+        provenance
     }
 
-    /// A pod on this node that uses `image` but holds no verification,
-    /// when the policy demands one.
-    fn unverified_user(
+    /// A pod on this node that uses the image the runtime resolved
+    /// `requested` to but holds no verification, when the policy demands
+    /// one.
+    async fn unverified_user(
         &self,
         requested: &str,
-        reference: Option<&ImageRef>,
         image: &Image,
+        resolved: &Resolved,
         now: SystemTime,
     ) -> Option<Unverified> {
-        let provenance = self.provenance(&image.id);
-        let reference = reference.cloned().or_else(|| reference_of(image))?;
         if !self.pods.is_synced() {
             // Which pods use the image is unknown: hide anything that could
             // be protected until the pod list is in.
-            let any_policy_verifies = self
-                .policy
-                .requires_verification("", &reference, provenance)
-                || self.policy.namespaces.keys().any(|ns| {
-                    self.policy
-                        .requires_verification(ns, &reference, provenance)
-                });
+            let provenance = self.provenance(image, resolved, now).await;
+            let names = &resolved.names;
+            let any_policy_verifies = self.policy.requires_verification("", names, provenance)
+                || self
+                    .policy
+                    .namespaces
+                    .keys()
+                    .any(|ns| self.policy.requires_verification(ns, names, provenance));
             return any_policy_verifies.then_some(Unverified::PodsUnknown);
         }
         let matches = |spec_image: &str| refers_to(spec_image, requested, image);
-        self.pods
-            .pods_using(&matches)
+        let users = self.pods.pods_using(&matches);
+        if users.is_empty() {
+            return None;
+        }
+        let provenance = self.provenance(image, resolved, now).await;
+        users
             .into_iter()
             .find(|pod| {
                 self.policy
-                    .requires_verification(&pod.namespace, &reference, provenance)
+                    .requires_verification(&pod.namespace, &resolved.names, provenance)
                     && !self.has_grant(&image.id, &pod.uid, now)
             })
             .map(|pod| {
@@ -325,8 +478,11 @@ impl ImageGuard {
         let Some(image) = status.image else {
             return buffered.into_response();
         };
-        let reference = ImageRef::parse(&requested).ok();
-        match self.unverified_user(&requested, reference.as_ref(), &image, SystemTime::now()) {
+        let resolved = resolve(&requested, &image);
+        match self
+            .unverified_user(&requested, &image, &resolved, SystemTime::now())
+            .await
+        {
             None => buffered.into_response(),
             Some(unverified) => {
                 let (pod, reason) = match &unverified {
@@ -375,7 +531,7 @@ impl ImageGuard {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        let reference = match ImageRef::parse(&requested) {
+        let asked_for = match ImageRef::parse(&requested) {
             Ok(r) => r,
             Err(e) => {
                 return grpc::error_response(
@@ -413,18 +569,22 @@ impl ImageGuard {
                 .forward_pull(
                     call,
                     upstream,
-                    &reference,
+                    &asked_for,
                     credential.as_ref(),
                     pod.as_ref(),
                 )
                 .await;
         };
+        // The image the runtime resolved the request to, by its own names:
+        // a short image id is not a tag of `docker.io/library/sha256`.
+        let resolved = resolve(&requested, &image);
+        let reference = resolved.reference.clone().unwrap_or(asked_for);
         let now = SystemTime::now();
         let namespace = pod.as_ref().map_or("", |p| p.namespace.as_str());
-        let provenance = self.provenance(&image.id);
+        let provenance = self.provenance(&image, &resolved, now).await;
         if !self
             .policy
-            .requires_verification(namespace, &reference, provenance)
+            .requires_verification(namespace, &resolved.names, provenance)
         {
             // This pod may use the cached image as it is. The kubelet asks
             // because ImageStatus hid the image for another pod (or its own
@@ -508,7 +668,19 @@ impl ImageGuard {
                 }
                 changed
             });
-        self.remember(result);
+        // The verification must be on disk before it is relied on: a new
+        // record lost in a crash would leave the image looking preloaded.
+        if let Err(error) = self
+            .remember(result)
+            .and_then(|()| self.records.persist(&image.id))
+        {
+            let reason = unrecorded(&reference, &error);
+            if let Some(refusal) =
+                self.refuse_unrecorded(rpc, pod.as_ref(), &requested, &image.id, &reason)
+            {
+                return refusal;
+            }
+        }
         self.report(&Decision {
             rpc,
             pod: pod.as_ref(),
@@ -519,12 +691,49 @@ impl ImageGuard {
         });
         if self.wants_fresh_tag(&reference, pod.as_ref()) {
             // `imagePullPolicy: Always` on a tag: the runtime must resolve
-            // the tag again; access is already proven.
-            return forward(call, upstream).await;
+            // the tag again (access is already proven), and the image it
+            // may bring is recorded like any pulled one.
+            return self
+                .forward_pull(
+                    call,
+                    upstream,
+                    &reference,
+                    credential.as_ref(),
+                    pod.as_ref(),
+                )
+                .await;
         }
         grpc::ok_response(&PullImageResponse {
             image_ref: image.id.clone(),
         })
+    }
+
+    /// Refuses a call whose record could not be written: `Unavailable`, so
+    /// the kubelet retries once the disk is back. In audit mode the refusal
+    /// is only reported (`None`: carry on).
+    fn refuse_unrecorded(
+        &self,
+        rpc: Rpc,
+        pod: Option<&PodRef>,
+        image: &str,
+        image_id: &str,
+        reason: &str,
+    ) -> Option<Response<ProxyBody>> {
+        let outcome = if self.audit() {
+            Outcome::AuditDenied
+        } else {
+            Outcome::Unavailable
+        };
+        self.report(&Decision {
+            rpc,
+            pod,
+            image,
+            image_id,
+            outcome,
+            reason,
+        });
+        (!self.audit())
+            .then(|| grpc::error_response(Code::Unavailable, &format!("credlet: {reason}")))
     }
 
     /// Checks the pod's credential against the registry with one manifest
@@ -604,6 +813,12 @@ impl ImageGuard {
     }
 
     /// Sends a pull to the runtime and records how the image was pulled.
+    ///
+    /// A pull with credentials is announced on disk first (a pull intent):
+    /// if even that can not be written, nothing is pulled. The image's
+    /// record is on disk before the pull is answered with success;
+    /// otherwise the pull is refused (the record stays in memory, the
+    /// intent on disk, and the image protected).
     async fn forward_pull(
         &self,
         call: InspectedCall,
@@ -613,19 +828,53 @@ impl ImageGuard {
         pod: Option<&PodRef>,
     ) -> Response<ProxyBody> {
         let rpc = call.rpc;
+        let intent = match credential.map(|_| self.records.begin_pull(reference)) {
+            None => None,
+            Some(Ok(intent)) => Some(intent),
+            Some(Err(error)) => {
+                let reason = format!(
+                    "cannot record the pull of {reference} before it starts ({error}); refusing it, as the image would be on the node with no record and pass for preloaded"
+                );
+                if let Some(refusal) =
+                    self.refuse_unrecorded(rpc, pod, &reference.to_string(), "", &reason)
+                {
+                    return refusal;
+                }
+                None
+            }
+        };
         let buffered = match upstream.forward_buffered(call.parts, call.body).await {
             Ok(b) => b,
-            Err(e) => return e.to_response(),
+            Err(e) => {
+                // The runtime may still finish the pull: whatever it
+                // brings stays private.
+                if let Some(intent) = intent {
+                    self.records.abandon_pull(intent);
+                }
+                return e.to_response();
+            }
         };
         if buffered.grpc_status() != Some(0) {
+            if let Some(intent) = intent {
+                self.records.end_pull(intent, None);
+            }
             return buffered.into_response();
         }
-        let Some(image_ref) = grpc::unary_message(&buffered.body)
-            .ok()
-            .and_then(|m| PullImageResponse::decode(m).ok())
-            .map(|r| r.image_ref)
-        else {
-            return buffered.into_response();
+        let image_ref = match grpc::unary_message(&buffered.body)
+            .map_err(|e| e.to_string())
+            .and_then(|m| PullImageResponse::decode(m).map_err(|e| e.to_string()))
+        {
+            Ok(answer) if !answer.image_ref.is_empty() => answer.image_ref,
+            answer => {
+                if let Some(intent) = intent {
+                    self.records.abandon_pull(intent);
+                }
+                let reason = answer.map_or_else(|e| e, |_| "no image ref".to_owned());
+                return grpc::error_response(
+                    Code::Internal,
+                    &format!("credlet could not read the runtime's PullImage answer: {reason}"),
+                );
+            }
         };
         let now = unix(SystemTime::now());
         let credential_id = self.records.credential_id(credential);
@@ -652,11 +901,25 @@ impl ImageGuard {
             }
             true
         });
-        self.remember(result);
+        let result = self
+            .remember(result)
+            .and_then(|()| self.records.persist(&image_ref));
+        if let Some(intent) = intent {
+            self.records.end_pull(intent, Some(&image_ref));
+        }
+        let image = reference.to_string();
+        if let Err(error) = result {
+            let reason = format!(
+                "{image} was pulled, but its record could not be written ({error}); the image stays protected and the pull is refused until the record is on disk"
+            );
+            if let Some(refusal) = self.refuse_unrecorded(rpc, pod, &image, &image_ref, &reason) {
+                return refusal;
+            }
+        }
         self.report(&Decision {
             rpc,
             pod,
-            image: &reference.to_string(),
+            image: &image,
             image_id: &image_ref,
             outcome: Outcome::Pulled,
             reason: if credential.is_some() {
@@ -666,6 +929,73 @@ impl ImageGuard {
             },
         });
         buffered.into_response()
+    }
+
+    /// The pod the runtime ran `sandbox_id` for (`None`: a sandbox without
+    /// a pod uid), remembered once asked. The request's own
+    /// `sandbox_config` is only a claim: any CRI caller can write any pod
+    /// there.
+    async fn sandbox_pod(
+        &self,
+        upstream: &Upstream,
+        sandbox_id: &str,
+    ) -> Result<Option<PodRef>, Refusal> {
+        if sandbox_id.is_empty() {
+            return Err(Refusal::new(
+                Code::InvalidArgument,
+                Outcome::Denied,
+                "CreateContainer names no pod sandbox".to_owned(),
+            ));
+        }
+        if let Some(pod) = lock(&self.sandboxes).get(sandbox_id) {
+            return Ok(pod.clone());
+        }
+        let answer: Result<PodSandboxStatusResponse, UpstreamError> = upstream
+            .unary(
+                POD_SANDBOX_STATUS,
+                &PodSandboxStatusRequest {
+                    pod_sandbox_id: sandbox_id.to_owned(),
+                    verbose: false,
+                },
+            )
+            .await;
+        let status = match answer {
+            Ok(answer) => answer.status,
+            Err(UpstreamError::Status { status: 5, .. }) => {
+                return Err(Refusal::new(
+                    Code::NotFound,
+                    Outcome::Denied,
+                    format!("pod sandbox {sandbox_id:?} is not known to the runtime"),
+                ));
+            }
+            Err(error) => return Err(Refusal::upstream(&error)),
+        };
+        let Some(status) = status else {
+            return Err(Refusal::new(
+                Code::Internal,
+                Outcome::Unavailable,
+                format!("the runtime's PodSandboxStatus answer for {sandbox_id:?} has no status"),
+            ));
+        };
+        // A prefix the runtime expands could name another sandbox by the
+        // time it creates the container.
+        if status.id != sandbox_id {
+            return Err(Refusal::new(
+                Code::InvalidArgument,
+                Outcome::Denied,
+                format!(
+                    "pod sandbox {sandbox_id:?} must be named by its full id ({:?})",
+                    status.id
+                ),
+            ));
+        }
+        let pod = pod_ref_of(status.metadata.as_ref());
+        let mut sandboxes = lock(&self.sandboxes);
+        if sandboxes.len() >= MAX_REMEMBERED_SANDBOXES {
+            sandboxes.clear();
+        }
+        sandboxes.insert(sandbox_id.to_owned(), pod.clone());
+        Ok(pod)
     }
 
     async fn create_container(
@@ -678,74 +1008,161 @@ impl ImageGuard {
             Ok(r) => r,
             Err(e) => return invalid(rpc, &e),
         };
-        let spec = request.config.as_ref().and_then(|c| c.image.clone());
-        let requested = spec.as_ref().map(|s| s.image.clone()).unwrap_or_default();
-        let pod = pod_ref(request.sandbox_config.as_ref());
-        let status: ImageStatusResponse = match upstream
-            .unary(
-                IMAGE_STATUS,
-                &ImageStatusRequest {
-                    image: Some(spec.unwrap_or_else(|| ImageSpec {
-                        image: requested.clone(),
-                        ..ImageSpec::default()
-                    })),
-                    verbose: false,
-                },
-            )
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => return e.to_response(),
+        let uses = match image_uses(&request) {
+            Ok(uses) => uses,
+            Err(reason) => {
+                return grpc::error_response(Code::InvalidArgument, &format!("credlet: {reason}"));
+            }
         };
-        let Some(image) = status.image else {
-            // The runtime will refuse a container without its image.
-            return forward(call, upstream).await;
-        };
-        let reference = ImageRef::parse(&requested)
-            .ok()
-            .filter(|_| !is_image_id(&requested))
-            .or_else(|| reference_of(&image));
-        let Some(reference) = reference else {
-            return forward(call, upstream).await;
-        };
-        let namespace = pod.as_ref().map_or("", |p| p.namespace.as_str());
-        let provenance = self.provenance(&image.id);
-        let required = self
-            .policy
-            .requires_verification(namespace, &reference, provenance);
-        let granted = pod
+        let first = uses[0].spec.image.clone();
+        // The kubelet always sends the sandbox's config (runtimes need it;
+        // containerd 1.6 fails without it), and the pod it names must be
+        // the one the runtime ran the sandbox for.
+        let Some(claimed) = request
+            .sandbox_config
             .as_ref()
-            .is_some_and(|p| self.has_grant(&image.id, &p.uid, SystemTime::now()));
-        if required && !granted {
+            .and_then(|c| c.metadata.as_ref())
+        else {
+            return grpc::error_response(
+                Code::InvalidArgument,
+                "credlet: CreateContainer carries no sandbox_config with the pod's metadata",
+            );
+        };
+        let claimed_pod = pod_ref_of(Some(claimed));
+        let pod = match self.sandbox_pod(upstream, &request.pod_sandbox_id).await {
+            Ok(pod) => pod,
+            Err(refusal) => {
+                let decision = Decision {
+                    rpc,
+                    pod: claimed_pod.as_ref(),
+                    image: &first,
+                    image_id: "",
+                    outcome: refusal.outcome,
+                    reason: &refusal.reason,
+                };
+                return self.deny(call, upstream, refusal.code, decision).await;
+            }
+        };
+        if pod.as_ref().map_or("", |p| p.uid.as_str()) != claimed.uid {
             let reason = format!(
-                "{} holds no verification of its pull credentials for cached image {reference}",
-                describe(pod.as_ref())
+                "the request's sandbox_config names pod {}/{} (uid {:?}), but the runtime ran sandbox {} for {}",
+                claimed.namespace,
+                claimed.name,
+                claimed.uid,
+                request.pod_sandbox_id,
+                pod.as_ref().map_or_else(
+                    || "no pod".to_owned(),
+                    |p| format!("{} (uid {:?})", describe(Some(p)), p.uid)
+                ),
             );
             let decision = Decision {
                 rpc,
                 pod: pod.as_ref(),
-                image: &requested,
-                image_id: &image.id,
+                image: &first,
+                image_id: "",
                 outcome: Outcome::Denied,
                 reason: &reason,
             };
             return self
-                .deny(call, upstream, Code::FailedPrecondition, decision)
+                .deny(call, upstream, Code::InvalidArgument, decision)
                 .await;
         }
-        self.report(&Decision {
-            rpc,
-            pod: pod.as_ref(),
-            image: &requested,
-            image_id: &image.id,
-            outcome: Outcome::Allowed,
-            reason: if required {
-                "pod holds a verification"
-            } else {
-                "no verification required"
-            },
-        });
+        let mut allowed = Vec::with_capacity(uses.len());
+        for image_use in &uses {
+            match self.judge_use(upstream, image_use, pod.as_ref()).await {
+                Ok(ok) => allowed.push(ok),
+                Err((image_id, refusal)) => {
+                    let decision = Decision {
+                        rpc,
+                        pod: pod.as_ref(),
+                        image: &image_use.spec.image,
+                        image_id: &image_id,
+                        outcome: refusal.outcome,
+                        reason: &refusal.reason,
+                    };
+                    return self.deny(call, upstream, refusal.code, decision).await;
+                }
+            }
+        }
+        for (image_use, (image_id, reason)) in uses.iter().zip(&allowed) {
+            self.report(&Decision {
+                rpc,
+                pod: pod.as_ref(),
+                image: &image_use.spec.image,
+                image_id,
+                outcome: Outcome::Allowed,
+                reason,
+            });
+        }
         forward(call, upstream).await
+    }
+
+    /// Decides one image a container uses: `Ok((image id, why allowed))`,
+    /// or the refusal (with the image id when known).
+    async fn judge_use(
+        &self,
+        upstream: &Upstream,
+        image_use: &ImageUse,
+        pod: Option<&PodRef>,
+    ) -> Result<(String, &'static str), (String, Refusal)> {
+        let requested = &image_use.spec.image;
+        let status: ImageStatusResponse = upstream
+            .unary(
+                IMAGE_STATUS,
+                &ImageStatusRequest {
+                    image: Some(image_use.spec.clone()),
+                    verbose: false,
+                },
+            )
+            .await
+            .map_err(|e| (String::new(), Refusal::upstream(&e)))?;
+        let Some(image) = status.image else {
+            // The runtime would not find it either, unless it arrives in
+            // between: nothing unjudged reaches it.
+            return Err((
+                String::new(),
+                Refusal::new(
+                    Code::NotFound,
+                    Outcome::Denied,
+                    format!(
+                        "image {requested:?}{} is not on the node",
+                        image_use.suffix()
+                    ),
+                ),
+            ));
+        };
+        let resolved = resolve(requested, &image);
+        let now = SystemTime::now();
+        let namespace = pod.map_or("", |p| p.namespace.as_str());
+        let provenance = self.provenance(&image, &resolved, now).await;
+        let required = self
+            .policy
+            .requires_verification(namespace, &resolved.names, provenance);
+        let granted = pod.is_some_and(|p| self.has_grant(&image.id, &p.uid, now));
+        if required && !granted {
+            let name = resolved
+                .reference
+                .as_ref()
+                .map_or_else(|| requested.clone(), ToString::to_string);
+            return Err((
+                image.id.clone(),
+                Refusal::new(
+                    Code::FailedPrecondition,
+                    Outcome::Denied,
+                    format!(
+                        "{} holds no verification of its pull credentials for cached image {name}{}",
+                        describe(pod),
+                        image_use.suffix()
+                    ),
+                ),
+            ));
+        }
+        let why = if required {
+            "pod holds a verification"
+        } else {
+            "no verification required"
+        };
+        Ok((image.id, why))
     }
 }
 
@@ -761,11 +1178,22 @@ async fn forward(call: InspectedCall, upstream: &Upstream) -> Response<ProxyBody
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// "pod ns/name", or "the pod" when the call named none.
 fn describe(pod: Option<&PodRef>) -> String {
     pod.map_or_else(
         || "the pod".to_owned(),
         |p| format!("pod {}/{}", p.namespace, p.name),
+    )
+}
+
+/// Why a verification could not be relied on: its record is not on disk.
+fn unrecorded(reference: &ImageRef, error: &RecordError) -> String {
+    format!(
+        "the verification for {reference} could not be recorded ({error}); refusing until the record is on disk"
     )
 }
 
@@ -777,72 +1205,16 @@ fn invalid(rpc: Rpc, error: &prost::DecodeError) -> Response<ProxyBody> {
 }
 
 fn pod_ref(config: Option<&PodSandboxConfig>) -> Option<PodRef> {
-    let m = config?.metadata.as_ref()?;
+    pod_ref_of(config?.metadata.as_ref())
+}
+
+fn pod_ref_of(metadata: Option<&credlet_proto::cri::PodSandboxMetadata>) -> Option<PodRef> {
+    let m = metadata?;
     (!m.uid.is_empty()).then(|| PodRef {
         namespace: m.namespace.clone(),
         name: m.name.clone(),
         uid: m.uid.clone(),
     })
-}
-
-/// `sha256:<64 hex>` alone: a runtime image id, not a reference.
-fn is_image_id(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// A reference naming the image, from its repo tags or digests.
-fn reference_of(image: &Image) -> Option<ImageRef> {
-    image
-        .repo_tags
-        .iter()
-        .chain(image.repo_digests.iter())
-        .find_map(|r| ImageRef::parse(r).ok())
-}
-
-/// The manifest digest to check: the repo digest of the requested
-/// repository, else the requested digest, else any repo digest.
-fn manifest_digest(reference: &ImageRef, image: &Image) -> Option<String> {
-    let name = reference.name();
-    let digest_of = |repo_digest: &String| {
-        ImageRef::parse(repo_digest)
-            .ok()
-            .and_then(|r| Some((r.name(), r.digest()?.to_owned())))
-    };
-    image
-        .repo_digests
-        .iter()
-        .filter_map(digest_of)
-        .find(|(n, _)| *n == name)
-        .map(|(_, d)| d)
-        .or_else(|| reference.digest().map(str::to_owned))
-        .or_else(|| {
-            image
-                .repo_digests
-                .iter()
-                .filter_map(digest_of)
-                .map(|(_, d)| d)
-                .next()
-        })
-}
-
-/// Whether a pod's spec image refers to the image a CRI call is about.
-fn refers_to(spec_image: &str, requested: &str, image: &Image) -> bool {
-    if spec_image == requested || spec_image == image.id {
-        return true;
-    }
-    let Ok(spec) = ImageRef::parse(spec_image) else {
-        return false;
-    };
-    let spec_full = spec.to_string();
-    if ImageRef::parse(requested).is_ok_and(|r| r.to_string() == spec_full) {
-        return true;
-    }
-    image
-        .repo_tags
-        .iter()
-        .chain(image.repo_digests.iter())
-        .any(|r| ImageRef::parse(r).is_ok_and(|r| r.to_string() == spec_full))
 }
 
 impl Inspector for ImageGuard {
@@ -858,5 +1230,103 @@ impl Inspector for ImageGuard {
                 Rpc::CreateContainer => self.create_container(call, upstream).await,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use credlet_proto::cri::{ContainerConfig, Mount};
+
+    use super::*;
+
+    fn spec(image: &str) -> Option<ImageSpec> {
+        Some(ImageSpec {
+            image: image.into(),
+            ..ImageSpec::default()
+        })
+    }
+
+    fn mount(path: &str, image: Option<ImageSpec>) -> Mount {
+        Mount {
+            container_path: path.into(),
+            image,
+        }
+    }
+
+    #[test]
+    fn every_image_a_container_uses_is_judged() {
+        let request = |image: Option<ImageSpec>, mounts: Vec<Mount>| CreateContainerRequest {
+            config: Some(ContainerConfig {
+                image,
+                mounts,
+                ..ContainerConfig::default()
+            }),
+            ..CreateContainerRequest::default()
+        };
+        // The images judged (image, mount point), or the refusal's words.
+        type Judged<'a> = Result<Vec<(&'a str, Option<&'a str>)>, &'a str>;
+        let table: Vec<(CreateContainerRequest, Judged<'_>)> = vec![
+            (request(spec("app"), vec![]), Ok(vec![("app", None)])),
+            (
+                request(
+                    spec("app"),
+                    vec![
+                        mount("/data", None),
+                        mount("/v", spec("sha256:abc")),
+                        mount("/w", spec("private:v1")),
+                    ],
+                ),
+                Ok(vec![
+                    ("app", None),
+                    ("sha256:abc", Some("/v")),
+                    ("private:v1", Some("/w")),
+                ]),
+            ),
+            (request(None, vec![]), Err("names no image")),
+            (request(spec(""), vec![]), Err("names no image")),
+            (
+                request(spec("app"), vec![mount("/v", spec(""))]),
+                Err("image volume at \"/v\" names no image"),
+            ),
+            (
+                CreateContainerRequest::default(),
+                Err("no container config"),
+            ),
+        ];
+        for (request, want) in table {
+            let got = image_uses(&request).map(|uses| {
+                uses.into_iter()
+                    .map(|u| (u.spec.image, u.mount))
+                    .collect::<Vec<_>>()
+            });
+            match (got, want) {
+                (Ok(got), Ok(want)) => {
+                    let got: Vec<(&str, Option<&str>)> = got
+                        .iter()
+                        .map(|(i, m)| (i.as_str(), m.as_deref()))
+                        .collect();
+                    assert_eq!(got, want);
+                }
+                (Err(got), Err(want)) => assert!(got.contains(want), "{got:?} lacks {want:?}"),
+                (got, want) => panic!("{got:?} but wanted {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pods_come_from_sandbox_metadata_with_a_uid() {
+        use credlet_proto::cri::PodSandboxMetadata;
+        let meta = |uid: &str| PodSandboxMetadata {
+            name: "p".into(),
+            namespace: "ns".into(),
+            uid: uid.into(),
+            attempt: 0,
+        };
+        assert_eq!(
+            pod_ref_of(Some(&meta("u1"))).map(|p| p.uid),
+            Some("u1".into())
+        );
+        assert_eq!(pod_ref_of(Some(&meta(""))), None);
+        assert_eq!(pod_ref_of(None), None);
     }
 }

@@ -12,4 +12,5 @@ pub mod proxy;
 pub mod records;
 pub mod reference;
 pub mod registry;
+pub mod resolve;
 pub mod www_authenticate;

@@ -74,13 +74,15 @@ impl std::fmt::Display for PullPolicy {
     }
 }
 
-/// One container's image as written in the pod spec.
+/// One image a pod uses, as written in the pod spec: a container's image,
+/// or an image volume's reference (`spec.volumes[].image`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerImage {
     /// The image exactly as in the spec (e.g. `nginx`, `127.0.0.1:5000/app:v1`);
     /// not normalized.
     pub image: String,
-    /// Effective pull policy (see [`PullPolicy::effective`]).
+    /// Effective pull policy (see [`PullPolicy::effective`]; image volumes
+    /// are defaulted the same way).
     pub pull_policy: PullPolicy,
 }
 
@@ -94,7 +96,8 @@ pub struct PodInfo {
     /// `metadata.name`.
     pub name: String,
     /// The images of all containers, init containers and ephemeral
-    /// containers, in spec order (duplicates kept).
+    /// containers, then of the image volumes, in spec order (duplicates
+    /// kept). An image volume uses its image as much as a container does.
     pub images: Vec<ContainerImage>,
 }
 
@@ -120,6 +123,11 @@ impl PodInfo {
             }
             for c in spec.ephemeral_containers.iter().flatten() {
                 push(c.image.as_ref(), c.image_pull_policy.as_ref());
+            }
+            for v in spec.volumes.iter().flatten() {
+                if let Some(image) = &v.image {
+                    push(image.reference.as_ref(), image.pull_policy.as_ref());
+                }
             }
         }
         Some(Self {
@@ -434,7 +442,13 @@ mod tests {
                     {"name": "a", "image": "127.0.0.1:5000/app:v1", "imagePullPolicy": "Never"},
                     {"name": "b", "image": "nginx"}
                 ],
-                "ephemeralContainers": [{"name": "dbg", "image": "debug:latest", "imagePullPolicy": "IfNotPresent"}]
+                "ephemeralContainers": [{"name": "dbg", "image": "debug:latest", "imagePullPolicy": "IfNotPresent"}],
+                "volumes": [
+                    {"name": "tls", "csi": {"driver": "csi.credlet.io"}},
+                    {"name": "data", "image": {"reference": "127.0.0.1:5000/data:v2"}},
+                    {"name": "tools", "image": {"reference": "tools", "pullPolicy": "Never"}},
+                    {"name": "empty", "image": {}}
+                ]
             }
         }))
         .unwrap()
@@ -463,7 +477,13 @@ mod tests {
                 ("127.0.0.1:5000/app:v1", PullPolicy::Never),
                 ("nginx", PullPolicy::Always),
                 ("debug:latest", PullPolicy::IfNotPresent),
+                ("127.0.0.1:5000/data:v2", PullPolicy::IfNotPresent),
+                ("tools", PullPolicy::Never),
             ]
+        );
+        assert!(
+            info.uses(&|i| i == "127.0.0.1:5000/data:v2"),
+            "image volumes are uses"
         );
         assert!(info.uses(&|i| i == "nginx"));
         assert!(!info.uses(&|i| i == "nginx:latest"));

@@ -121,13 +121,20 @@ impl GuardPolicy {
             .unwrap_or(self.default)
     }
 
-    /// Whether a pod of `namespace` must prove access to `image`, given
+    /// Whether a pod of `namespace` must prove access to an image known to
+    /// the runtime by `names` (its repo tags and digests, normalized), given
     /// what credlet knows of the image's provenance (`None`: never saw it
     /// pulled — preloaded, or pulled before credlet ran).
+    ///
+    /// The allowlist applies to the image's own names, never to the string
+    /// a caller asked for (a short image id parses as a tag of
+    /// `docker.io/library/sha256`): the image is allowlisted only if it has
+    /// names and every one of them is allowlisted, so a private name the
+    /// image also carries keeps it protected.
     pub fn requires_verification(
         &self,
         namespace: &str,
-        image: &ImageRef,
+        names: &[ImageRef],
         provenance: Option<Provenance>,
     ) -> bool {
         if provenance == Some(Provenance::Anonymous) {
@@ -136,9 +143,15 @@ impl GuardPolicy {
         match self.for_namespace(namespace) {
             VerifyPolicy::NeverVerify => false,
             VerifyPolicy::NeverVerifyPreloadedImages => provenance.is_some(),
-            VerifyPolicy::NeverVerifyAllowlistedImages => !self.allowlist.matches(image),
+            VerifyPolicy::NeverVerifyAllowlistedImages => !self.allowlisted(names),
             VerifyPolicy::AlwaysVerify => true,
         }
+    }
+
+    /// Whether an image known by `names` is on the allowlist: it has names
+    /// and all of them are.
+    pub fn allowlisted(&self, names: &[ImageRef]) -> bool {
+        !names.is_empty() && names.iter().all(|n| self.allowlist.matches(n))
     }
 }
 
@@ -165,32 +178,95 @@ mod tests {
 
     #[test]
     fn decision_table() {
-        let mut policy = GuardPolicy {
-            allowlist: Allowlist::parse(["registry.example/base/*"]).expect("allowlist"),
-            ..GuardPolicy::default()
-        };
-        let private = image("registry.example/team/app:v1");
-        let base = image("registry.example/base/distroless:1");
+        let allowlist = Allowlist::parse(["registry.example/base/*"]).expect("allowlist");
+        let private = [image("registry.example/team/app:v1")];
+        let base = [image("registry.example/base/distroless:1")];
+        // The same image under an allowlisted and a private name.
+        let both = [base[0].clone(), private[0].clone()];
         let creds = Some(Provenance::Credentials);
         let public = Some(Provenance::Anonymous);
-
-        // Default: NeverVerifyPreloadedImages.
-        assert!(policy.requires_verification("a", &private, creds));
-        assert!(!policy.requires_verification("a", &private, None));
-        assert!(!policy.requires_verification("a", &private, public));
-
-        policy.default = VerifyPolicy::AlwaysVerify;
-        assert!(policy.requires_verification("a", &private, None));
-        assert!(!policy.requires_verification("a", &private, public));
-
-        policy.default = VerifyPolicy::NeverVerifyAllowlistedImages;
-        assert!(policy.requires_verification("a", &private, None));
-        assert!(!policy.requires_verification("a", &base, creds));
-
-        policy
-            .namespaces
-            .insert("trusted".into(), VerifyPolicy::NeverVerify);
-        assert!(!policy.requires_verification("trusted", &private, creds));
-        assert!(policy.requires_verification("other", &private, creds));
+        use VerifyPolicy::*;
+        // (node policy, "trusted" override, namespace, names, provenance, verify?)
+        type Row<'a> = (
+            VerifyPolicy,
+            Option<VerifyPolicy>,
+            &'a str,
+            &'a [ImageRef],
+            Option<Provenance>,
+            bool,
+        );
+        let table: &[Row<'_>] = &[
+            (NeverVerifyPreloadedImages, None, "a", &private, creds, true),
+            (NeverVerifyPreloadedImages, None, "a", &private, None, false),
+            (
+                NeverVerifyPreloadedImages,
+                None,
+                "a",
+                &private,
+                public,
+                false,
+            ),
+            (AlwaysVerify, None, "a", &private, None, true),
+            (AlwaysVerify, None, "a", &private, public, false),
+            (AlwaysVerify, None, "a", &[], None, true),
+            (
+                NeverVerifyAllowlistedImages,
+                None,
+                "a",
+                &private,
+                None,
+                true,
+            ),
+            (NeverVerifyAllowlistedImages, None, "a", &base, creds, false),
+            (NeverVerifyAllowlistedImages, None, "a", &both, None, true),
+            // No names (a bare image id with no tags): not allowlisted.
+            (NeverVerifyAllowlistedImages, None, "a", &[], None, true),
+            (
+                NeverVerifyAllowlistedImages,
+                None,
+                "a",
+                &base,
+                public,
+                false,
+            ),
+            (
+                NeverVerifyAllowlistedImages,
+                Some(NeverVerify),
+                "trusted",
+                &private,
+                creds,
+                false,
+            ),
+            (
+                NeverVerifyAllowlistedImages,
+                Some(NeverVerify),
+                "other",
+                &private,
+                creds,
+                true,
+            ),
+            (
+                NeverVerify,
+                Some(AlwaysVerify),
+                "trusted",
+                &base,
+                None,
+                true,
+            ),
+        ];
+        for (i, (default, trusted, namespace, names, provenance, want)) in table.iter().enumerate()
+        {
+            let policy = GuardPolicy {
+                default: *default,
+                namespaces: trusted.iter().map(|p| ("trusted".to_owned(), *p)).collect(),
+                allowlist: allowlist.clone(),
+                ..GuardPolicy::default()
+            };
+            assert_eq!(
+                policy.requires_verification(namespace, names, *provenance),
+                *want,
+                "row {i}: {default} ns {namespace} {names:?} {provenance:?}"
+            );
+        }
     }
 }

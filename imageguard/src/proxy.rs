@@ -1,12 +1,17 @@
 //! The CRI proxy: an HTTP/2 server on the kubelet's side, a small pool of
 //! long-lived HTTP/2 connections to the real runtime on the other.
 //!
-//! Every call passes through as frames — headers, data and trailers
+//! Every CRI v1 call passes through as frames — headers, data and trailers
 //! untouched, streaming calls included — except the few RPCs an
 //! [`Inspector`] decides on. Those bodies are buffered (bounded), handed to
 //! the inspector as their original bytes, and either forwarded unchanged or
 //! answered by credlet. If the runtime can not be reached the kubelet gets
 //! `Unavailable`; nothing is ever allowed because something is missing.
+//!
+//! Only `runtime.v1`'s RuntimeService and ImageService are served (see
+//! [`Route`]): the runtime's socket also serves older CRI versions
+//! (containerd 1.6: `runtime.v1alpha2`) and its own API, which would reach
+//! it uninspected. The kubelet speaks nothing else since 1.26.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,6 +44,50 @@ pub const PULL_IMAGE: &str = "/runtime.v1.ImageService/PullImage";
 pub const LIST_IMAGES: &str = "/runtime.v1.ImageService/ListImages";
 /// `RuntimeService/CreateContainer`.
 pub const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
+/// `RuntimeService/PodSandboxStatus` (credlet asks it which pod a sandbox
+/// was run for).
+pub const POD_SANDBOX_STATUS: &str = "/runtime.v1.RuntimeService/PodSandboxStatus";
+
+/// The services the proxy serves, as path prefixes.
+const SERVED: [&str; 2] = ["/runtime.v1.RuntimeService/", "/runtime.v1.ImageService/"];
+
+/// What the proxy does with a call, by its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Buffered and decided by the inspector.
+    Inspect(Rpc),
+    /// Forwarded as it is.
+    PassThrough,
+    /// Answered with `Unimplemented` and this message: a service the
+    /// guard does not serve.
+    Refuse(String),
+}
+
+impl Route {
+    /// The route of a request path.
+    pub fn of(path: &str) -> Self {
+        if let Some(rpc) = Rpc::from_path(path) {
+            return Self::Inspect(rpc);
+        }
+        if SERVED.iter().any(|prefix| path.starts_with(prefix)) {
+            return Self::PassThrough;
+        }
+        let service = path
+            .trim_start_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let service: String = service.chars().take(100).collect();
+        if service.starts_with("runtime.v1alpha2.") {
+            return Self::Refuse(format!(
+                "credlet: CRI runtime.v1alpha2 ({service}) is not served through the image guard, which only inspects runtime.v1; the kubelet speaks runtime.v1 since 1.26"
+            ));
+        }
+        Self::Refuse(format!(
+            "credlet: {service:?} is not served through the image guard; it serves only the CRI v1 services runtime.v1.RuntimeService and runtime.v1.ImageService"
+        ))
+    }
+}
 
 /// The RPCs an inspector sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -564,8 +613,16 @@ impl CriProxy {
 
     /// Handles one request from the kubelet.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        let Some(rpc) = Rpc::from_path(request.uri().path()) else {
-            return self.pass_through(request).await;
+        let rpc = match Route::of(request.uri().path()) {
+            Route::Inspect(rpc) => rpc,
+            Route::PassThrough => return self.pass_through(request).await,
+            Route::Refuse(message) => {
+                tracing::warn!(
+                    path = request.uri().path(),
+                    "CRI call of a service the image guard does not serve refused"
+                );
+                return grpc::error_response(Code::Unimplemented, &message);
+            }
         };
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, MAX_INSPECTED_MESSAGE + 5)
@@ -653,5 +710,60 @@ impl CriProxy {
         {
             tracing::warn!(?drain, "CRI calls still in flight after the drain period");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let table = [
+            (IMAGE_STATUS, Some(Route::Inspect(Rpc::ImageStatus))),
+            (PULL_IMAGE, Some(Route::Inspect(Rpc::PullImage))),
+            (CREATE_CONTAINER, Some(Route::Inspect(Rpc::CreateContainer))),
+            (
+                "/runtime.v1.RuntimeService/Version",
+                Some(Route::PassThrough),
+            ),
+            (POD_SANDBOX_STATUS, Some(Route::PassThrough)),
+            (
+                "/runtime.v1.ImageService/ListImages",
+                Some(Route::PassThrough),
+            ),
+            (
+                "/runtime.v1.RuntimeService/GetContainerEvents",
+                Some(Route::PassThrough),
+            ),
+            ("/runtime.v1alpha2.RuntimeService/CreateContainer", None),
+            ("/runtime.v1alpha2.ImageService/PullImage", None),
+            ("/runtime.v1alpha2.RuntimeService/Version", None),
+            ("/containerd.services.tasks.v1.Tasks/Create", None),
+            ("/grpc.health.v1.Health/Check", None),
+            ("/runtime.v1.RuntimeServiceX/Version", None),
+            ("/runtime.v1.RuntimeService", None),
+            ("/", None),
+            ("", None),
+        ];
+        for (path, want) in table {
+            let route = Route::of(path);
+            match want {
+                Some(want) => assert_eq!(route, want, "{path}"),
+                None => {
+                    let Route::Refuse(message) = &route else {
+                        panic!("{path}: {route:?}");
+                    };
+                    assert!(message.starts_with("credlet: "), "{message}");
+                    if path.contains("v1alpha2") {
+                        assert!(message.contains("runtime.v1alpha2"), "{message}");
+                    }
+                }
+            }
+        }
+        let Route::Refuse(long) = Route::of(&format!("/{}/x", "a".repeat(10_000))) else {
+            panic!("refused");
+        };
+        assert!(long.len() < 400, "{}", long.len());
     }
 }

@@ -4,13 +4,29 @@
 //!
 //! Credentials are never stored, nor a plain hash of one: only an HMAC under
 //! a node-local secret (generated on first start, 0600), which can not be
-//! compared across nodes or brute-forced without the secret. Each record
-//! file carries an HMAC over its content; a record that can not be read or
-//! whose HMAC does not verify is dropped — it then counts as "no
-//! verification" (fail closed). Files are written to a temporary name and
-//! renamed (atomic), mode 0600.
+//! compared across nodes or brute-forced without the secret. Each file
+//! carries an HMAC over its content; a record that can not be read or whose
+//! HMAC does not verify is dropped — it then counts as "no verification"
+//! (fail closed). Files are written to a temporary name and renamed
+//! (atomic), mode 0600.
+//!
+//! An image without a record looks preloaded, which the default policy does
+//! not protect. So a record must never go missing for an image the guard
+//! saw pulled with credentials:
+//!
+//! - before a credentialed pull of an absent image is sent to the runtime,
+//!   a *pull intent* (the reference) is written to `pulling/`; if it can not
+//!   be, the pull is refused before anything is downloaded. The intent is
+//!   removed once the image's record is on disk. An intent left over from a
+//!   previous run (a crash, or a record that could not be written) marks the
+//!   image it produced as private;
+//! - the *inventory* (`inventory.json`) lists every image that has a record;
+//!   it is written before a new record's file. A listed image whose record
+//!   file is gone or corrupt comes back as private with no verifications;
+//! - a record that could not be written stays in memory (protected while
+//!   the process runs) and is retried with every flush.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -25,6 +41,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::credential::Credential;
 use crate::policy::Provenance;
+use crate::reference::ImageRef;
+use crate::resolve::pulled_as;
 
 /// Errors of the record store.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +154,29 @@ impl ImageRecord {
             .get(pod_uid)
             .filter(|g| fresh(g.verified_at, ttl, now))
     }
+
+    /// The provenance to decide by at `now`. An image counts as public only
+    /// while its last anonymous success is within `ttl`, like any positive
+    /// answer: a repository can turn private, and a public answer must not
+    /// hold for every pod and policy forever. Past that it is private until
+    /// an anonymous check succeeds again.
+    pub fn effective_provenance(&self, ttl: Duration, now: SystemTime) -> Provenance {
+        match self.provenance {
+            Provenance::Anonymous
+                if self.credential_verified(&CredentialId::anonymous(), ttl, now) =>
+            {
+                Provenance::Anonymous
+            }
+            _ => Provenance::Credentials,
+        }
+    }
+
+    /// Whether the record says the image is public but that answer is older
+    /// than `ttl` (it must be checked again).
+    pub fn public_answer_expired(&self, ttl: Duration, now: SystemTime) -> bool {
+        self.provenance == Provenance::Anonymous
+            && self.effective_provenance(ttl, now) != Provenance::Anonymous
+    }
 }
 
 fn fresh(at: u64, ttl: Duration, now: SystemTime) -> bool {
@@ -154,24 +195,83 @@ struct SignedFile {
     mac: String,
 }
 
+/// The ids of every image with a record.
+#[derive(Serialize, Deserialize)]
+struct Inventory {
+    images: BTreeSet<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedInventory {
+    inventory: Inventory,
+    mac: String,
+}
+
+/// A pull on its way to the runtime.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Intent {
+    /// The normalized reference pulled.
+    reference: String,
+    /// When the pull started, seconds since the epoch.
+    started: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedIntent {
+    intent: Intent,
+    mac: String,
+}
+
+/// A pull intent on disk (see [`RecordStore::begin_pull`]): ends with
+/// [`RecordStore::end_pull`], or stays on disk when the pull's record could
+/// not be written.
+#[derive(Debug)]
+#[must_use = "end the pull intent, or it stays on disk as a stale one"]
+pub struct PullIntent {
+    path: PathBuf,
+    reference: ImageRef,
+}
+
+/// An intent left by an earlier pull whose record is not known to be on
+/// disk: the image it produced, if any, is private.
+#[derive(Debug, Clone)]
+struct StaleIntent {
+    path: PathBuf,
+    reference: ImageRef,
+}
+
 /// Image records: loaded at start, kept in memory (sharded map).
 ///
-/// A new record is written through before the call that created it is
-/// answered: an image whose record is lost would look preloaded. Later
-/// changes (verifications, grants) are written behind, coalesced within
-/// [`FLUSH_DELAY`], off the request path; losing them in a crash only means
-/// the pods prove access again. Dropping the store flushes what is pending.
+/// A new record is on disk (file and inventory entry) before the call that
+/// created it is answered with success — [`RecordStore::persist`]; until
+/// then it is kept in memory and retried. Later changes (verifications,
+/// grants) are written behind, coalesced within [`FLUSH_DELAY`], off the
+/// request path; losing them in a crash only means the pods prove access
+/// again. Dropping the store flushes what is pending.
 #[derive(Debug)]
 pub struct RecordStore {
     dir: PathBuf,
+    inventory_path: PathBuf,
+    intents_dir: PathBuf,
     key: hmac::Key,
     records: DashMap<String, ImageRecord>,
     /// Records changed in memory and not yet on disk.
     dirty: Mutex<HashSet<String>>,
+    /// Records whose file or inventory entry is not on disk yet.
+    unwritten: Mutex<HashSet<String>>,
+    /// The ids the inventory on disk lists.
+    inventory: Mutex<BTreeSet<String>>,
+    /// Intents of pulls whose record is not on disk yet, by image id.
+    intents_by_image: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Intents from earlier runs, not matched to an image yet.
+    stale_intents: Mutex<Vec<StaleIntent>>,
     /// A delayed flush is on its way.
     flush_scheduled: AtomicBool,
-    /// One flush at a time, so an older copy never overwrites a newer one.
-    flushing: Mutex<()>,
+    /// One writer at a time, so an older copy never overwrites a newer one:
+    /// every record, inventory and intent write holds it, and copies what
+    /// it writes only once it holds it.
+    io: Mutex<()>,
 }
 
 /// How long changes are collected before they are written.
@@ -190,28 +290,71 @@ pub enum Stored {
 
 const SECRET_LEN: usize = 32;
 
+/// How many of [`RecordStore::open`]'s findings failed closed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Record files dropped as unreadable or not authentic.
+    pub dropped: usize,
+    /// Images the inventory lists whose record file is gone.
+    pub missing: usize,
+    /// Pull intents left by an earlier run.
+    pub stale_intents: usize,
+}
+
 impl RecordStore {
     /// Opens `<state_dir>/imageguard`: the node secret (created on first
     /// start) and every readable, authentic record. Returns how many
-    /// records were dropped as unreadable or tampered with.
+    /// records were dropped as unreadable, tampered with or missing (each
+    /// kept as private with no verifications).
     pub fn open(state_dir: &Path) -> Result<(Self, usize), RecordError> {
+        let (store, opened) = Self::open_report(state_dir)?;
+        Ok((store, opened.dropped + opened.missing))
+    }
+
+    /// [`RecordStore::open`] with the details.
+    pub fn open_report(state_dir: &Path) -> Result<(Self, Opened), RecordError> {
         let dir = state_dir.join("imageguard");
         let records_dir = dir.join("images");
-        fs::create_dir_all(&records_dir).map_err(|e| io("create", &records_dir, e))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| io("chmod", &dir, e))?;
+        let intents_dir = dir.join("pulling");
+        for d in [&records_dir, &intents_dir] {
+            fs::create_dir_all(d).map_err(|e| io("create", d, e))?;
+        }
+        // No chmod when the mode is right: a read-only records directory
+        // must not keep the guard from starting (it then refuses what it
+        // can not record).
+        let mode = fs::metadata(&dir).map_err(|e| io("stat", &dir, e))?;
+        if mode.permissions().mode() & 0o777 != 0o700 {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| io("chmod", &dir, e))?;
+        }
         let secret = load_or_create_secret(&dir.join("node-secret"))?;
         let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
         let store = Self {
             dir: records_dir,
+            inventory_path: dir.join("inventory.json"),
+            intents_dir,
             key,
             records: DashMap::new(),
             dirty: Mutex::new(HashSet::new()),
+            unwritten: Mutex::new(HashSet::new()),
+            inventory: Mutex::new(BTreeSet::new()),
+            intents_by_image: Mutex::new(HashMap::new()),
+            stale_intents: Mutex::new(Vec::new()),
             flush_scheduled: AtomicBool::new(false),
-            flushing: Mutex::new(()),
+            io: Mutex::new(()),
         };
-        let dropped = store.load()?;
-        Ok((store, dropped))
+        let mut opened = Opened {
+            dropped: store.load()?,
+            ..Opened::default()
+        };
+        opened.missing = store.load_inventory();
+        opened.stale_intents = store.load_intents();
+        // Tombstones and a rebuilt inventory are written now if the disk
+        // lets us; otherwise they stay in memory and are retried.
+        if let Err(error) = store.flush() {
+            tracing::error!(%error, "writing image records at start; retried with the next change");
+        }
+        Ok((store, opened))
     }
 
     fn load(&self) -> Result<usize, RecordError> {
@@ -232,7 +375,6 @@ impl RecordStore {
                 }
                 _ => {
                     dropped += 1;
-                    let _ = fs::remove_file(&path);
                     // Fail closed: an image whose record is lost must not
                     // look preloaded (unprotected under the default
                     // policy). Keep it as private with no verifications, so
@@ -240,11 +382,10 @@ impl RecordStore {
                     match image_id_of(name) {
                         Some(image_id) => {
                             tracing::warn!(path = %path.display(), image_id, "image record unreadable or not authentic; kept as private with no verifications");
-                            let record = ImageRecord::new(&image_id, Provenance::Credentials);
-                            self.write(&record)?;
-                            self.records.insert(image_id, record);
+                            self.tombstone(&image_id);
                         }
                         None => {
+                            let _ = fs::remove_file(&path);
                             tracing::warn!(path = %path.display(), "unreadable file in the image records dropped");
                         }
                     }
@@ -252,6 +393,105 @@ impl RecordStore {
             }
         }
         Ok(dropped)
+    }
+
+    /// Keeps `image_id` as private with no verifications, to be written.
+    fn tombstone(&self, image_id: &str) {
+        self.records.insert(
+            image_id.to_owned(),
+            ImageRecord::new(image_id, Provenance::Credentials),
+        );
+        lock(&self.unwritten).insert(image_id.to_owned());
+    }
+
+    /// Reads the inventory; every image it lists without a record comes
+    /// back as private. Returns how many were missing.
+    fn load_inventory(&self) -> usize {
+        let listed = match fs::read(&self.inventory_path) {
+            Ok(body) => match self.verify_inventory(&body) {
+                Some(listed) => listed,
+                None => {
+                    tracing::error!(path = %self.inventory_path.display(), "image inventory unreadable or not authentic; rebuilt from the record files (a record file deleted together with it goes unnoticed)");
+                    BTreeSet::new()
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !self.records.is_empty() {
+                    tracing::warn!(path = %self.inventory_path.display(), records = self.records.len(), "no image inventory; built from the record files");
+                }
+                BTreeSet::new()
+            }
+            Err(error) => {
+                tracing::error!(path = %self.inventory_path.display(), %error, "reading the image inventory; rebuilt from the record files");
+                BTreeSet::new()
+            }
+        };
+        let mut missing = 0;
+        for image_id in &listed {
+            if !self.records.contains_key(image_id) {
+                missing += 1;
+                tracing::warn!(
+                    image_id,
+                    "image record missing although the inventory lists it; kept as private with no verifications"
+                );
+                self.tombstone(image_id);
+            }
+        }
+        let complete = self.records.iter().all(|r| listed.contains(r.key()));
+        *lock(&self.inventory) = listed;
+        if !complete {
+            // Records not listed yet (written just before a crash, or no
+            // inventory at all): list them with the next write.
+            let ids: Vec<String> = self.records.iter().map(|r| r.key().clone()).collect();
+            let inventory = lock(&self.inventory);
+            lock(&self.unwritten).extend(ids.into_iter().filter(|id| !inventory.contains(id)));
+        }
+        missing
+    }
+
+    fn verify_inventory(&self, body: &[u8]) -> Option<BTreeSet<String>> {
+        let file: SignedInventory = serde_json::from_slice(body).ok()?;
+        let content = serde_json::to_vec(&file.inventory).ok()?;
+        hmac::verify(&self.key, &content, &hex_decode(&file.mac)?).ok()?;
+        Some(file.inventory.images)
+    }
+
+    /// Loads the intents of pulls an earlier run did not finish recording.
+    fn load_intents(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.intents_dir) else {
+            return 0;
+        };
+        let mut stale = lock(&self.stale_intents);
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let reference = fs::read(&path)
+                .ok()
+                .and_then(|body| serde_json::from_slice::<SignedIntent>(&body).ok())
+                .filter(|file| {
+                    serde_json::to_vec(&file.intent)
+                        .ok()
+                        .is_some_and(|content| {
+                            hex_decode(&file.mac)
+                                .is_some_and(|mac| hmac::verify(&self.key, &content, &mac).is_ok())
+                        })
+                })
+                .and_then(|file| ImageRef::parse(&file.intent.reference).ok());
+            match reference {
+                Some(reference) => {
+                    tracing::warn!(reference = %reference, "a pull of an earlier run has no record on disk; the image it produced is kept as private");
+                    stale.push(StaleIntent { path, reference });
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), "unreadable or not authentic pull intent dropped");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        stale.len()
     }
 
     fn read_one(&self, path: &Path) -> Option<ImageRecord> {
@@ -289,9 +529,13 @@ impl RecordStore {
     }
 
     /// Changes (or creates, with `provenance`) the record of `image_id`.
-    /// A new record is written through; a changed one is written behind
-    /// (see [`RecordStore::schedule_flush`]); a decision that changes
-    /// nothing costs no I/O.
+    /// A new record is written through ([`RecordStore::persist`]); a
+    /// changed one is written behind (see [`RecordStore::schedule_flush`]);
+    /// a decision that changes nothing costs no I/O.
+    ///
+    /// An error means the change is in memory (it holds while the process
+    /// runs) but the new record is not on disk yet: a caller about to
+    /// answer a pull with success must fail it instead.
     pub fn update(
         &self,
         image_id: &str,
@@ -305,20 +549,191 @@ impl RecordStore {
         });
         let changed = change(entry.value_mut());
         if created {
-            // Under the entry's lock: no later change can be overtaken.
-            if let Err(error) = self.write(entry.value()) {
-                drop(entry);
-                self.records.remove(image_id);
-                return Err(error);
-            }
+            lock(&self.unwritten).insert(image_id.to_owned());
+        }
+        // The write takes the io lock: never while holding the entry.
+        drop(entry);
+        if created {
+            self.persist(image_id)?;
             return Ok(Stored::Created);
         }
-        drop(entry);
         if !changed {
             return Ok(Stored::Unchanged);
         }
         lock(&self.dirty).insert(image_id.to_owned());
         Ok(Stored::Deferred)
+    }
+
+    /// Makes sure the record of `image_id` exists on disk — listed in the
+    /// inventory and written — and removes the intents of the pull that
+    /// produced it. No I/O when it already is.
+    pub fn persist(&self, image_id: &str) -> Result<(), RecordError> {
+        if !lock(&self.unwritten).contains(image_id) {
+            return Ok(());
+        }
+        let _io = lock(&self.io);
+        self.persist_locked(image_id)
+    }
+
+    fn persist_locked(&self, image_id: &str) -> Result<(), RecordError> {
+        if !lock(&self.unwritten).contains(image_id) {
+            return Ok(()); // written meanwhile
+        }
+        let Some(record) = self.get(image_id) else {
+            lock(&self.unwritten).remove(image_id); // pruned meanwhile
+            return Ok(());
+        };
+        // Listed first: a crash between the two writes leaves an image
+        // listed without a record, which comes back private.
+        if !lock(&self.inventory).contains(image_id) {
+            self.write_inventory()?;
+        }
+        self.write(&record)?;
+        lock(&self.unwritten).remove(image_id);
+        let intents = lock(&self.intents_by_image).remove(image_id);
+        for path in intents.into_iter().flatten() {
+            remove_intent_file(&path);
+        }
+        Ok(())
+    }
+
+    /// Whether the record of `image_id` is not on disk yet.
+    pub fn is_unwritten(&self, image_id: &str) -> bool {
+        lock(&self.unwritten).contains(image_id)
+    }
+
+    /// Writes the inventory of every record in memory. Holds the io lock.
+    fn write_inventory(&self) -> Result<(), RecordError> {
+        let images: BTreeSet<String> = self.records.iter().map(|r| r.key().clone()).collect();
+        let signed = SignedInventory {
+            mac: String::new(),
+            inventory: Inventory {
+                images: images.clone(),
+            },
+        };
+        let encode = |e: serde_json::Error| io("encode", &self.inventory_path, e.into());
+        let content = serde_json::to_vec(&signed.inventory).map_err(encode)?;
+        let signed = SignedInventory {
+            mac: hex(hmac::sign(&self.key, &content).as_ref()),
+            ..signed
+        };
+        write_atomically(
+            &self.inventory_path,
+            &serde_json::to_vec(&signed).map_err(encode)?,
+        )?;
+        *lock(&self.inventory) = images;
+        Ok(())
+    }
+
+    /// Records on disk, before it is sent to the runtime, that `reference`
+    /// is being pulled with credentials. If the guard dies before the
+    /// image's record is written, the next start treats the image that
+    /// pull produced as private. An error means nothing may be pulled.
+    pub fn begin_pull(&self, reference: &ImageRef) -> Result<PullIntent, RecordError> {
+        let mut nonce = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| RecordError::Random)?;
+        let path = self.intents_dir.join(format!("{}.json", hex(&nonce)));
+        let intent = Intent {
+            reference: reference.to_string(),
+            started: unix(SystemTime::now()),
+        };
+        let content = serde_json::to_vec(&intent).map_err(|e| io("encode", &path, e.into()))?;
+        let mac = hex(hmac::sign(&self.key, &content).as_ref());
+        let body = serde_json::to_vec(&SignedIntent { intent, mac })
+            .map_err(|e| io("encode", &path, e.into()))?;
+        let _io = lock(&self.io);
+        write_atomically(&path, &body)?;
+        Ok(PullIntent {
+            path,
+            reference: reference.clone(),
+        })
+    }
+
+    /// Ends a pull intent. `image_id`: the image the pull produced (its
+    /// record is created by now); the intent is removed once that record
+    /// is on disk. `None`: the runtime pulled nothing; it is removed now.
+    pub fn end_pull(&self, intent: PullIntent, image_id: Option<&str>) {
+        match image_id {
+            Some(id) if self.is_unwritten(id) => {
+                lock(&self.intents_by_image)
+                    .entry(id.to_owned())
+                    .or_default()
+                    .push(intent.path);
+            }
+            _ => remove_intent_file(&intent.path),
+        }
+    }
+
+    /// Keeps a pull intent as a stale one: the runtime may hold an image
+    /// from it that credlet could not identify.
+    pub fn abandon_pull(&self, intent: PullIntent) {
+        lock(&self.stale_intents).push(StaleIntent {
+            path: intent.path,
+            reference: intent.reference,
+        });
+    }
+
+    /// Whether pull intents of an earlier run wait to be matched.
+    pub fn has_stale_intents(&self) -> bool {
+        !lock(&self.stale_intents).is_empty()
+    }
+
+    /// For an image with no record: if a stale pull intent produced it (its
+    /// `names` include the intent's reference), keeps it as private with no
+    /// verifications. Returns whether it did.
+    pub fn claim_stale_intent(&self, image_id: &str, names: &[ImageRef]) -> bool {
+        let matched: Vec<StaleIntent> = {
+            let mut stale = lock(&self.stale_intents);
+            let (matched, rest) = std::mem::take(&mut *stale)
+                .into_iter()
+                .partition(|i| pulled_as(&i.reference, names));
+            *stale = rest;
+            matched
+        };
+        if matched.is_empty() {
+            return false;
+        }
+        tracing::warn!(image_id, reference = %matched[0].reference, "image of an unrecorded pull kept as private with no verifications");
+        let result = self.update(image_id, Provenance::Credentials, |_| false);
+        let mut intents = lock(&self.intents_by_image);
+        let paths = intents.entry(image_id.to_owned()).or_default();
+        paths.extend(matched.into_iter().map(|i| i.path));
+        drop(intents);
+        match result {
+            Ok(_) => {
+                // Written: the intents can go.
+                if !self.is_unwritten(image_id) {
+                    let paths = lock(&self.intents_by_image).remove(image_id);
+                    for path in paths.into_iter().flatten() {
+                        remove_intent_file(&path);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, image_id, "writing the record of an unrecorded pull; kept in memory, retried");
+            }
+        }
+        true
+    }
+
+    /// Settles the stale pull intents against the images the runtime holds
+    /// (`(id, names)`): an image one produced is kept as private; an intent
+    /// that produced nothing (the pull never finished) is dropped.
+    pub fn settle_stale_intents(&self, images: &[(String, Vec<ImageRef>)]) {
+        if !self.has_stale_intents() {
+            return;
+        }
+        for (id, names) in images {
+            if !self.records.contains_key(id) {
+                self.claim_stale_intent(id, names);
+            }
+        }
+        let left = std::mem::take(&mut *lock(&self.stale_intents));
+        for intent in left {
+            tracing::info!(reference = %intent.reference, "an unrecorded pull of an earlier run produced no image; intent dropped");
+            remove_intent_file(&intent.path);
+        }
     }
 
     /// Arranges for pending changes to be written within [`FLUSH_DELAY`],
@@ -342,16 +757,25 @@ impl RecordStore {
         });
     }
 
-    /// Writes every record changed in memory. Returns how many were
-    /// written; on an error the unwritten ones stay pending.
+    /// Writes every record changed in memory, and every record not on disk
+    /// yet. Returns how many were written; on an error the unwritten ones
+    /// stay pending.
     pub fn flush(&self) -> Result<usize, RecordError> {
-        let _one_at_a_time = lock(&self.flushing);
-        let pending: Vec<String> = lock(&self.dirty).drain().collect();
+        let _io = lock(&self.io);
         let mut written = 0;
+        let unwritten: Vec<String> = lock(&self.unwritten).iter().cloned().collect();
+        for image_id in &unwritten {
+            self.persist_locked(image_id)?;
+            written += 1;
+        }
+        let pending: Vec<String> = lock(&self.dirty).drain().collect();
         for (i, image_id) in pending.iter().enumerate() {
             let Some(record) = self.get(image_id) else {
                 continue; // pruned meanwhile
             };
+            if unwritten.contains(image_id) {
+                continue; // just written whole
+            }
             if let Err(error) = self.write(&record) {
                 lock(&self.dirty).extend(pending[i..].iter().cloned());
                 return Err(error);
@@ -369,9 +793,10 @@ impl RecordStore {
 
     /// Records changed in memory and not yet written.
     pub fn pending(&self) -> usize {
-        lock(&self.dirty).len()
+        lock(&self.dirty).len() + lock(&self.unwritten).len()
     }
 
+    /// Writes one record file. Holds the io lock.
     fn write(&self, record: &ImageRecord) -> Result<(), RecordError> {
         let content = serde_json::to_vec(record).map_err(|e| io("encode", &self.dir, e.into()))?;
         let mac = hex(hmac::sign(&self.key, &content).as_ref());
@@ -380,18 +805,7 @@ impl RecordStore {
             mac,
         })
         .map_err(|e| io("encode", &self.dir, e.into()))?;
-        let path = self.dir.join(file_name(&record.image_id));
-        let tmp = path.with_extension("tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("write", &tmp, e))?;
-        file.write_all(&body).map_err(|e| io("write", &tmp, e))?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(|e| io("rename", &path, e))
+        write_atomically(&self.dir.join(file_name(&record.image_id)), &body)
     }
 
     /// Drops records of images no longer on the node and grants of pods
@@ -401,6 +815,7 @@ impl RecordStore {
         present_images: &HashSet<String>,
         live_pods: Option<&HashSet<String>>,
     ) -> Result<(usize, usize), RecordError> {
+        let _io = lock(&self.io);
         let gone: Vec<String> = self
             .records
             .iter()
@@ -409,24 +824,43 @@ impl RecordStore {
             .collect();
         for id in &gone {
             self.records.remove(id);
+            lock(&self.unwritten).remove(id);
             let path = self.dir.join(file_name(id));
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io("remove", &path, e)),
             }
+            for intent in lock(&self.intents_by_image)
+                .remove(id)
+                .into_iter()
+                .flatten()
+            {
+                remove_intent_file(&intent);
+            }
+        }
+        if !gone.is_empty() {
+            // Unlisted after their files are gone: a crash in between only
+            // leaves a listed image the runtime no longer has.
+            self.write_inventory()?;
         }
         let mut grants_removed = 0;
         if let Some(live) = live_pods {
             let ids: Vec<String> = self.records.iter().map(|r| r.key().clone()).collect();
             for id in ids {
-                if let Some(mut record) = self.records.get_mut(&id) {
-                    let before = record.grants.len();
-                    record.grants.retain(|uid, _| live.contains(uid));
-                    if record.grants.len() != before {
+                let changed = match self.records.get_mut(&id) {
+                    Some(mut record) => {
+                        let before = record.grants.len();
+                        record.grants.retain(|uid, _| live.contains(uid));
                         grants_removed += before - record.grants.len();
-                        self.write(record.value())?;
+                        (record.grants.len() != before).then(|| record.clone())
                     }
+                    None => None,
+                };
+                if let Some(record) = changed
+                    && !lock(&self.unwritten).contains(&id)
+                {
+                    self.write(&record)?;
                 }
             }
         }
@@ -452,6 +886,30 @@ impl Drop for RecordStore {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Writes `body` to a temporary name next to `path` (0600) and renames it.
+fn write_atomically(path: &Path, body: &[u8]) -> Result<(), RecordError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("write", &tmp, e))?;
+    file.write_all(body).map_err(|e| io("write", &tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| io("rename", path, e))
+}
+
+fn remove_intent_file(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Left behind, it marks an image private that is private anyway.
+        Err(error) => tracing::warn!(path = %path.display(), %error, "removing a pull intent"),
+    }
 }
 
 /// `sha256:abc…` → `sha256-abc….json` (ids are digests; anything else is
@@ -755,5 +1213,182 @@ mod tests {
         assert_eq!(file_name("sha256:ab"), "sha256-ab.json");
         assert!(file_name("../../etc/passwd").starts_with("x-"));
         assert!(!file_name("a/b").contains('/'));
+    }
+
+    #[test]
+    fn public_answers_expire_with_the_ttl() {
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(60);
+        let at = |ago: u64| unix(now) - ago;
+        // (provenance, anonymous success `ago` seconds ago, effective, expired)
+        let table = [
+            (Provenance::Anonymous, Some(0), Provenance::Anonymous, false),
+            (
+                Provenance::Anonymous,
+                Some(59),
+                Provenance::Anonymous,
+                false,
+            ),
+            (
+                Provenance::Anonymous,
+                Some(60),
+                Provenance::Credentials,
+                true,
+            ),
+            (
+                Provenance::Anonymous,
+                Some(86_400),
+                Provenance::Credentials,
+                true,
+            ),
+            (Provenance::Anonymous, None, Provenance::Credentials, true),
+            (
+                Provenance::Credentials,
+                Some(0),
+                Provenance::Credentials,
+                false,
+            ),
+            (
+                Provenance::Credentials,
+                None,
+                Provenance::Credentials,
+                false,
+            ),
+        ];
+        for (provenance, ago, effective, expired) in table {
+            let mut record = ImageRecord::new(ID, provenance);
+            if let Some(ago) = ago {
+                record.verified.insert(CredentialId::anonymous(), at(ago));
+            }
+            assert_eq!(
+                record.effective_provenance(ttl, now),
+                effective,
+                "{provenance:?} {ago:?}"
+            );
+            assert_eq!(
+                record.public_answer_expired(ttl, now),
+                expired,
+                "{provenance:?} {ago:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deleted_record_file_comes_back_private() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        {
+            let (store, _) = RecordStore::open(tmp.path()).expect("open");
+            grant(&store);
+        }
+        fs::remove_file(tmp.path().join("imageguard/images").join(file_name(ID))).expect("delete");
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened.missing, 1);
+        let kept = store.get(ID).expect("listed in the inventory");
+        assert_eq!(kept.provenance, Provenance::Credentials);
+        assert!(kept.grants.is_empty() && kept.verified.is_empty());
+        drop(store);
+        // Written back: a plain record from now on.
+        let (_store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened, Opened::default());
+    }
+
+    #[test]
+    fn records_without_an_inventory_are_listed() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        {
+            let (store, _) = RecordStore::open(tmp.path()).expect("open");
+            grant(&store);
+        }
+        // A store from before the inventory: the records build it.
+        fs::remove_file(tmp.path().join("imageguard/inventory.json")).expect("delete");
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened, Opened::default());
+        assert_eq!(store.pending(), 0, "inventory written at start");
+        drop(store);
+        fs::remove_file(tmp.path().join("imageguard/images").join(file_name(ID))).expect("delete");
+        let (_store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened.missing, 1);
+    }
+
+    /// Makes a directory unwritable for root too: a file where it was.
+    fn break_dir(dir: &Path) -> PathBuf {
+        let aside = dir.with_extension("aside");
+        fs::rename(dir, &aside).expect("move aside");
+        fs::write(dir, b"not a directory").expect("file in its place");
+        aside
+    }
+
+    fn mend_dir(dir: &Path, aside: &Path) {
+        fs::remove_file(dir).expect("remove file");
+        fs::rename(aside, dir).expect("move back");
+    }
+
+    #[test]
+    fn an_unwritable_record_stays_in_memory_and_is_retried() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, _) = RecordStore::open(tmp.path()).expect("open");
+        let images = tmp.path().join("imageguard/images");
+        let aside = break_dir(&images);
+        let error = store
+            .update(ID, Provenance::Credentials, |_| true)
+            .expect_err("the record can not be written");
+        assert!(error.to_string().contains("imageguard/images"), "{error}");
+        assert!(store.is_unwritten(ID));
+        assert_eq!(
+            store.get(ID).expect("kept in memory").provenance,
+            Provenance::Credentials
+        );
+        assert!(store.persist(ID).is_err());
+        mend_dir(&images, &aside);
+        store.persist(ID).expect("written once the disk is back");
+        assert!(!store.is_unwritten(ID));
+        assert!(on_disk(tmp.path()).is_some());
+    }
+
+    #[test]
+    fn pull_intents_are_written_first_and_mark_unrecorded_images_private() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let reference = ImageRef::parse("registry.example/team/app:v1").expect("ref");
+        let names = [reference.clone()];
+        let intents = tmp.path().join("imageguard/pulling");
+        {
+            let (store, _) = RecordStore::open(tmp.path()).expect("open");
+            // A finished pull: the intent goes with the record on disk.
+            let intent = store.begin_pull(&reference).expect("intent");
+            assert_eq!(fs::read_dir(&intents).expect("ls").count(), 1);
+            store
+                .update(ID, Provenance::Credentials, |_| true)
+                .expect("record");
+            store.end_pull(intent, Some(ID));
+            assert_eq!(fs::read_dir(&intents).expect("ls").count(), 0);
+            // No intent can be written: nothing may be pulled.
+            let aside = break_dir(&intents);
+            assert!(store.begin_pull(&reference).is_err());
+            mend_dir(&intents, &aside);
+            // A pull whose record is never written (the guard dies).
+            let intent = store.begin_pull(&reference).expect("intent");
+            std::mem::forget(intent);
+        }
+        let other = "sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened.stale_intents, 1);
+        assert!(store.has_stale_intents());
+        // An image by another name is not what the pull produced.
+        let unrelated = [ImageRef::parse("registry.example/team/app:v2").expect("ref")];
+        assert!(!store.claim_stale_intent(other, &unrelated));
+        assert!(store.claim_stale_intent(other, &names));
+        let kept = store.get(other).expect("kept");
+        assert_eq!(kept.provenance, Provenance::Credentials);
+        assert!(kept.verified.is_empty());
+        assert!(!store.has_stale_intents());
+        assert_eq!(fs::read_dir(&intents).expect("ls").count(), 0);
+
+        // A stale intent that produced no image is dropped when the
+        // runtime's images are known.
+        let intent = store.begin_pull(&reference).expect("intent");
+        store.abandon_pull(intent);
+        store.settle_stale_intents(&[(ID.to_owned(), names.to_vec())]);
+        assert!(!store.has_stale_intents());
+        assert_eq!(fs::read_dir(&intents).expect("ls").count(), 0);
     }
 }

@@ -209,6 +209,15 @@ impl Registry {
         &self.auth
     }
 
+    /// Replaces a token registry's grants (e.g. a public repository turns
+    /// private). Panics on an htpasswd registry, which has none.
+    pub fn set_grants(&self, grants: &[crate::Grant]) {
+        match &self.auth {
+            RegistryAuth::Token(t) => t.set_grants(grants),
+            RegistryAuth::Basic => panic!("an htpasswd registry has no grants to change"),
+        }
+    }
+
     /// Requests the token endpoint answered (empty for htpasswd registries).
     pub fn token_requests(&self) -> Vec<TokenRequest> {
         match &self.auth {

@@ -77,7 +77,8 @@ pub struct TokenRequest {
 
 struct State {
     users: BTreeMap<String, String>,
-    grants: Vec<Grant>,
+    /// Changeable while serving: a repository can turn private mid-test.
+    grants: Mutex<Vec<Grant>>,
     key: EcdsaKeyPair,
     x5c: String,
     rng: SystemRandom,
@@ -121,7 +122,7 @@ impl TokenServer {
                 .iter()
                 .map(|(u, p)| (u.to_string(), p.to_string()))
                 .collect(),
-            grants: grants.to_vec(),
+            grants: Mutex::new(grants.to_vec()),
             key,
             x5c: STANDARD.encode(&signing_leaf.cert_der),
             rng,
@@ -163,6 +164,12 @@ impl TokenServer {
     /// Every request answered so far.
     pub fn requests(&self) -> Vec<TokenRequest> {
         self.state.log.lock().expect("token log").clone()
+    }
+
+    /// Replaces the grants: tokens issued from now on carry only what
+    /// `grants` allow (tokens already issued keep theirs until they expire).
+    pub fn set_grants(&self, grants: &[Grant]) {
+        *self.state.grants.lock().expect("token grants") = grants.to_vec();
     }
 }
 
@@ -351,8 +358,8 @@ fn grant(
         if typ != "repository" {
             continue;
         }
-        let allowed: Vec<&String> = state
-            .grants
+        let grants = state.grants.lock().expect("token grants");
+        let allowed: Vec<&String> = grants
             .iter()
             .filter(|g| g.repository == name && (g.user == ANYONE || Some(g.user.as_str()) == user))
             .flat_map(|g| g.actions.iter())

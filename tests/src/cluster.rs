@@ -419,6 +419,11 @@ impl CaProcess {
 
 /// `credlet-under-test agent --ca-url ...` in a [`TestEnv`].
 pub fn agent_command(env: &TestEnv, cluster: &Cluster, ca: &CaProcess) -> std::process::Command {
+    agent_command_for_url(env, cluster, &ca.url())
+}
+
+/// [`agent_command`] with any `--ca-url` (a server that may not be the CA).
+pub fn agent_command_for_url(env: &TestEnv, cluster: &Cluster, url: &str) -> std::process::Command {
     let mut command = env.command();
     command
         .arg("agent")
@@ -433,7 +438,7 @@ pub fn agent_command(env: &TestEnv, cluster: &Cluster, ca: &CaProcess) -> std::p
         .arg("--token-audience")
         .arg(AUDIENCE)
         .arg("--ca-url")
-        .arg(ca.url())
+        .arg(url)
         .arg("--ca-trust")
         .arg(&cluster.ca_trust)
         .arg("--ca-token-file")

@@ -806,6 +806,8 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     /// Filesystem type.
     pub fstype: String,
+    /// Mount source (credlet names its tmpfs mounts `credlet`).
+    pub source: String,
     /// Per-mount options (`nodev`, `nosuid`, `noexec`, ...).
     pub options: Vec<String>,
     /// Superblock options (`size=...`, `mode=...`, ...).
@@ -858,6 +860,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 mount_point: unescape_mount_path(fields.get(4)?),
                 options: fields.get(5)?.split(',').map(str::to_owned).collect(),
                 fstype: (*after.first()?).to_owned(),
+                source: (*after.get(1)?).to_owned(),
                 super_options: after
                     .get(2)
                     .map(|o| o.split(',').map(str::to_owned).collect())

@@ -164,7 +164,8 @@ async fn publish_mounts_tmpfs_and_writes_files_then_unpublish_removes_everything
         "state record readable by others"
     );
     let json: serde_json::Value = serde_json::from_str(&record).expect("state record is JSON");
-    assert_eq!(json["volume_id"], volume.id.as_str());
+    assert_eq!(json["record"]["volume_id"], volume.id.as_str());
+    assert!(json["mac"].is_string(), "the record is not signed");
     let key_body: String = snapshot.key.lines().nth(1).expect("key body").to_owned();
     assert!(
         !record.contains(&key_body),
@@ -843,4 +844,92 @@ async fn concurrent_publishes_and_unpublishes() {
     for target in &targets {
         assert!(!target.exists(), "{} left", target.display());
     }
+}
+
+/// Mounts a tmpfs the way another driver (or an `emptyDir` in memory) would:
+/// source `tmpfs`, not credlet's.
+fn mount_foreign_tmpfs(dir: &Path) {
+    use rustix::mount::{MountFlags, mount};
+    fs::create_dir_all(dir).expect("create mount point");
+    mount("tmpfs", dir, "tmpfs", MountFlags::NODEV, c"size=1m").expect("mount tmpfs");
+}
+
+/// Writes a file and a file in a subdirectory; returns their paths.
+fn plant_data(dir: &Path) -> [std::path::PathBuf; 2] {
+    let file = dir.join("data.txt");
+    let nested = dir.join("sub/nested.txt");
+    fs::create_dir_all(nested.parent().expect("parent")).expect("subdirectory");
+    fs::write(&file, b"another volume's data").expect("file");
+    fs::write(&nested, b"more of it").expect("nested file");
+    [file, nested]
+}
+
+/// `NodeUnpublishVolume` with a volume id credlet never published: a mount
+/// that is not credlet's stays mounted, a directory with files credlet did
+/// not write keeps them, a volume credlet published under another id is
+/// left alone; only an empty directory is removed, and a tmpfs credlet
+/// mounted for a volume it no longer has a record of is unmounted.
+#[tokio::test]
+async fn unpublish_of_an_unknown_volume_destroys_nothing_it_did_not_write() {
+    let mut env = TestEnv::new(agent_bin!());
+    let csi = env.start().await;
+
+    // Another driver's tmpfs volume of some pod, with files.
+    let foreign_mount = env.target_path("0f1e2d3c-7ad9-4cf1-other", "scratch");
+    mount_foreign_tmpfs(&foreign_mount);
+    let on_mount = plant_data(&foreign_mount);
+    // A plain directory with files (another plugin's, or the kubelet's).
+    let foreign_dir = env.target_path("0f1e2d3c-7ad9-4cf1-plain", "cache");
+    fs::create_dir_all(&foreign_dir).expect("directory");
+    let in_dir = plant_data(&foreign_dir);
+    // A volume credlet published, asked for under an id it never saw.
+    let owned = env.volume("owned");
+    csi.publish(&owned).await.expect("publish");
+    let before = check_volume(&owned.target, &owned.files(), CheckTime::Now).expect("volume");
+
+    for target in [&foreign_mount, &foreign_dir, &owned.target] {
+        csi.unpublish("csi-never-published", target)
+            .await
+            .unwrap_or_else(|status| panic!("{}: {status:?}", target.display()));
+    }
+    let mount = mount_at(&foreign_mount).expect("the other driver's tmpfs was unmounted");
+    assert_eq!(mount.source, "tmpfs", "{mount:?}");
+    for file in on_mount.iter().chain(&in_dir) {
+        assert!(file.is_file(), "{} was deleted", file.display());
+    }
+    let after = check_volume(&owned.target, &owned.files(), CheckTime::Now)
+        .expect("the published volume survived");
+    assert_eq!(after.leaf.serial_hex, before.leaf.serial_hex);
+    assert!(
+        env.log().contains("not credlet's"),
+        "the refusal to touch foreign data is not logged"
+    );
+
+    // An empty directory is removed (the kubelet expects the target gone).
+    let empty = env.volume("empty");
+    fs::create_dir(&empty.target).expect("empty target");
+    csi.unpublish("csi-never-published", &empty.target)
+        .await
+        .expect("unpublish an empty target");
+    assert!(!empty.target.exists(), "the empty target was left");
+
+    // A volume whose record is gone (deleted while the agent was down):
+    // its tmpfs is credlet's, so it is unmounted and its directory removed.
+    let orphan = env.volume("orphan");
+    csi.publish(&orphan).await.expect("publish");
+    drop(csi);
+    assert!(env.stop().await.success());
+    fs::remove_file(env.state_file(&orphan.id)).expect("remove the record");
+    let csi = env.start().await;
+    assert_eq!(
+        mount_at(&orphan.target).expect("still mounted").source,
+        "credlet"
+    );
+    csi.unpublish_volume(&orphan).await.expect("unpublish");
+    assert!(mount_at(&orphan.target).is_none(), "credlet's tmpfs left");
+    assert!(!orphan.target.exists(), "target directory left behind");
+
+    csi.unpublish_volume(&owned).await.expect("unpublish");
+    assert!(!owned.target.exists());
+    rustix::mount::unmount(&foreign_mount, rustix::mount::UnmountFlags::DETACH).expect("unmount");
 }

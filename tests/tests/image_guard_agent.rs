@@ -443,3 +443,851 @@ async fn agent_binary_without_a_runtime_answers_unavailable() {
     );
     agent.stop_cleanly().await;
 }
+
+// --- issue 14: attacks on the guard through the binary ---------------------
+//
+// Each test below replays one finding of the adversarial review against the
+// real binary, in front of a real containerd 1.6 and a real registry, as a
+// direct CRI caller would.
+
+/// A node with one private image alice pushed: the registry, containerd
+/// trusting it, the fake API server.
+struct Node {
+    registry: Registry,
+    app: PushedImage,
+    containerd: Containerd,
+    api: FakeApiServer,
+}
+
+impl Node {
+    /// An htpasswd registry (alice, bob) with `repo:v1`.
+    fn start(repo: &str) -> Self {
+        let registry = blocking(|| Registry::start_basic_auth(&[ALICE, BOB])).expect("registry");
+        Self::with_registry(registry, repo)
+    }
+
+    fn with_registry(registry: Registry, repo: &str) -> Self {
+        let app = blocking(|| build_and_push_image(&registry, repo, "v1", ALICE)).expect("push");
+        let containerd = blocking(|| Containerd::start_with(&[&registry])).expect("containerd");
+        let api = FakeApiServer::start().expect("fake API server");
+        Self {
+            registry,
+            app,
+            containerd,
+            api,
+        }
+    }
+
+    /// The agent in front of this node's containerd, not started yet.
+    fn agent(&self) -> GuardAgent {
+        GuardAgent::new(
+            &self.api,
+            self.containerd.cri_socket(),
+            Some(&self.registry),
+        )
+    }
+
+    fn image(&self) -> &str {
+        &self.app.reference
+    }
+}
+
+impl GuardAgent {
+    /// Sets `flag` to `value` (replacing the default the constructor gave).
+    fn set(&mut self, flag: &str, value: &str) -> &mut Self {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) => self.args[i + 1] = value.into(),
+            None => {
+                self.args.push(flag.into());
+                self.args.push(value.into());
+            }
+        }
+        self
+    }
+
+    /// `--image-records-dir`.
+    fn records_dir(&self) -> PathBuf {
+        let i = self
+            .args
+            .iter()
+            .position(|a| a == "--image-records-dir")
+            .expect("records dir flag");
+        PathBuf::from(&self.args[i + 1])
+    }
+
+    /// The image record files on disk.
+    fn record_files(&self) -> Vec<PathBuf> {
+        let dir = self.records_dir().join("imageguard/images");
+        let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+}
+
+/// A pod whose container runs the pause image and mounts `image` as a
+/// Kubernetes image volume (`spec.volumes[].image`).
+fn create_image_volume_pod(
+    api: &FakeApiServer,
+    namespace: &str,
+    name: &str,
+    image: &str,
+    creds: Option<(&str, &str)>,
+) -> TestPod {
+    let pod = api
+        .create_pod(&serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": NODE,
+                "containers": [{
+                    "name": "app",
+                    "image": credlet_test_util::PAUSE_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "volumeMounts": [{"name": "v", "mountPath": "/v"}],
+                }],
+                "volumes": [{"name": "v", "image": {"reference": image, "pullPolicy": "IfNotPresent"}}],
+            },
+            "status": {"phase": "Pending"},
+        }))
+        .expect("create pod");
+    TestPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: pod.metadata.uid.expect("uid"),
+        auth: creds.map(|(user, password)| auth(user, password)),
+    }
+}
+
+/// `CreateContainer` of the pause image with `image_id` mounted as an image
+/// volume (CRI `Mount.image`, as the kubelet sends it: the image by the ref
+/// `PullImage` returned, the spec's reference as `user_specified_image`).
+async fn create_with_image_volume(
+    kubelet: &mut Kubelet,
+    pod: &TestPod,
+    sandbox_id: &str,
+    image_id: &str,
+    user_image: &str,
+) -> Result<String, Status> {
+    use k8s_cri::v1::{
+        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, Mount,
+    };
+    Ok(kubelet
+        .rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sandbox_id.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "with-volume".into(),
+                    attempt: 0,
+                }),
+                image: Some(credlet_test_util::kubelet::spec(
+                    credlet_test_util::PAUSE_IMAGE,
+                )),
+                mounts: vec![Mount {
+                    container_path: "/v".into(),
+                    readonly: true,
+                    image: Some(ImageSpec {
+                        image: image_id.into(),
+                        user_specified_image: user_image.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.sandbox_config()),
+        })
+        .await?
+        .into_inner()
+        .container_id)
+}
+
+/// A `CreateContainerRequest` as raw protobuf: `mounts` (field 7 of
+/// `ContainerConfig`) given as bytes, so a test can send what no CRI
+/// library would encode.
+mod raw {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct ContainerConfig {
+        #[prost(message, optional, tag = "1")]
+        pub metadata: Option<k8s_cri::v1::ContainerMetadata>,
+        #[prost(message, optional, tag = "2")]
+        pub image: Option<k8s_cri::v1::ImageSpec>,
+        #[prost(bytes = "vec", repeated, tag = "7")]
+        pub mounts: Vec<Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct CreateContainerRequest {
+        #[prost(string, tag = "1")]
+        pub pod_sandbox_id: String,
+        #[prost(message, optional, tag = "2")]
+        pub config: Option<ContainerConfig>,
+        #[prost(message, optional, tag = "3")]
+        pub sandbox_config: Option<k8s_cri::v1::PodSandboxConfig>,
+    }
+
+    /// containerd's own version service (not CRI).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Empty {}
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct VersionResponse {
+        #[prost(string, tag = "1")]
+        pub version: String,
+    }
+}
+
+/// One unary call with hand-made messages on `socket`.
+async fn raw_call<Req, Resp>(
+    socket: &Path,
+    path: &'static str,
+    request: Req,
+) -> Result<Resp, Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let channel = credlet_test_util::unix_channel(socket)
+        .await
+        .expect("CRI channel");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    Ok(grpc
+        .unary(tonic::Request::new(request), path, codec)
+        .await?
+        .into_inner())
+}
+
+/// Finding 1: a pod without credentials mounts another pod's cached private
+/// image as an image volume (`Mount.image`). The guard must gate every image
+/// a container uses, count image volumes as uses of the image in its pod
+/// index, and refuse a CreateContainer whose mounts it cannot decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volume_of_a_pod_without_credentials_is_refused() {
+    let node = Node::start("team/volume");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_image_volume_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+    let created =
+        create_with_image_volume(&mut kubelet, &c, &sandbox_c, &node.app.config_digest, image)
+            .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container mounting the cached private image: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    assert_eq!(
+        kubelet.image_id(image).await,
+        None,
+        "hidden while pod C, which mounts it as a volume, holds no verification"
+    );
+    denial_event(&node.api, &c, "no verification").await;
+
+    // A mount credlet cannot decode: field 9 (`image`) as a varint.
+    let garbled = raw::CreateContainerRequest {
+        pod_sandbox_id: sandbox_c.clone(),
+        config: Some(raw::ContainerConfig {
+            metadata: Some(k8s_cri::v1::ContainerMetadata {
+                name: "garbled".into(),
+                attempt: 0,
+            }),
+            image: Some(credlet_test_util::kubelet::spec(
+                credlet_test_util::PAUSE_IMAGE,
+            )),
+            mounts: vec![vec![0x48, 0x01]],
+        }),
+        sandbox_config: Some(c.sandbox_config()),
+    };
+    assert_status(
+        raw_call::<_, k8s_cri::v1::CreateContainerResponse>(
+            &agent.socket,
+            "/runtime.v1.RuntimeService/CreateContainer",
+            garbled,
+        )
+        .await,
+        Code::InvalidArgument,
+        &["credlet", "CreateContainer"],
+    );
+
+    // Pod A, verified, mounts the image it runs.
+    let mounted =
+        create_with_image_volume(&mut kubelet, &a, &sandbox_a, &node.app.config_digest, image)
+            .await;
+    if let Err(status) = &mounted {
+        // containerd 1.6 predates image volumes: whatever it answers, the
+        // guard let the call through.
+        assert!(
+            !status.message().contains("credlet"),
+            "pod A's image volume refused by credlet: {status:?}"
+        );
+    }
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Bind-mounts a directory read-only over itself; undone on drop.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn new(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let status = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .expect("mount");
+            assert!(status.success(), "mount {args:?} {}", dir.display());
+        };
+        run(&["--bind"]);
+        let guard = Self(dir.to_owned());
+        let status = std::process::Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "remount read-only {}", dir.display());
+        assert!(
+            fs::write(dir.join("probe"), b"x").is_err(),
+            "{} is still writable",
+            dir.display()
+        );
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Finding 3a: the records directory cannot be written. A credentialed pull
+/// of an absent image must not end with the image on the node and no record
+/// of it (it would look preloaded: any pod could use it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_whose_record_cannot_be_written_does_not_leave_the_image_unprotected() {
+    let node = Node::start("team/unrecorded");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+    let mut direct = Kubelet::connect(node.containerd.cri_socket()).await;
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+
+    let read_only = ReadOnly::new(&agent.records_dir());
+    let pulled = kubelet.pull(image, &a).await;
+    eprintln!("pod A's pull with the records read-only: {pulled:?}");
+    if direct.image_id(image).await.is_some() {
+        // The runtime has the image: the guard must know it is private.
+        let created = kubelet
+            .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+            .await;
+        assert!(
+            created.is_err(),
+            "pod C (no credentials) created a container from the private image whose record could not be written: {created:?}"
+        );
+    }
+    assert_status(pulled, Code::Unavailable, &["credlet", "record"]);
+
+    // The disk recovers: pod A pulls, pod C is refused, also after a restart.
+    drop(read_only);
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+    assert_status(
+        kubelet
+            .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+            .await,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    agent.stop_cleanly().await;
+    let mut kubelet = agent.start().await;
+    assert_status(
+        kubelet
+            .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+            .await,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Finding 3a, second case: the pull reaches the runtime, but the image's
+/// record file can not be written (only the records' `images/` directory is
+/// read-only). The pull is refused, the image stays private in memory, and
+/// after a restart on the still unwritable disk what did reach the disk
+/// (the inventory, written before the record; the pull's intent) keeps it
+/// private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_image_whose_record_is_not_written_stays_private_across_a_restart() {
+    let node = Node::start("team/half-recorded");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+    let mut direct = Kubelet::connect(node.containerd.cri_socket()).await;
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+
+    let images_dir = agent.records_dir().join("imageguard/images");
+    let read_only = ReadOnly::new(&images_dir);
+    let pulled = kubelet.pull(image, &a).await;
+    eprintln!("pod A's pull with the record files read-only: {pulled:?}");
+    assert_eq!(
+        direct.image_id(image).await.as_deref(),
+        Some(node.app.config_digest.as_str()),
+        "the runtime pulled the image"
+    );
+    let created = kubelet
+        .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from the private image whose record could not be written: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    assert_status(pulled, Code::Unavailable, &["credlet", "record"]);
+
+    // A restart while the disk is still unwritable.
+    agent.stop_cleanly().await;
+    drop(kubelet);
+    let mut kubelet = agent.start().await;
+    let created = kubelet
+        .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from the private image after a restart: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+
+    // The disk is back: pod A's pull is recorded and answered.
+    drop(read_only);
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+    assert_eq!(agent.record_files().len(), 1, "{:?}", agent.record_files());
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Finding 3b: a record file deleted while the agent is down. The image the
+/// guard saw pulled with credentials must stay protected, not turn into a
+/// preloaded one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_record_file_keeps_the_image_protected() {
+    let node = Node::start("team/forgotten");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    agent.stop_cleanly().await;
+    drop(kubelet);
+
+    let files = agent.record_files();
+    assert_eq!(files.len(), 1, "one image record: {files:?}");
+    fs::remove_file(&files[0]).expect("delete the record");
+
+    let mut kubelet = agent.start().await;
+    let created = kubelet
+        .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from the private image after its record was deleted: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    assert_eq!(kubelet.image_id(image).await, None, "still hidden");
+    // Pod A proves access again and runs it.
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls again"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Finding 4a: containerd 1.6 also serves `runtime.v1alpha2`, and its own
+/// API on the same socket. Through the guard, only CRI v1 is served (the
+/// kubelet speaks nothing else since 1.26): anything else is refused with
+/// `Unimplemented`, so nothing reaches the runtime uninspected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_api_versions_than_cri_v1_are_refused() {
+    use k8s_cri::v1alpha2 as alpha;
+    let node = Node::start("team/alpha");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+
+    let channel = credlet_test_util::unix_channel(&agent.socket)
+        .await
+        .expect("channel");
+    let mut runtime = alpha::runtime_service_client::RuntimeServiceClient::new(channel.clone());
+    let mut images = alpha::image_service_client::ImageServiceClient::new(channel);
+    let created = runtime
+        .create_container(alpha::CreateContainerRequest {
+            pod_sandbox_id: sandbox_c.clone(),
+            config: Some(alpha::ContainerConfig {
+                metadata: Some(alpha::ContainerMetadata {
+                    name: "alpha".into(),
+                    attempt: 0,
+                }),
+                image: Some(alpha::ImageSpec {
+                    image: node.app.config_digest.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(alpha::PodSandboxConfig {
+                metadata: Some(alpha::PodSandboxMetadata {
+                    name: c.name.clone(),
+                    uid: c.uid.clone(),
+                    namespace: c.namespace.clone(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from the private image through runtime.v1alpha2: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::Unimplemented,
+        &["credlet", "runtime.v1alpha2"],
+    );
+    assert_status(
+        images
+            .image_status(alpha::ImageStatusRequest {
+                image: Some(alpha::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await,
+        Code::Unimplemented,
+        &["credlet", "runtime.v1alpha2"],
+    );
+    assert_status(
+        runtime
+            .version(alpha::VersionRequest {
+                version: "v1alpha2".into(),
+            })
+            .await,
+        Code::Unimplemented,
+        &["credlet"],
+    );
+    // containerd's own API shares the socket; the guard is no way into it.
+    let direct: Result<raw::VersionResponse, Status> = raw_call(
+        node.containerd.cri_socket(),
+        "/containerd.services.version.v1.Version/Version",
+        raw::Empty {},
+    )
+    .await;
+    assert!(direct.is_ok(), "containerd serves its API: {direct:?}");
+    assert_status(
+        raw_call::<_, raw::VersionResponse>(
+            &agent.socket,
+            "/containerd.services.version.v1.Version/Version",
+            raw::Empty {},
+        )
+        .await,
+        Code::Unimplemented,
+        &["credlet"],
+    );
+    // CRI v1 still passes.
+    kubelet.version().await.expect("Version v1");
+    kubelet.remove_sandbox(&sandbox_c).await;
+    agent.stop_cleanly().await;
+}
+
+/// Finding 4b: CreateContainer names its pod twice, by `pod_sandbox_id` and
+/// in `sandbox_config`. The pod is the one the runtime ran the sandbox for:
+/// a caller cannot borrow another pod's verification by naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_container_takes_the_pod_from_the_runtimes_sandbox() {
+    let node = Node::start("team/borrowed");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    let mut kubelet = agent.start().await;
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+
+    // Pod C's sandbox, pod A's name on the request.
+    let borrowed = kubelet
+        .create_container(&a, &sandbox_c, "app", &node.app.config_digest, image)
+        .await;
+    assert!(
+        borrowed.is_err(),
+        "a container from the private image was created in pod C's sandbox on pod A's verification: {borrowed:?}"
+    );
+    assert_status(
+        borrowed,
+        Code::InvalidArgument,
+        &[&c.key(), &a.key(), &sandbox_c],
+    );
+
+    // Without a sandbox_config (containerd 1.6 fails on it): refused.
+    let unnamed = k8s_cri::v1::CreateContainerRequest {
+        pod_sandbox_id: sandbox_a.clone(),
+        config: Some(k8s_cri::v1::ContainerConfig {
+            metadata: Some(k8s_cri::v1::ContainerMetadata {
+                name: "unnamed".into(),
+                attempt: 0,
+            }),
+            image: Some(credlet_test_util::kubelet::spec(&node.app.config_digest)),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    };
+    assert_status(
+        kubelet.rt.create_container(unnamed).await,
+        Code::InvalidArgument,
+        &["credlet", "sandbox_config"],
+    );
+    // Pod C's own sandbox and name: no verification of its own.
+    assert_status(
+        kubelet
+            .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+            .await,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    // Pod A's sandbox by a prefix of its id: refused, a prefix could name
+    // another sandbox by the time the runtime creates the container.
+    assert_status(
+        kubelet
+            .create_container(&a, &sandbox_a[..12], "app", &node.app.config_digest, image)
+            .await,
+        Code::InvalidArgument,
+        &["credlet", "full id"],
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+    // A sandbox the runtime does not know.
+    assert_status(
+        kubelet
+            .create_container(&a, &"0".repeat(64), "app", &node.app.config_digest, image)
+            .await,
+        Code::NotFound,
+        &["credlet", "sandbox"],
+    );
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Finding 4c: a short image id (`sha256:<12 hex>`) parses as a tag of
+/// `docker.io/library/sha256`, which an allowlist of `docker.io/library/*`
+/// covers, while containerd resolves it to the private image. The guard
+/// must decide on the image the runtime will use, by that image's names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_image_id_is_judged_by_the_image_it_names() {
+    let node = Node::start("team/short");
+    let image = node.image();
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    agent
+        .set("--image-policy", "NeverVerifyAllowlistedImages")
+        .set("--image-allowlist", "docker.io/library/*");
+    let mut kubelet = agent.start().await;
+    let mut direct = Kubelet::connect(node.containerd.cri_socket()).await;
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A pulls"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+
+    let hex = node
+        .app
+        .config_digest
+        .strip_prefix("sha256:")
+        .expect("sha256 id");
+    let short = format!("sha256:{}", &hex[..12]);
+    assert_eq!(
+        direct.image_id(&short).await.as_deref(),
+        Some(node.app.config_digest.as_str()),
+        "containerd resolves {short} to the private image"
+    );
+    let created = kubelet
+        .create_container(&c, &sandbox_c, "short", &short, &short)
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from the private image by its short id {short}: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    let pulled = kubelet.pull(&short, &c).await;
+    assert!(
+        pulled.is_err(),
+        "pod C's pull of {short} answered with the private image: {pulled:?}"
+    );
+    assert_status(
+        pulled,
+        Code::PermissionDenied,
+        &[&named(&c), "not authorized"],
+    );
+    for by in [&node.app.config_digest, &hex[..12].to_owned()] {
+        if direct.image_id(by).await.is_some() {
+            assert_status(
+                kubelet
+                    .create_container(&c, &sandbox_c, "by-id", by, by)
+                    .await,
+                Code::FailedPrecondition,
+                &[&named(&c), "no verification"],
+            );
+        }
+    }
+    for sandbox in [&sandbox_a, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}
+
+/// Finding 6a: an image once pulled anonymously counted as public for every
+/// pod and policy forever. When the positive TTL runs out, the anonymous
+/// answer is checked again: a repository that turned private is then
+/// protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_answer_is_checked_again_when_the_ttl_runs_out() {
+    use credlet_test_util::{ANYONE, Grant};
+    let registry = blocking(|| {
+        Registry::start_token_auth(
+            &[ALICE],
+            &[
+                Grant::new(ALICE.0, "pub/app", &["pull", "push"]),
+                Grant::new(ANYONE, "pub/app", &["pull"]),
+            ],
+        )
+    })
+    .expect("registry");
+    let node = Node::with_registry(registry, "pub/app");
+    let image = node.image();
+    let p = create_pod(&node.api, "team", "pod-p", image, None);
+    let c = create_pod(&node.api, "other", "pod-c", image, None);
+    let mut agent = node.agent();
+    agent
+        .set("--image-policy", "AlwaysVerify")
+        .set("--image-verification-ttl", "3s");
+    let mut kubelet = agent.start().await;
+    let sandbox_p = kubelet.run_sandbox(&p).await;
+    let sandbox_c = kubelet.run_sandbox(&c).await;
+    assert_eq!(
+        kubelet
+            .pull(image, &p)
+            .await
+            .expect("anonymous pull of a public image"),
+        node.app.config_digest
+    );
+    run_container(&mut kubelet, &p, &sandbox_p, "app", &node.app).await;
+
+    // The repository turns private; the TTL of the anonymous answer runs out.
+    node.registry
+        .set_grants(&[Grant::new(ALICE.0, "pub/app", &["pull", "push"])]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let created = kubelet
+        .create_container(&c, &sandbox_c, "app", &node.app.config_digest, image)
+        .await;
+    assert!(
+        created.is_err(),
+        "pod C (no credentials) created a container from an image that turned private, long after the TTL of its anonymous check: {created:?}"
+    );
+    assert_status(
+        created,
+        Code::FailedPrecondition,
+        &[&named(&c), "no verification"],
+    );
+    assert_eq!(kubelet.image_id(image).await, None, "hidden again");
+    assert_status(
+        kubelet.pull(image, &c).await,
+        Code::PermissionDenied,
+        &[&named(&c), "not authorized"],
+    );
+    for sandbox in [&sandbox_p, &sandbox_c] {
+        kubelet.remove_sandbox(sandbox).await;
+    }
+    agent.stop_cleanly().await;
+}

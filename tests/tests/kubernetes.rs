@@ -18,6 +18,7 @@ use credlet_test_util::cluster::{
     BUSYBOX_IMAGE, CREDLET_NAMESPACE, Cluster, ClusterOptions, CredletInstall, CredletOptions,
     binary_files,
 };
+use credlet_test_util::kubelet::{Kubelet, TestPod};
 use credlet_test_util::{ImageSpec, PushedImage, Registry, build_and_push_image};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::Api;
@@ -53,7 +54,7 @@ type TrialFn = fn(&Env) -> Result<()>;
 
 /// Every test, in the order they run (the last ones restart credlet's
 /// components and roll its CA over).
-const TRIALS: [(&str, TrialFn); 10] = [
+const TRIALS: [(&str, TrialFn); 11] = [
     (
         "csi_volume_has_the_pods_identity_and_rotates",
         csi_volume_has_the_pods_identity_and_rotates,
@@ -81,6 +82,10 @@ const TRIALS: [(&str, TrialFn); 10] = [
     (
         "image_guard_with_the_kubelet_never_verifying",
         image_guard_with_the_kubelet_never_verifying,
+    ),
+    (
+        "image_guard_refuses_image_volumes_without_credentials",
+        image_guard_refuses_image_volumes_without_credentials,
     ),
     (
         "ca_verifies_tokens_offline_against_the_issuers_keys",
@@ -890,6 +895,270 @@ fn image_guard_with_the_kubelet_never_verifying(env: &Env) -> Result<()> {
     let result = image_guard_scenario(env, "guard-never", "team/app-never");
     env.cluster().restart_kubelet(None)?;
     result
+}
+
+/// A busybox pod (`sleep`) that mounts `image` as a Kubernetes image
+/// volume at `/v` and prints the image's `/hello.txt` first.
+fn image_volume_pod(name: &str, image: &str, secret: Option<&str>) -> Value {
+    let mut pod = json!({
+        "metadata": {"name": name},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "sh",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "cat /v/hello.txt; sleep 3600"],
+                "volumeMounts": [{"name": "v", "mountPath": "/v"}],
+            }],
+            "volumes": [{"name": "v", "image": {"reference": image, "pullPolicy": "IfNotPresent"}}],
+        },
+    });
+    if let Some(s) = secret {
+        pod["spec"]["imagePullSecrets"] = json!([{"name": s}]);
+    }
+    pod
+}
+
+/// Issue 14, finding 1: a cached private image mounted as an image volume
+/// (`volumes[].image`, CRI `Mount.image`, served by containerd 2) by a pod
+/// without credentials. Pod A (`img-vol-a`, alice's secret) runs the
+/// private image; pod B (`img-vol-b`, no secret) mounts it as a volume and
+/// must not start, with credlet's reason in an Event; pod C (`img-vol-b`,
+/// bob's secret) mounts it and starts, reading the image's file.
+///
+/// The kubelet runs with `imagePullCredentialsVerificationPolicy:
+/// NeverVerify`: its own check would otherwise force a re-pull for pod B
+/// (which credlet refuses), and the guard must hold on its own whatever the
+/// kubelet is configured to do.
+fn image_guard_refuses_image_volumes_without_credentials(env: &Env) -> Result<()> {
+    env.cluster().restart_kubelet(Some("NeverVerify"))?;
+    let result = image_volume_scenario(env);
+    env.cluster().restart_kubelet(None)?;
+    result
+}
+
+/// The id of the pod sandbox the kubelet ran for the pod with `uid`.
+async fn pod_sandbox(containerd: &std::path::Path, uid: &str) -> Result<String> {
+    use k8s_cri::v1::{ListPodSandboxRequest, PodSandboxFilter};
+    let deadline = Instant::now() + POD_TIMEOUT;
+    loop {
+        let mut direct = Kubelet::connect(containerd).await;
+        let items = direct
+            .rt
+            .list_pod_sandbox(ListPodSandboxRequest {
+                filter: Some(PodSandboxFilter {
+                    label_selector: [("io.kubernetes.pod.uid".to_owned(), uid.to_owned())].into(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .items;
+        if let Some(sandbox) = items.into_iter().next() {
+            return Ok(sandbox.id);
+        }
+        ensure!(Instant::now() < deadline, "no sandbox for pod {uid}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `CreateContainer` of busybox in `sandbox_id` with `image_id` mounted at
+/// `/v` as an image volume (CRI `Mount.image`), as the kubelet sends it.
+async fn create_with_image_volume(
+    cri: &mut Kubelet,
+    pod: &TestPod,
+    sandbox_id: &str,
+    image_id: &str,
+    user_image: &str,
+) -> Result<String, tonic::Status> {
+    use k8s_cri::v1::{
+        ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, Mount,
+    };
+    Ok(cri
+        .rt
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: sandbox_id.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "direct".into(),
+                    attempt: 0,
+                }),
+                image: Some(credlet_test_util::kubelet::spec(BUSYBOX_IMAGE)),
+                command: vec!["sleep".into(), "3600".into()],
+                mounts: vec![Mount {
+                    container_path: "/v".into(),
+                    readonly: true,
+                    image: Some(ImageSpec {
+                        image: image_id.into(),
+                        user_specified_image: user_image.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod.sandbox_config()),
+        })
+        .await?
+        .into_inner()
+        .container_id)
+}
+
+fn image_volume_scenario(env: &Env) -> Result<()> {
+    let image = build_and_push_image(&env.registry, "team/app-volume", "v1", ALICE)?;
+    let cluster = env.cluster();
+    let guard_socket = cluster.guard_socket().context("the image guard runs")?;
+    let containerd_socket = cluster.containerd_socket();
+    let (ns_a, ns_b) = ("img-vol-a", "img-vol-b");
+    with_client(&cluster, async |client| {
+        namespace(&client, ns_a, "default").await?;
+        namespace(&client, ns_b, "default").await?;
+        pull_secret(&client, ns_a, "alice", &env.registry, ALICE).await?;
+        pull_secret(&client, ns_b, "bob", &env.registry, BOB).await?;
+
+        create_pod(
+            &client,
+            ns_a,
+            image_pod("a", &image.reference, Some("alice")),
+        )
+        .await?;
+        wait_for_phase(&client, ns_a, "a", &["Running"], POD_TIMEOUT).await?;
+
+        create_pod(&client, ns_b, image_volume_pod("b", &image.reference, None)).await?;
+        let deadline = Instant::now() + POD_TIMEOUT;
+        let reason = loop {
+            let pod = Api::<Pod>::namespaced(client.clone(), ns_b)
+                .get("b")
+                .await?;
+            let status = pod.status.clone().unwrap_or_default();
+            ensure!(
+                status.phase.as_deref() != Some("Running"),
+                "pod B runs with the private image mounted as a volume, without credentials; events: {:?}",
+                events(&client, ns_b, "b").await?
+            );
+            let found = events(&client, ns_b, "b")
+                .await?
+                .into_iter()
+                .find(|e| e.contains("credlet: "));
+            if let Some(e) = found {
+                break e;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no Event with credlet's reason for pod B: {:?}\nstatus: {}",
+                events(&client, ns_b, "b").await?,
+                serde_json::to_string(&status)?
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        eprintln!("pod B: {reason}");
+        ensure!(
+            reason.contains(&format!("{ns_b}/b")),
+            "names the pod: {reason}"
+        );
+
+        // A CRI caller that skips ImageStatus and PullImage and creates a
+        // container in pod B's sandbox with the image mounted (CRI
+        // `Mount.image`) meets the last gate.
+        let b = Api::<Pod>::namespaced(client.clone(), ns_b)
+            .get("b")
+            .await?;
+        let b = TestPod {
+            namespace: ns_b.into(),
+            name: "b".into(),
+            uid: b.metadata.uid.context("pod B's uid")?,
+            auth: None,
+        };
+        let sandbox_b = pod_sandbox(&containerd_socket, &b.uid).await?;
+        let mut cri = Kubelet::connect(&guard_socket).await;
+        let refused = create_with_image_volume(
+            &mut cri,
+            &b,
+            &sandbox_b,
+            &image.config_digest,
+            &image.reference,
+        )
+        .await;
+        match refused {
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => ensure!(
+                status.message().contains("img-vol-b/b")
+                    && status.message().contains("image volume at /v"),
+                "credlet's refusal names the pod and the mount: {status:?}"
+            ),
+            other => bail!(
+                "pod B's container with the image volume was not refused by credlet: {other:?}"
+            ),
+        }
+
+        create_pod(
+            &client,
+            ns_b,
+            image_volume_pod("c", &image.reference, Some("bob")),
+        )
+        .await?;
+        wait_for_phase(&client, ns_b, "c", &["Running"], POD_TIMEOUT).await?;
+        // Pod C, verified, passes the same gate.
+        let c = Api::<Pod>::namespaced(client.clone(), ns_b)
+            .get("c")
+            .await?;
+        let c = TestPod {
+            namespace: ns_b.into(),
+            name: "c".into(),
+            uid: c.metadata.uid.context("pod C's uid")?,
+            auth: None,
+        };
+        let sandbox_c = pod_sandbox(&containerd_socket, &c.uid).await?;
+        match create_with_image_volume(
+            &mut cri,
+            &c,
+            &sandbox_c,
+            &image.config_digest,
+            &image.reference,
+        )
+        .await
+        {
+            Ok(id) => {
+                eprintln!("pod C: a container with the image volume created by containerd ({id})");
+                cri.remove_container(&id).await;
+            }
+            Err(status) => {
+                eprintln!("pod C: containerd refused the direct container: {status:?}");
+                ensure!(
+                    !status.message().contains("credlet"),
+                    "pod C's image volume refused by credlet: {status:?}"
+                );
+            }
+        }
+        let deadline = Instant::now() + POD_TIMEOUT;
+        loop {
+            let log = logs(&client, ns_b, "c").await.unwrap_or_default();
+            if log.contains("credlet test image") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "pod C does not read the image volume: {log:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let downloads = layer_downloads(&env.registry, &image);
+        ensure!(
+            downloads == 1,
+            "the layer was downloaded once, by pod A: {downloads}"
+        );
+        let b = Api::<Pod>::namespaced(client.clone(), ns_b)
+            .get("b")
+            .await?;
+        ensure!(
+            b.status.and_then(|s| s.phase).as_deref() != Some("Running"),
+            "pod B still does not run"
+        );
+        for (ns, name) in [(ns_a, "a"), (ns_b, "b"), (ns_b, "c")] {
+            delete_pod(&client, ns, name).await?;
+        }
+        Ok(())
+    })
 }
 
 /// `apiserver_request_total` for TokenReview creations.

@@ -257,3 +257,58 @@ async fn damaged_volumes_are_reissued_on_restart() {
     assert!(env.mounts().is_empty(), "{:?}", env.mounts());
     assert!(env.state_files().is_empty(), "{:?}", env.state_files());
 }
+
+/// A volume record credlet did not write (here: a copy of a real one with
+/// another volume id and the target path of another pod's directory) is
+/// refused at start: nothing is mounted over that directory, its files
+/// stay visible, and the real volume is recovered as before.
+#[tokio::test]
+async fn a_forged_volume_record_does_not_mount_over_another_pods_directory() {
+    let mut env = TestEnv::new(agent_bin!());
+    let csi = env.start().await;
+    let real = env.volume("real").with(DURATION, "1h");
+    csi.publish(&real).await.expect("publish");
+    let serial = check_volume(&real.target, &real.files(), CheckTime::Now)
+        .expect("consistent")
+        .leaf
+        .serial_hex;
+    drop(csi);
+    assert!(env.stop().await.success());
+
+    // Another pod's volume directory, with its data.
+    let victim = env.target_path("0f1e2d3c-7ad9-4cf1-victim", "data");
+    fs::create_dir_all(&victim).expect("victim directory");
+    fs::write(victim.join("precious"), b"the victim's data").expect("victim file");
+    let record = fs::read_to_string(env.state_file(&real.id)).expect("the real record");
+    let real_target = real.target.to_str().expect("utf-8");
+    assert!(record.contains(real_target) && record.contains("\"csi-real\""));
+    let forged = record
+        .replace(real_target, victim.to_str().expect("utf-8"))
+        .replace("\"csi-real\"", "\"csi-forged\"");
+    fs::write(env.state_file("csi-forged"), forged).expect("plant the record");
+
+    let csi = env.start().await;
+    assert!(
+        mount_at(&victim).is_none(),
+        "the agent mounted over another pod's directory: {:?}",
+        mount_at(&victim)
+    );
+    assert_eq!(
+        fs::read(victim.join("precious")).expect("the victim's file is visible"),
+        b"the victim's data"
+    );
+    assert!(!env.state_file("csi-forged").exists(), "forged record kept");
+    let log = env.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("csi-forged") && l.contains("not authentic")),
+        "the forged record is not reported"
+    );
+    let after = check_volume(&real.target, &real.files(), CheckTime::Now).expect("consistent");
+    assert_eq!(
+        after.leaf.serial_hex, serial,
+        "the real volume was re-issued"
+    );
+    csi.unpublish_volume(&real).await.expect("unpublish");
+    assert!(env.mounts().is_empty(), "{:?}", env.mounts());
+}

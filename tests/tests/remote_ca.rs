@@ -10,7 +10,10 @@
 //! rollover reaching every volume's `ca.crt` without re-issuing, a broken CA
 //! key file, the CA process gone (with the agent's /readyz and CA client
 //! metrics showing it), volume templates and SPIFFE IDs expanded by the CA,
-//! and SIGTERM to both processes.
+//! SIGTERM to both processes, and the CA's identity: a server holding a pod
+//! certificate (or a certificate from a root planted in the agent's saved
+//! bundle) never gets the agent's token, pods never get the CA's own names,
+//! and a trust domain mismatch is named.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,7 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Result, bail, ensure};
 use credlet_ca::{inspect_leaf, verify_chain};
 use credlet_tests::cluster::{
-    CA_TIMEOUT, CaProcess, Cluster, NODE, agent_command, new_root, tokens_json, write_atomically,
+    CA_TIMEOUT, CaProcess, Cluster, NODE, agent_command, agent_command_for_url, new_root,
+    tokens_json, write_atomically,
 };
 use credlet_tests::harness::{
     CheckTime, Csi, TestEnv, Volume, check_volume, mount_at, read_volume, wait_until,
@@ -600,6 +604,383 @@ async fn ca_verifying_tokens_offline_issues_without_token_reviews() -> Result<()
     );
     drop(csi);
     stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+// --- the CA's identity -------------------------------------------------------------
+
+/// A TLS server that is not the CA: serves a certificate chain and key on
+/// one address and keeps every byte a client sends after the handshake.
+struct Impostor {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    handshakes: usize,
+    failed_handshakes: usize,
+    bytes: Vec<u8>,
+}
+
+impl Impostor {
+    /// Listens on `ip` (a free port) with `chain_pem` and `key_pem`.
+    async fn start(ip: std::net::IpAddr, chain_pem: &str, key_pem: &str) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let chain =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let addr = listener.local_addr()?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+        let record = std::sync::Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let record = std::sync::Arc::clone(&record);
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        record.lock().unwrap().failed_handshakes += 1;
+                        return;
+                    };
+                    record.lock().unwrap().handshakes += 1;
+                    // An empty HTTP/2 SETTINGS frame, so the client sends
+                    // its request; then everything it sends is kept.
+                    let _ = tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(Ok(n)) =
+                        tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await
+                    {
+                        if n == 0 {
+                            break;
+                        }
+                        record.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, seen, task })
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Whether a client sent `needle` after a completed handshake.
+    fn received(&self, needle: &str) -> bool {
+        let seen = self.seen.lock().unwrap();
+        seen.bytes
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    fn handshakes(&self) -> (usize, usize) {
+        let seen = self.seen.lock().unwrap();
+        (seen.handshakes, seen.failed_handshakes)
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits until the agent logs a line with every needle or the impostor
+/// receives the token, whichever comes first; fails on the token.
+async fn refused_without_the_token(
+    agent: &mut TestEnv,
+    impostor: &Impostor,
+    token: &str,
+    needles: &[&str],
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            !impostor.received(token),
+            "the agent sent its service account token to a server that is not the CA \
+             (handshakes completed/failed: {:?})",
+            impostor.handshakes()
+        );
+        if agent
+            .log()
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+        {
+            break;
+        }
+        assert!(agent.agent_running(), "the agent exited");
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?} after {WAIT:?}; impostor handshakes \
+             completed/failed: {:?}",
+            impostor.handshakes()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A few more attempts (the agent retries with backoff): still nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!impostor.received(token), "the token reached the impostor");
+    let (completed, failed) = impostor.handshakes();
+    assert_eq!(completed, 0, "a TLS handshake with the impostor completed");
+    assert!(failed >= 1, "the agent never tried the impostor");
+}
+
+/// The CA allows IP SANs from 127.0.0.0/8 and the DNS SAN `localhost`, and
+/// serves as `127.0.0.1` and `localhost`: a pod gets neither of the CA's
+/// own names, while other names of the same ranges are still issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_never_get_the_cas_own_server_names() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    for arg in [
+        "--allowed-ip-cidr",
+        "127.0.0.0/8",
+        "--dns-template",
+        "localhost",
+    ] {
+        ca.args.push(arg.into());
+    }
+    ca.start().await.expect("credlet ca listening");
+    cluster.write_agent_token(&cluster.agent_pod()?)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    agent.spawn_command(agent_command(&agent, &cluster, &ca));
+    let csi = agent.wait_ready().await;
+
+    let (other, _) = cluster.app(&agent, "other-ip")?;
+    let other = other.with("credlet.io/ip-addresses", "127.0.0.2");
+    csi.publish(&other)
+        .await
+        .expect("an IP SAN that is not the CA's");
+    let files = check_volume(&other.target, &other.files(), CheckTime::Now)?;
+    assert_eq!(
+        files.leaf.ip_addresses,
+        ["127.0.0.2".parse::<std::net::IpAddr>()?]
+    );
+
+    for (name, key, value) in [
+        ("ca-ip", "credlet.io/ip-addresses", "127.0.0.1"),
+        ("ca-ip6", "credlet.io/ip-addresses", "::ffff:127.0.0.1"),
+        ("ca-dns", "credlet.io/dns-names", "localhost"),
+    ] {
+        let (volume, _) = cluster.app(&agent, name)?;
+        let volume = volume.with(key, value);
+        let status = expect_code(csi.publish(&volume).await, Code::PermissionDenied, value);
+        assert!(
+            status.message().contains("CA's own"),
+            "{name}: {:?}",
+            status.message()
+        );
+        assert_nothing_on_disk(&agent, &volume);
+    }
+    wait_for_log(
+        "the CA's denial",
+        &ca.env,
+        0,
+        &["request denied", "SanReservedForCa"],
+    )
+    .await;
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// A pod whose certificate carries an address the agent reaches the CA by
+/// (here `127.0.0.2`, a name the CA does not know as its own, so it issues
+/// it) serves that certificate and key as the CA. The agent's chain and
+/// host name checks pass; it must still refuse the handshake, because the
+/// certificate lacks the CA's identity, and never send its token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_certificate_posing_as_the_ca_never_gets_the_agents_token() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.args.push("--allowed-ip-cidr".into());
+    ca.args.push("127.0.0.0/8".into());
+    ca.start().await.expect("credlet ca listening");
+    let token = cluster.agent_pod()?;
+    cluster.write_agent_token(&token)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    agent.spawn_command(agent_command(&agent, &cluster, &ca));
+    let csi = agent.wait_ready().await;
+
+    // The pod's certificate: chained to the CA's root, IP SAN 127.0.0.2.
+    let (mask, _) = cluster.app(&agent, "mask")?;
+    let mask = mask.with("credlet.io/ip-addresses", "127.0.0.2");
+    csi.publish(&mask).await.expect("publish the pod's volume");
+    let files = check_volume(&mask.target, &mask.files(), CheckTime::Now)?;
+    verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
+    let impostor = Impostor::start([127, 0, 0, 2].into(), &files.chain, &files.key).await?;
+
+    // Another node's agent is pointed at the pod (DNS or routing is the
+    // attacker's): same trust bundle, same kind of token.
+    let mut victim = TestEnv::new(agent_bin!());
+    victim.spawn_command(agent_command_for_url(&victim, &cluster, &impostor.url()));
+    refused_without_the_token(
+        &mut victim,
+        &impostor,
+        &token,
+        &["is not the CA", "spiffe://cluster.local/credlet/ca"],
+    )
+    .await;
+    let (_, ready) = connect(&mut victim).await;
+    assert_eq!(ready, Some(false), "ready without the CA");
+    drop(csi);
+    stop_cleanly(&mut victim, "the victim agent").await;
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// The agent keeps the roots the CA published in its state directory. A
+/// root added to that file behind its back (here: appended to it) is not
+/// trusted at the next start, so a server with a certificate from that root
+/// — even one naming the CA's identity — gets no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_planted_in_the_agents_saved_bundle_is_not_trusted() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
+    let token = cluster.agent_pod()?;
+    cluster.write_agent_token(&token)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    agent.spawn_command(agent_command(&agent, &cluster, &ca));
+    let csi = agent.wait_ready().await;
+    wait_for_log(
+        "the agent's trust bundle stream",
+        &agent,
+        0,
+        &["trust bundle from the CA"],
+    )
+    .await;
+    let saved = agent.state_dir.join("ca-trust-bundle.pem");
+    wait_until("the saved trust bundle", WAIT, || {
+        ensure!(
+            std::fs::read_to_string(&saved)?.contains(cluster.root_pem.trim()),
+            "not written yet"
+        );
+        Ok(())
+    })
+    .await;
+    drop(csi);
+    stop_cleanly(&mut agent, "credlet agent").await;
+
+    // The attacker's root, and a serving certificate from it that names
+    // the CA's identity and the address the agent will dial.
+    let (attacker, attacker_root, _) = credlet_ca::Authority::generate_self_signed_with_pems(
+        credlet_ca::Policy::new("cluster.local"),
+    )?;
+    let key = credlet_ca::PrivateKey::generate(credlet_ca::KeyType::EcdsaP256)?;
+    let served = attacker.issue_component(
+        &key.certificate_signing_request()?,
+        "spiffe://cluster.local/credlet/ca",
+        &[],
+        &["127.0.0.3".parse()?],
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    )?;
+    let mut planted = std::fs::read_to_string(&saved)?;
+    planted.push_str(&attacker_root);
+    std::fs::write(&saved, planted)?;
+    let impostor = Impostor::start([127, 0, 0, 3].into(), &served.chain_pem, key.pem()).await?;
+
+    let offset = std::fs::metadata(&agent.log_path).map_or(0, |m| m.len());
+    agent.spawn_command(agent_command_for_url(&agent, &cluster, &impostor.url()));
+    refused_without_the_token(
+        &mut agent,
+        &impostor,
+        &token,
+        &["saved trust bundle", "ignored"],
+    )
+    .await;
+    let (log, _) = agent.log_from(offset);
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("agent client certificate from the CA")
+                && !l.contains("could not get")),
+        "the agent got a certificate from the impostor:\n{log}"
+    );
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// An agent configured for another trust domain than the CA's says so
+/// instead of failing obscurely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_domain_mismatch_is_named() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
+    cluster.write_agent_token(&cluster.agent_pod()?)?;
+    let mut agent = TestEnv::new(agent_bin!());
+    let mut command = agent_command(&agent, &cluster, &ca);
+    command.arg("--trust-domain").arg("example.org");
+    agent.spawn_command(command);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = agent.log();
+        if log.lines().any(|line| {
+            [
+                "trust domain",
+                "\"cluster.local\"",
+                "--trust-domain \"example.org\"",
+            ]
+            .iter()
+            .all(|n| line.contains(n))
+        }) {
+            break;
+        }
+        assert!(
+            !log.lines()
+                .any(|l| l.contains("agent client certificate from the CA")
+                    && !l.contains("could not get")),
+            "the agent of trust domain example.org accepted the CA of cluster.local"
+        );
+        assert!(agent.agent_running(), "the agent exited");
+        assert!(Instant::now() < deadline, "no trust domain mismatch logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, ready) = connect(&mut agent).await;
+    assert_eq!(ready, Some(false));
+    stop_cleanly(&mut agent, "credlet agent").await;
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// `credlet ca` without `--metrics-listen` serves its unauthenticated
+/// metrics and probes on loopback only, as the agent does; the deployment
+/// asks for `0.0.0.0:9090` explicitly for the kubelet's probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_serves_metrics_on_loopback_unless_told_otherwise() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    ca.start().await.expect("credlet ca listening");
+    let line = wait_until("the CA's metrics address", WAIT, || {
+        let log = ca.env.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("metrics") && l.contains("addr="))
+            .map(str::to_owned);
+        line.ok_or_else(|| anyhow::anyhow!("not logged yet"))
+    })
+    .await;
+    assert!(
+        line.contains("addr=127.0.0.1:9090"),
+        "metrics not on loopback by default: {line}"
+    );
     stop_cleanly(&mut ca.env, "credlet ca").await;
     Ok(())
 }
