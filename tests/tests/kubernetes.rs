@@ -54,7 +54,7 @@ type TrialFn = fn(&Env) -> Result<()>;
 
 /// Every test, in the order they run (the last ones restart credlet's
 /// components and roll its CA over).
-const TRIALS: [(&str, TrialFn); 11] = [
+const TRIALS: [(&str, TrialFn); 12] = [
     (
         "csi_volume_has_the_pods_identity_and_rotates",
         csi_volume_has_the_pods_identity_and_rotates,
@@ -98,6 +98,10 @@ const TRIALS: [(&str, TrialFn); 11] = [
     (
         "ca_key_rotated_through_its_secret_reaches_volumes_and_bundle",
         ca_key_rotated_through_its_secret_reaches_volumes_and_bundle,
+    ),
+    (
+        "helm_chart_installs_credlet_and_uninstalls_cleanly",
+        helm_chart_installs_credlet_and_uninstalls_cleanly,
     ),
 ];
 
@@ -1624,5 +1628,94 @@ fn verify_chain(chain_pem: &str, bundle_pem: &str) -> Result<()> {
     )
     .build()?;
     verifier.verify_client_cert(&chain[0], &chain[1..], rustls::pki_types::UnixTime::now())?;
+    Ok(())
+}
+
+/// credlet's objects anywhere in the cluster (by the part-of label, plus
+/// the cluster-scoped ones by name).
+fn credlet_objects(cluster: &Cluster) -> Result<Vec<String>> {
+    let out = cluster.kubectl(&[
+        "get",
+        "daemonsets,deployments,services,serviceaccounts,roles,rolebindings,networkpolicies,poddisruptionbudgets,clusterroles,clusterrolebindings,csidrivers",
+        "--all-namespaces",
+        "-l",
+        "app.kubernetes.io/part-of=credlet",
+        "-o",
+        "name",
+    ])?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    for (kind, name) in [
+        ("csidriver", "csi.credlet.io"),
+        ("clusterrole", "credlet-ca"),
+        ("clusterrole", "credlet-signer"),
+    ] {
+        if cluster.kubectl(&["get", kind, name]).is_ok() && !names.iter().any(|n| n.ends_with(name))
+        {
+            names.push(format!("{kind}/{name}"));
+        }
+    }
+    Ok(names)
+}
+
+/// The Helm chart on the real cluster: the kustomize install removed, the
+/// chart installed with the node's adjustments as values, a pod gets a
+/// certificate through it, and `helm uninstall` leaves none of credlet's
+/// objects behind.
+fn helm_chart_installs_credlet_and_uninstalls_cleanly(env: &Env) -> Result<()> {
+    let cluster = env.cluster();
+    cluster.uninstall_credlet(&env.credlet)?;
+    ensure!(
+        credlet_objects(&cluster)?.is_empty(),
+        "the kustomize install left objects: {:?}",
+        credlet_objects(&cluster)?
+    );
+    cluster.install_credlet_helm(&CredletOptions {
+        binary: std::path::PathBuf::from(env!("CARGO_BIN_EXE_credlet-under-test")),
+        ca_args: vec!["--min-duration=20s".into()],
+    })?;
+    let status = cluster.helm(&["status", "credlet", "--namespace", CREDLET_NAMESPACE])?;
+    ensure!(
+        String::from_utf8_lossy(&status.stdout).contains("STATUS: deployed"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    with_client(&cluster, async |client| {
+        let ns = "helm-installed";
+        namespace(&client, ns, "app").await?;
+        create_pod(
+            &client,
+            ns,
+            probe_pod(
+                "app",
+                "app",
+                json!({"credlet.io/dns-names": "$POD_NAME.$POD_NAMESPACE.svc"}),
+            ),
+        )
+        .await?;
+        let report = wait_for_report(&client, ns, "app", POD_TIMEOUT, "a certificate", |r| {
+            r.get("serial").is_some()
+        })
+        .await?;
+        ensure!(
+            report["key_match"] == true
+                && report["chain_ok"] == true
+                && report["uris"] == json!(["spiffe://cluster.local/ns/helm-installed/sa/app"])
+                && report["dns"] == json!(["app.helm-installed.svc"]),
+            "{report}"
+        );
+        delete_pod(&client, ns, "app").await
+    })?;
+    cluster.helm(&[
+        "uninstall",
+        "credlet",
+        "--namespace",
+        CREDLET_NAMESPACE,
+        "--wait",
+    ])?;
+    let left = credlet_objects(&cluster)?;
+    ensure!(left.is_empty(), "helm uninstall left {left:?}");
     Ok(())
 }

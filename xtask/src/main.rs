@@ -163,7 +163,7 @@ fn up(dir: &Path) -> Result<()> {
     );
     println!(
         "credlet: namespace {CREDLET_NAMESPACE}, overlay {}",
-        installed.overlay.display()
+        installed.applied.display()
     );
     println!(
         "images on the node: {CREDLET_IMAGE}, {BUSYBOX_IMAGE} (add one: cargo xtask cluster load <oci-archive>)"

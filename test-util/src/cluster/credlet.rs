@@ -23,8 +23,8 @@ use anyhow::{Context, Result};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use serde_json::{Value, json};
 
-use super::Cluster;
 use super::images::binary_files;
+use super::{Cluster, Programs};
 use crate::image::ImageSpec;
 
 /// The namespace `deploy/` installs into.
@@ -47,8 +47,9 @@ pub struct CredletOptions {
 pub struct CredletInstall {
     /// The CA's root certificate (PEM), as in the Secret and ConfigMap.
     pub ca_pem: String,
-    /// The overlay directory applied.
-    pub overlay: PathBuf,
+    /// What was applied: the kustomize overlay directory, or the Helm
+    /// values file.
+    pub applied: PathBuf,
 }
 
 impl Cluster {
@@ -71,10 +72,28 @@ impl Cluster {
         };
         self.load_image(IMAGE, &spec)?;
 
-        // The CA key and trust, as docs/operations.md creates them.
+        let ca_pem = self.create_ca_material(&d)?;
+
+        let overlay = self.dir().join("credlet-overlay");
+        fs::create_dir_all(&overlay)?;
+        let kustomization = self.credlet_overlay(opts)?;
+        fs::write(overlay.join("kustomization.yaml"), kustomization)?;
+        self.kubectl(&["apply", "-k", &overlay.to_string_lossy()])
+            .context("kubectl apply -k the credlet overlay")?;
+        self.wait_for_credlet()?;
+        Ok(CredletInstall {
+            ca_pem,
+            applied: overlay,
+        })
+    }
+
+    /// The namespace, the CA key Secret and the trust ConfigMap, made as
+    /// docs/operations.md says; returns the root's PEM. The key file exists
+    /// only while kubectl reads it.
+    fn create_ca_material(&self, work: &Path) -> Result<String> {
         let (ca_pem, key_pem) = new_credlet_root("credlet root CA")?;
-        let key_file = d.join("ca.key");
-        let cert_file = d.join("ca.crt");
+        let key_file = work.join("ca.key");
+        let cert_file = work.join("ca.crt");
         fs::write(&cert_file, &ca_pem)?;
         fs::write(&key_file, &key_pem)?;
         let ns = NAMESPACE;
@@ -104,15 +123,84 @@ impl Cluster {
             });
         let _ = fs::remove_file(&key_file);
         created?;
+        Ok(ca_pem)
+    }
 
-        let overlay = self.dir().join("credlet-overlay");
-        fs::create_dir_all(&overlay)?;
-        let kustomization = self.credlet_overlay(opts)?;
-        fs::write(overlay.join("kustomization.yaml"), kustomization)?;
-        self.kubectl(&["apply", "-k", &overlay.to_string_lossy()])
-            .context("kubectl apply -k the credlet overlay")?;
+    /// Removes what [`Cluster::install_credlet`] applied, its namespace
+    /// included, and waits until it is gone.
+    pub fn uninstall_credlet(&self, install: &CredletInstall) -> Result<()> {
+        self.kubectl(&[
+            "delete",
+            "-k",
+            &install.applied.to_string_lossy(),
+            "--wait=true",
+            "--timeout=180s",
+        ])
+        .context("kubectl delete -k the credlet overlay")?;
+        Ok(())
+    }
+
+    /// Installs credlet with the Helm chart `deploy/helm/credlet` (release
+    /// `credlet` in [`NAMESPACE`]), with the same node adjustments as the
+    /// kustomize overlay given as chart values, and waits for it. The image
+    /// must have been loaded ([`Cluster::install_credlet`] does).
+    pub fn install_credlet_helm(&self, opts: &CredletOptions) -> Result<CredletInstall> {
+        let d = self.dir().join("credlet-helm");
+        fs::create_dir_all(&d)?;
+        let ca_pem = self.create_ca_material(&d)?;
+        let ip = self.node_ip().to_string();
+        let (name, tag) = IMAGE.rsplit_once(':').unwrap_or((IMAGE, "latest"));
+        let values = json!({
+            "image": {"repository": name, "tag": tag, "pullPolicy": "IfNotPresent"},
+            "agent": {
+                "kubeletDir": self.kubelet_root(),
+                "stateDir": d.join("agent-state"),
+                "hostNetwork": true,
+                "hostAliases": [{"ip": ip, "hostnames": [format!("credlet-ca.{NAMESPACE}.svc")]}],
+                "healthListen": format!("{ip}:9808"),
+            },
+            "ca": {
+                "replicas": 1,
+                "hostNetwork": true,
+                "listenAddress": ip,
+                "extraEnv": [
+                    {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+                    {"name": "KUBERNETES_SERVICE_PORT", "value": self.api_port().to_string()},
+                ],
+                "extraArgs": opts.ca_args,
+            },
+        });
+        let values_file = d.join("values.json");
+        fs::write(&values_file, serde_json::to_string_pretty(&values)?)?;
+        self.helm(&[
+            "install",
+            "credlet",
+            &deploy_dir().join("helm/credlet").to_string_lossy(),
+            "--namespace",
+            NAMESPACE,
+            "--values",
+            &values_file.to_string_lossy(),
+        ])
+        .context("helm install")?;
         self.wait_for_credlet()?;
-        Ok(CredletInstall { ca_pem, overlay })
+        Ok(CredletInstall {
+            ca_pem,
+            applied: values_file,
+        })
+    }
+
+    /// Runs helm v4 (built like the other programs) with the admin
+    /// kubeconfig.
+    pub fn helm(&self, args: &[&str]) -> Result<std::process::Output> {
+        let helm = Programs::helm()?;
+        crate::process::run(
+            std::process::Command::new(helm)
+                .env("KUBECONFIG", self.kubeconfig())
+                .env("HELM_CACHE_HOME", self.dir().join("helm/cache"))
+                .env("HELM_CONFIG_HOME", self.dir().join("helm/config"))
+                .env("HELM_DATA_HOME", self.dir().join("helm/data"))
+                .args(args),
+        )
     }
 
     /// The overlay's kustomization: `deploy/overlays/agent-and-ca` plus the

@@ -88,6 +88,15 @@ impl Programs {
         Ok(me)
     }
 
+    /// helm v4, built on first use (only the chart's tests need it).
+    pub fn helm() -> Result<PathBuf> {
+        let script = build_script();
+        let out = run(Command::new("bash").arg(&script).arg("helm"))
+            .with_context(|| format!("build helm with {}", script.display()))?;
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(PathBuf::from(dir).join("helm"))
+    }
+
     /// A Kubernetes program by name.
     pub fn kube(&self, name: &str) -> PathBuf {
         self.kubernetes.join(name)
