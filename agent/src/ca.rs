@@ -43,6 +43,7 @@ pub async fn run(config: CaConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     server.metrics().register(&mut registry);
+    server.keys().register_metrics(&mut registry);
     let signer = match &config.signer {
         Some(settings) => Some(
             SignerRuntime::start(

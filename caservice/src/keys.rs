@@ -14,7 +14,7 @@
 //! [`KeyStore::status`].
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -88,7 +88,8 @@ pub struct KeyStore {
     authority_tx: watch::Sender<Arc<Authority>>,
     bundle_tx: watch::Sender<Arc<TrustBundle>>,
     state: Mutex<LoadState>,
-    reload_errors: AtomicU64,
+    /// Shared with the metrics registry (`credlet_ca_key_reload_errors`).
+    reload_errors: Counter,
 }
 
 struct LoadState {
@@ -125,7 +126,7 @@ impl KeyStore {
                 loads: 1,
                 last_error: None,
             }),
-            reload_errors: AtomicU64::new(0),
+            reload_errors: Counter::default(),
         }))
     }
 
@@ -154,9 +155,19 @@ impl KeyStore {
         let state = lock(&self.state);
         KeyStatus {
             loads: state.loads,
-            reload_errors: self.reload_errors.load(Ordering::Relaxed),
+            reload_errors: self.reload_errors.get(),
             last_error: state.last_error.clone(),
         }
+    }
+
+    /// Registers `credlet_ca_key_reload_errors` (failed reloads: new key
+    /// material that does not load while the previous keeps signing).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.sub_registry_with_prefix("credlet_ca").register(
+            "key_reload_errors",
+            "CA key material that changed on disk but did not load (the previous CA keeps signing)",
+            self.reload_errors.clone(),
+        );
     }
 
     /// The files this store loads.
@@ -174,7 +185,7 @@ impl KeyStore {
         match &result {
             Ok(_) => state.last_error = None,
             Err(error) => {
-                self.reload_errors.fetch_add(1, Ordering::Relaxed);
+                self.reload_errors.inc();
                 state.last_error = Some(error.to_string());
                 tracing::error!(
                     error = %error,

@@ -196,7 +196,7 @@ impl ServerTls {
                                 .1
                                 .peer_certificates()
                                 .and_then(|chain| chain.first())
-                                .and_then(|leaf| node_of_certificate(leaf, &policy));
+                                .and_then(|leaf| node_of_certificate(leaf.as_ref(), &policy));
                             let info = PeerInfo {
                                 remote_addr: Some(remote),
                                 node,
@@ -215,9 +215,14 @@ impl ServerTls {
     }
 }
 
-/// The node an agent client certificate names, if any.
-fn node_of_certificate(der: &CertificateDer<'_>, policy: &ServicePolicy) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+/// The node a client certificate (DER, as the TLS peer presented it and
+/// rustls verified it) names: the first URI SAN that is a node SPIFFE ID of
+/// the policy's trust domain ([`ServicePolicy::node_of_spiffe_id`]), if any.
+///
+/// Public for the `client_certificate` fuzz target; it is how the CA reads
+/// every connection's [`PeerInfo::node`].
+pub fn node_of_certificate(der: &[u8], policy: &ServicePolicy) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|name| match name {
         GeneralName::URI(uri) => policy.node_of_spiffe_id(uri).map(str::to_owned),

@@ -1062,6 +1062,18 @@ async fn garbage_key_file_keeps_the_old_ca_serving() -> Result<()> {
     let status = h.keys.status();
     assert!(!status.healthy());
     assert!(status.last_error.unwrap().contains("ca.key"));
+    // What the alert (deploy/helm PrometheusRule) watches.
+    let mut registry = prometheus_client::registry::Registry::default();
+    h.keys.register_metrics(&mut registry);
+    let mut exposition = String::new();
+    prometheus_client::encoding::text::encode(&mut exposition, &registry)?;
+    assert!(
+        exposition.contains(&format!(
+            "credlet_ca_key_reload_errors_total {}",
+            status.reload_errors
+        )),
+        "{exposition}"
+    );
 
     let uid = h.pod("team-a", "web-0", "web", "node-a")?;
     let token = h.token("team-a", "web", "web-0", &uid, "node-a");
