@@ -4,6 +4,9 @@
 #
 #   docker build -t credlet:dev .
 #
+# Without Docker, `cargo xtask cluster up` writes the test cluster's image
+# from Rust and imports it into containerd: README, "The image".
+#
 # The binary is a static PIE (glibc linked statically with
 # `+crt-static`; ASLR kept): no shared libraries at run time, so the final
 # stage is distroless/static. ring's C and assembly are built in; no

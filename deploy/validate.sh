@@ -38,7 +38,7 @@ trap 'rm -rf "$out"' EXIT
 "$helm" lint --strict --quiet "$chart" --kube-version 1.35.0
 "$helm" lint --strict --quiet "$chart" --kube-version 1.35.0 \
     --set podMonitor.enabled=true,prometheusRule.enabled=true,namespace.create=true \
-    --set agent.hostNetwork=true,ca.hostNetwork=true,ca.tokenVerification=jwks \
+    --set agent.hostNetwork=true,agent.perVolumeMetrics=true,ca.hostNetwork=true,ca.tokenVerification=jwks \
     --set 'ca.allowedIpCidrs={10.0.0.0/8}'
 "$helm" template credlet "$chart" --namespace credlet-system --kube-version 1.35.0 \
     --set namespace.create=true >"$out/helm-default.yaml"

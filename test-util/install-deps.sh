@@ -9,7 +9,6 @@ pkgs=(
   containerd        # containerd 1.6 with the CRI plugin, ctr, containerd-shim-runc-v2
   runc              # OCI runtime behind the runc v2 shim
   skopeo            # pushes the OCI layouts the harness writes to the test registries
-  protobuf-compiler # protoc, needed by the k8s-cri crate's build script (dev-dependency)
   gcc               # compiles the static pause binary (cc -static)
   libc6-dev         # libc.a for that static build
   busybox-static    # the shell image of the test cluster (sh, cat, nc, ...)
@@ -41,14 +40,15 @@ for svc in docker-registry containerd; do
   fi
 done
 
-for bin in docker-registry htpasswd containerd containerd-shim-runc-v2 ctr runc skopeo protoc cc; do
+for bin in docker-registry htpasswd containerd containerd-shim-runc-v2 ctr runc skopeo cc; do
   command -v "$bin" >/dev/null || { echo "install-deps: $bin missing after install" >&2; exit 1; }
 done
 echo "install-deps: ok"
 
 # The real cluster's programs (kube-apiserver, kubelet, etcd, containerd 2,
-# runc), built from their Go modules at the versions in k8s/versions.env and
-# cached by version outside the clone; nothing to do when cached.
+# runc), cri-tools' critest and helm, built from their Go modules at the versions
+# in k8s/versions.env and cached by version outside the clone; nothing to do
+# when cached.
 command -v go >/dev/null || { echo "install-deps: go is missing (Go 1.26 builds the cluster programs)" >&2; exit 1; }
-bash "$(dirname "$0")/k8s/build.sh" etcd containerd runc kubernetes >/dev/null
+bash "$(dirname "$0")/k8s/build.sh" etcd containerd runc kubernetes cri-tools helm >/dev/null
 echo "install-deps: cluster programs ok"

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use credlet_ca::{Authority, Policy};
 use credlet_csi::fsops::{LinuxSyscalls, NodeSyscalls, PlainDirectories};
-use credlet_csi::metrics::ExpiryCollector;
 use credlet_csi::metrics::Metrics;
+use credlet_csi::metrics::{ExpiryCollector, VolumeExpiryCollector};
 use credlet_csi::registration::{KubeletRegistration, PluginRegistrar};
 use credlet_csi::remote::{RemoteConfig, RemoteIssuer};
 use credlet_csi::server::{self, IdentityService, NodeService};
 use credlet_csi::{EmbeddedIssuer, VolumeConfig, VolumeManager, rotation};
+use credlet_uds::socket::OwnedSocket;
 use tokio::sync::watch;
 
 use credlet_imageguard::events::KubeEvents;
@@ -26,7 +27,7 @@ use credlet_imageguard::records::RecordStore;
 use credlet_imageguard::registry::{RegistryVerifier, RegistryVerifierConfig};
 use credlet_proto::cri::{ListImagesRequest, ListImagesResponse};
 
-use crate::config::{AgentConfig, ImageGuardConfig};
+use crate::config::{AgentConfig, ConfigError, ImageGuardConfig};
 
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -160,9 +161,32 @@ pub async fn run(
         registry: prometheus_client::registry::Registry::default(),
         checks: Vec::new(),
     };
+    crate::metrics::register_common(&mut health.registry, "agent");
+    // Taken before anything starts: a busy port is a configuration error,
+    // not a half-started agent.
+    let health_listener = match config.health_listen {
+        Some(addr) => Some((
+            addr,
+            crate::health::bind(addr)
+                .await
+                .map_err(|e| ConfigError::listen("--health-listen", addr, &e))?,
+        )),
+        None => None,
+    };
+    // Likewise the CRI socket: a guard already serving it keeps it, and a
+    // path that cannot be a socket is a configuration error. (Should a later
+    // step fail, the file left behind is stale and the next start replaces
+    // it, as after a crash.)
+    let cri_socket = match &config.image_guard {
+        Some(guard) => Some(
+            server::bind_owned_socket(&guard.listen)
+                .map_err(|e| ConfigError::socket("--cri-listen", &e))?,
+        ),
+        None => None,
+    };
     if let Some(socket) = config.csi_socket.clone() {
         let csi = start_csi(&config, &socket).await?;
-        csi.observe(&mut health);
+        csi.observe(&mut health, config.per_volume_metrics);
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move { csi.serve(stop).await });
         // Registered only once the CSI socket is listening: the kubelet
@@ -180,9 +204,16 @@ pub async fn run(
                     _ => Ok(()),
                 }),
             ));
-            let bound = registrar
-                .bind()
-                .context("binding the kubelet plugin registration socket")?;
+            let bound = match registrar.bind() {
+                Ok(bound) => bound,
+                Err(error) => {
+                    // Stop the CSI server started above: it removes its
+                    // socket.
+                    let _ = stop_tx.send(true);
+                    while tasks.join_next().await.is_some() {}
+                    return Err(ConfigError::socket("--registration-dir", &error).into());
+                }
+            };
             let stop = wait_stop(stop_rx.clone());
             tasks.spawn(async move {
                 bound
@@ -192,11 +223,20 @@ pub async fn run(
             });
         }
     }
-    if let Some(guard) = config.image_guard.clone() {
-        let (proxy, records) = start_image_guard(&config, &guard, &mut health).await?;
+    if let (Some(guard), Some((listener, socket))) = (config.image_guard.clone(), cri_socket) {
+        let started = start_image_guard(&config, &guard, &mut health).await;
+        let (proxy, records) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                drop(listener);
+                let _ = socket.remove();
+                let _ = stop_tx.send(true);
+                while tasks.join_next().await.is_some() {}
+                return Err(error);
+            }
+        };
         let stop = wait_stop(stop_rx.clone());
         tasks.spawn(async move {
-            let listener = credlet_csi::server::bind_unix_socket(&guard.listen)?;
             tracing::info!(
                 listen = %guard.listen.display(),
                 upstream = %guard.upstream.display(),
@@ -207,7 +247,9 @@ pub async fn run(
             proxy
                 .serve(listener, stop, std::time::Duration::from_secs(30))
                 .await;
-            let _ = fs::remove_file(&guard.listen);
+            if let Err(error) = socket.remove() {
+                tracing::warn!(%error, socket = %guard.listen.display(), "removing the CRI socket");
+            }
             // Verifications written behind the answers go to disk now.
             if let Err(error) = records.flush() {
                 tracing::warn!(%error, "writing pending image records at shutdown");
@@ -215,10 +257,7 @@ pub async fn run(
             Ok(())
         });
     }
-    if let Some(addr) = config.health_listen {
-        let listener = crate::health::bind(addr)
-            .await
-            .with_context(|| format!("listening for health and metrics on {addr}"))?;
+    if let Some((addr, listener)) = health_listener {
         let mut state = crate::health::HealthState::new(health.registry);
         for (name, check) in health.checks {
             state = state.with_check(name, check);
@@ -254,7 +293,7 @@ pub async fn run(
 /// The CSI side, started and ready to serve.
 struct CsiServer {
     agent: Agent,
-    socket: std::path::PathBuf,
+    socket: OwnedSocket,
     listener: tokio::net::UnixListener,
     identity: IdentityService,
     node: NodeService,
@@ -263,12 +302,17 @@ struct CsiServer {
 
 impl CsiServer {
     /// Registers the CSI (and CA client) metrics and readiness checks.
-    fn observe(&self, health: &mut HealthParts) {
+    fn observe(&self, health: &mut HealthParts, per_volume_metrics: bool) {
         let manager = &self.agent.manager;
         manager.metrics().register(&mut health.registry);
         health
             .registry
             .register_collector(Box::new(ExpiryCollector::new(manager)));
+        if per_volume_metrics {
+            health
+                .registry
+                .register_collector(Box::new(VolumeExpiryCollector::new(manager)));
+        }
         let ready = Arc::clone(manager);
         health.checks.push((
             "csi",
@@ -314,12 +358,31 @@ impl CsiServer {
             }
         }
         self.agent.stop().await;
-        let _ = fs::remove_file(&self.socket);
+        // Not a newer agent's socket under the same name.
+        if let Err(error) = self.socket.remove() {
+            tracing::warn!(%error, socket = %self.socket.path().display(), "removing the CSI socket");
+        }
         served.context("CSI server")
     }
 }
 
-async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiServer> {
+async fn start_csi(config: &AgentConfig, path: &Path) -> anyhow::Result<CsiServer> {
+    // Taken first: an agent already serving the socket keeps it, and this
+    // one stops before touching the volumes that agent manages.
+    let (listener, socket) =
+        server::bind_owned_socket(path).map_err(|e| ConfigError::socket("--csi-endpoint", &e))?;
+    let started = start_csi_on(config, listener, socket.clone()).await;
+    if started.is_err() {
+        let _ = socket.remove();
+    }
+    started
+}
+
+async fn start_csi_on(
+    config: &AgentConfig,
+    listener: tokio::net::UnixListener,
+    socket: OwnedSocket,
+) -> anyhow::Result<CsiServer> {
     if config.plain_directories {
         tracing::warn!(
             "volumes are plain directories, not tmpfs mounts (--plain-directories): keys land on the state filesystem; development only"
@@ -376,9 +439,8 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
             )
         }
     };
-    let listener = server::bind_unix_socket(socket)?;
     tracing::info!(
-        socket = %socket.display(),
+        socket = %socket.path().display(),
         driver = %config.driver_name,
         node = %config.node_id,
         volumes = agent.manager.volume_count(),
@@ -388,7 +450,7 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
     let node = NodeService::new(config.node_id.clone(), Arc::clone(&agent.manager));
     Ok(CsiServer {
         agent,
-        socket: socket.to_owned(),
+        socket,
         listener,
         identity,
         node,
@@ -397,19 +459,11 @@ async fn start_csi(config: &AgentConfig, socket: &Path) -> anyhow::Result<CsiSer
 }
 
 async fn kube_client(guard: &ImageGuardConfig) -> anyhow::Result<kube::Client> {
-    let config = match &guard.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes API configuration (in-cluster or $KUBECONFIG); the image guard needs the node's pod list")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    Ok(crate::kubeapi::client(
+        guard.kubeconfig.as_deref(),
+        "the image guard needs the node's pod list",
+    )
+    .await?)
 }
 
 /// Builds the image guard: records, registry verifier, pod watch, events,
@@ -437,6 +491,8 @@ async fn start_image_guard(
     let records = Arc::new(records);
     let verifier = RegistryVerifier::new(RegistryVerifierConfig {
         extra_root_pems: guard.registry_roots.clone(),
+        registry_config_dirs: guard.registry_config_dirs.clone(),
+        proxy: guard.registry_proxy.clone(),
         ..RegistryVerifierConfig::default()
     })
     .context("building the registry verifier")?;
@@ -448,20 +504,29 @@ async fn start_image_guard(
     metrics.register(&mut health.registry);
     let runtime = guard.upstream.clone();
     let synced = Arc::clone(&pods);
+    // Not ready says what is missing; the CRI socket serves regardless
+    // (static pods, preloaded and public images start without the API).
     health.checks.push((
         "cri-proxy",
         Box::new(move || {
             use credlet_imageguard::pods::PodIndex;
-            std::os::unix::net::UnixStream::connect(&runtime).map_err(|error| {
-                format!(
+            let mut missing = Vec::new();
+            if let Err(error) = std::os::unix::net::UnixStream::connect(&runtime) {
+                missing.push(format!(
                     "the container runtime at {} is not reachable: {error}",
                     runtime.display()
-                )
-            })?;
-            if synced.is_synced() {
+                ));
+            }
+            if !synced.is_synced() {
+                missing.push(
+                    "the pod index is not synced with the API server yet (the CRI socket serves; pods relying on a verification of a protected image are refused until it is)"
+                        .to_owned(),
+                );
+            }
+            if missing.is_empty() {
                 Ok(())
             } else {
-                Err("the pod index is not synced with the API server yet".into())
+                Err(missing.join("; "))
             }
         }),
     ));
@@ -489,9 +554,12 @@ async fn start_image_guard(
 
 /// Drops records of images the runtime no longer has and grants of pods no
 /// longer on the node; settles pull intents an earlier run left (the first
-/// run is at start).
-async fn prune_records(proxy: &CriProxy, records: &RecordStore, pods: &KubePodIndex) {
+/// run is at start). The file work runs on the blocking pool.
+async fn prune_records(proxy: &CriProxy, records: &Arc<RecordStore>, pods: &KubePodIndex) {
     use credlet_imageguard::pods::PodIndex;
+    // Read before the lists: a record that changes after (a pull ending
+    // meanwhile) is not pruned on their strength.
+    let listed_at = records.generation();
     let listed: Result<ListImagesResponse, _> = proxy
         .upstream()
         .unary(LIST_IMAGES, &ListImagesRequest::default())
@@ -507,26 +575,41 @@ async fn prune_records(proxy: &CriProxy, records: &RecordStore, pods: &KubePodIn
         .iter()
         .map(|i| (i.id.clone(), credlet_imageguard::resolve::names_of(i)))
         .collect();
-    records.settle_stale_intents(&named);
     let images = listed.into_iter().map(|i| i.id).collect();
+    // Pods by the uid the runtime knows them by (a static pod's: the hash
+    // its mirror pod names).
     let live: Option<std::collections::HashSet<String>> = pods.is_synced().then(|| {
         pods.pods_using(&|_: &str| true)
             .iter()
             .map(|p| p.uid.clone())
             .collect()
     });
-    match records.prune(&images, live.as_ref()) {
+    let records = Arc::clone(records);
+    let pruned = tokio::task::spawn_blocking(move || {
+        records.settle_stale_intents(&named);
+        let pruned = records.prune(&images, live.as_ref(), listed_at);
+        // Records that could not be written (full or read-only disk) are
+        // retried here too, not only with the next change.
+        let flushed = if records.pending() > 0 {
+            records.flush().map(|_| records.pending())
+        } else {
+            Ok(0)
+        };
+        (pruned, flushed)
+    })
+    .await;
+    let Ok((pruned, flushed)) = pruned else {
+        tracing::error!("the image record pruner failed");
+        return;
+    };
+    match pruned {
         Ok((images, grants)) if images + grants > 0 => {
             tracing::info!(images, grants, "pruned image guard records");
         }
         Ok(_) => {}
         Err(error) => tracing::warn!(%error, "pruning image guard records"),
     }
-    // Records that could not be written (full or read-only disk) are
-    // retried here too, not only with the next change.
-    if records.pending() > 0
-        && let Err(error) = records.flush()
-    {
-        tracing::error!(%error, pending = records.pending(), "image records still not written");
+    if let Err(error) = flushed {
+        tracing::error!(%error, "image records still not written");
     }
 }

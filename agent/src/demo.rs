@@ -22,19 +22,40 @@ use credlet_proto::csi::{
 use tonic::transport::Channel;
 
 use crate::agent::Agent;
-use crate::config::{AgentConfig, DemoArgs};
+use crate::config::{AgentConfig, DemoConfig};
 
 const POD_NAME: &str = "checkout-7f9c5";
 const POD_NAMESPACE: &str = "shop";
 const SERVICE_ACCOUNT: &str = "checkout";
 const VOLUME_NAME: &str = "mtls";
 
+/// Prints a line for the person running the demo. Into a pipe whose
+/// reader has quit (`credlet demo | head`) nothing more is printed, and the
+/// demo still runs to its end, which unmounts and removes what it made.
+macro_rules! say {
+    () => {
+        say_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))
+    };
+}
+
+fn say_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    if CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    ensure!(
-        (2..=3600).contains(&args.lifetime_s),
-        "--lifetime-s must be between 2 and 3600"
-    );
+pub async fn run(args: DemoConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     let temp;
     let base: PathBuf = match &args.dir {
@@ -49,16 +70,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let is_root = rustix::process::geteuid().is_root();
 
-    println!(
-        "credlet demo: a pod certificate issued, rotated in place and removed, with no cluster"
-    );
-    println!();
-    println!("  folder        {}", base.display());
+    say!("credlet demo: a pod certificate issued, rotated in place and removed, with no cluster");
+    say!();
+    say!("  folder        {}", base.display());
     if is_root {
-        println!("  volume        a size-limited tmpfs (nodev,nosuid,noexec), as on a node");
+        say!("  volume        a size-limited tmpfs (nodev,nosuid,noexec), as on a node");
     } else {
-        println!("  volume        a plain directory: not running as root, so no tmpfs mount");
-        println!("                (on a node the agent runs as root and keys live only on tmpfs)");
+        say!("  volume        a plain directory: not running as root, so no tmpfs mount");
+        say!("                (on a node the agent runs as root and keys live only on tmpfs)");
     }
 
     let kubelet_root = base.join("kubelet");
@@ -75,6 +94,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         csi_socket: Some(csi_socket.clone()),
         registration: None,
         health_listen: None,
+        per_volume_metrics: false,
         image_guard: None,
         node_id: "demo-node".into(),
         state_dir: base.join("state"),
@@ -109,9 +129,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let _ = stop_rx.await;
         },
     ));
-    println!("  CSI socket    {}", csi_socket.display());
-    println!("  CA            embedded development CA (trust domain cluster.local)");
-    println!();
+    say!("  CSI socket    {}", csi_socket.display());
+    say!("  CA            embedded development CA (trust domain cluster.local)");
+    say!();
 
     let channel = crate::client::unix_channel(&csi_socket).await?;
     let result = kubelet(channel, &target, &pod_uid, &args, started).await;
@@ -120,8 +140,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let _ = server.await;
     agent.stop().await;
     result?;
-    println!();
-    println!(
+    say!();
+    say!(
         "done in {:.1} s. Next: `credlet agent --help`, docs/ARCHITECTURE.md",
         started.elapsed().as_secs_f64()
     );
@@ -134,7 +154,7 @@ async fn kubelet(
     channel: Channel,
     target: &Path,
     pod_uid: &str,
-    args: &DemoArgs,
+    args: &DemoConfig,
     started: Instant,
 ) -> anyhow::Result<()> {
     let mut identity = IdentityClient::new(channel.clone());
@@ -156,22 +176,23 @@ async fn kubelet(
         .node_get_info(NodeGetInfoRequest {})
         .await?
         .into_inner();
-    println!(
+    say!(
         "kubelet: plugin {} {} is ready on node {}",
-        info.name, info.vendor_version, node_info.node_id
+        info.name,
+        info.vendor_version,
+        node_info.node_id
     );
 
-    let request = publish_request(target, pod_uid, args.lifetime_s);
-    println!(
-        "kubelet: NodePublishVolume for pod {POD_NAMESPACE}/{POD_NAME} (volume {VOLUME_NAME:?})"
-    );
+    let lifetime_s = args.lifetime.as_secs();
+    let request = publish_request(target, pod_uid, lifetime_s);
+    say!("kubelet: NodePublishVolume for pod {POD_NAMESPACE}/{POD_NAME} (volume {VOLUME_NAME:?})");
     let t = Instant::now();
     node.node_publish_volume(request.clone()).await?;
-    println!(
+    say!(
         "         published in {:.2} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    println!();
+    say!();
     let first = read_volume(target)?;
     print_certificate(&first)?;
     print_files(target)?;
@@ -183,19 +204,20 @@ async fn kubelet(
         again.serial == first.serial,
         "republish re-issued a valid certificate"
     );
-    println!(
+    say!(
         "kubelet: republish (requiresRepublish) answered in {:.2} ms; same certificate, nothing re-issued",
         t.elapsed().as_secs_f64() * 1e3
     );
-    println!();
+    say!();
 
-    println!(
+    say!(
         "waiting for {} rotations (lifetime {} s, renewal at 50-70 % of it)...",
-        args.rotations, args.lifetime_s
+        args.rotations,
+        lifetime_s
     );
     let mut current = first;
     for n in 1..=args.rotations {
-        let deadline = Instant::now() + Duration::from_secs(args.lifetime_s * 2 + 5);
+        let deadline = Instant::now() + Duration::from_secs(lifetime_s * 2 + 5);
         let next = loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             // A reader between two rotations always sees a matching pair.
@@ -204,27 +226,27 @@ async fn kubelet(
                 break v;
             }
             if Instant::now() > deadline {
-                bail!("no rotation within {} s", args.lifetime_s * 2 + 5);
+                bail!("no rotation within {} s", lifetime_s * 2 + 5);
             }
         };
         ensure!(next.key_pem != current.key_pem, "rotation reused the key");
-        println!(
+        say!(
             "  rotation {n} at +{:>4.1} s: serial {}  new key: yes  key matches certificate: yes  chains to ca.crt: yes",
             started.elapsed().as_secs_f64(),
             short(&next.serial)
         );
         current = next;
     }
-    println!();
+    say!();
 
-    println!("kubelet: NodeUnpublishVolume (pod deleted)");
+    say!("kubelet: NodeUnpublishVolume (pod deleted)");
     node.node_unpublish_volume(NodeUnpublishVolumeRequest {
         volume_id: request.volume_id.clone(),
         target_path: request.target_path.clone(),
     })
     .await?;
     ensure!(!target.exists(), "target path still exists after unpublish");
-    println!("         volume unmounted and removed; its state record is gone");
+    say!("         volume unmounted and removed; its state record is gone");
     Ok(())
 }
 
@@ -303,8 +325,8 @@ fn print_certificate(view: &VolumeView) -> anyhow::Result<()> {
             t.second()
         )
     };
-    println!("certificate");
-    println!(
+    say!("certificate");
+    say!(
         "  subject       {}",
         if leaf.subject.is_empty() {
             "(empty; identity is in the SANs)"
@@ -313,22 +335,22 @@ fn print_certificate(view: &VolumeView) -> anyhow::Result<()> {
         }
     );
     for uri in &leaf.uris {
-        println!("  URI SAN       {uri}");
+        say!("  URI SAN       {uri}");
     }
     for dns in &leaf.dns_names {
-        println!("  DNS SAN       {dns}");
+        say!("  DNS SAN       {dns}");
     }
-    println!("  serial        {}", short(&leaf.serial_hex));
-    println!("  not before    {}", fmt_time(leaf.not_before));
-    println!("  not after     {}", fmt_time(leaf.not_after));
-    println!("  key           ECDSA P-256, generated on the node; only a CSR left the agent");
-    println!("  checks        key matches certificate, chain verifies against ca.crt");
-    println!();
+    say!("  serial        {}", short(&leaf.serial_hex));
+    say!("  not before    {}", fmt_time(leaf.not_before));
+    say!("  not after     {}", fmt_time(leaf.not_after));
+    say!("  key           ECDSA P-256, generated on the node; only a CSR left the agent");
+    say!("  checks        key matches certificate, chain verifies against ca.crt");
+    say!();
     Ok(())
 }
 
 fn print_files(target: &Path) -> anyhow::Result<()> {
-    println!("files in {}", target.display());
+    say!("files in {}", target.display());
     let mut entries: Vec<_> = std::fs::read_dir(target)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(std::fs::DirEntry::file_name);
     for entry in entries {
@@ -339,20 +361,20 @@ fn print_files(target: &Path) -> anyhow::Result<()> {
             let real = std::fs::metadata(entry.path())?;
             if real.is_file() {
                 let mode = real.permissions().mode() & 0o777;
-                println!(
+                say!(
                     "  {name:<24} -> {:<24} mode {mode:o}  {:>5} bytes",
                     link.display(),
                     real.size()
                 );
             } else {
-                println!("  {name:<24} -> {}", link.display());
+                say!("  {name:<24} -> {}", link.display());
             }
         } else {
-            println!("  {name:<24}    (payload directory of the current version)");
+            say!("  {name:<24}    (payload directory of the current version)");
         }
     }
-    println!("  (visible names point through ..data, which is swapped atomically on rotation)");
-    println!();
+    say!("  (visible names point through ..data, which is swapped atomically on rotation)");
+    say!();
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! - `GET /metrics`: the Prometheus registry (OpenMetrics text);
 //! - `GET /healthz`: 200 while the process serves at all;
 //! - `GET /readyz`: 200 when every readiness check passes, else 503 with
-//!   the failing checks, one per line.
+//!   the failing checks, one per line; degraded parts that do not make the
+//!   process unready follow as `name: degraded: why` lines.
 //!
 //! Each binary mode brings its own registry and checks (`credlet ca`: CA
 //! key material healthy; the node agent can add its own). Connections are
@@ -11,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +35,12 @@ pub type ReadinessCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 pub struct HealthState {
     registry: Registry,
     checks: Vec<(String, ReadinessCheck)>,
+    degradations: Vec<(String, DegradationCheck)>,
 }
+
+/// A part that may be degraded without making the process unready (the
+/// CA's signer while the CA serves agents): `Some(why)` when degraded.
+pub type DegradationCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for HealthState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,6 +59,7 @@ impl HealthState {
         Self {
             registry,
             checks: Vec::new(),
+            degradations: Vec::new(),
         }
     }
 
@@ -65,6 +72,26 @@ impl HealthState {
     ) -> Self {
         self.checks.push((name.into(), Box::new(check)));
         self
+    }
+
+    /// Adds a part named `name` whose degradation `/readyz` reports
+    /// without failing.
+    #[must_use]
+    pub fn with_degradation(
+        mut self,
+        name: impl Into<String>,
+        check: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.degradations.push((name.into(), Box::new(check)));
+        self
+    }
+
+    /// The degraded parts as `name: degraded: reason`.
+    pub fn degraded(&self) -> Vec<String> {
+        self.degradations
+            .iter()
+            .filter_map(|(name, check)| check().map(|why| format!("{name}: degraded: {why}")))
+            .collect()
     }
 
     /// The failing checks as `name: reason`, empty when ready.
@@ -113,24 +140,40 @@ impl HealthState {
             "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => {
                 let failing = self.failing();
-                if failing.is_empty() {
-                    reply(StatusCode::OK, TEXT, "ok\n".into())
+                let degraded = self.degraded();
+                let mut lines = if failing.is_empty() {
+                    vec!["ok".to_owned()]
                 } else {
-                    reply(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        TEXT,
-                        failing.join("\n") + "\n",
-                    )
-                }
+                    failing.clone()
+                };
+                lines.extend(degraded);
+                let status = if failing.is_empty() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                reply(status, TEXT, lines.join("\n") + "\n")
             }
             _ => reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
         }
     }
 }
 
-/// Binds `addr`.
+/// Binds `addr` (this server's, or `credlet ca`'s gRPC port). `[::]`, what
+/// a bare `:port` means, takes IPv4 connections too; on a host without IPv6
+/// it falls back to `0.0.0.0` with the same port.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    match TcpListener::bind(addr).await {
+        Err(error) if addr.ip() == Ipv6Addr::UNSPECIFIED && no_ipv6(&error) => {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port())).await
+        }
+        result => result,
+    }
+}
+
+fn no_ipv6(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::AddrNotAvailable
+        || error.raw_os_error() == Some(rustix::io::Errno::AFNOSUPPORT.raw_os_error())
 }
 
 /// Serves `state` on `listener` until `shutdown` completes.

@@ -11,4 +11,6 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod health;
+pub mod kubeapi;
 pub mod logging;
+pub mod metrics;

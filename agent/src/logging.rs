@@ -24,10 +24,13 @@ pub enum LogFormat {
 /// agent's lifetime.
 pub fn init(format: LogFormat, level: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // A closed stderr (`2>&1 | head`) loses log lines silently; the
+    // subscriber's own report of it would panic writing to stderr.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
-        .with_target(false);
+        .with_target(false)
+        .log_internal_errors(false);
     let directives = std::env::var(EnvFilter::DEFAULT_ENV)
         .ok()
         .filter(|v| !v.trim().is_empty());

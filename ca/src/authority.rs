@@ -252,6 +252,12 @@ impl Authority {
         &self.policy
     }
 
+    /// When the CA certificate that signs expires (its notAfter, seconds
+    /// since the epoch); nothing it signs outlives it.
+    pub fn ca_not_after_unix(&self) -> i64 {
+        self.ca_not_after
+    }
+
     /// The trust bundle (roots), PEM.
     pub fn trust_bundle_pem(&self) -> &str {
         &self.trust_bundle_pem

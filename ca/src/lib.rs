@@ -1,8 +1,9 @@
 //! credlet's issuance library.
 //!
 //! Used on the node to generate keys and certificate signing requests, and
-//! inside the CA (the embedded development CA today, a remote CA service
-//! later) to verify CSRs and sign leaf certificates for pod identities.
+//! inside every CA (`credlet ca`, its PodCertificateRequest signer and the
+//! embedded development CA) to verify CSRs and sign leaf certificates for
+//! pod identities.
 //!
 //! Design rules:
 //!

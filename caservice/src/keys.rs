@@ -13,8 +13,8 @@
 //! current authority serving; the error is logged, counted and reported by
 //! [`KeyStore::status`].
 
-use std::path::{Path, PathBuf};
 use prometheus_client::metrics::counter::Counter;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -161,13 +161,17 @@ impl KeyStore {
     }
 
     /// Registers `credlet_ca_key_reload_errors` (failed reloads: new key
-    /// material that does not load while the previous keeps signing).
+    /// material that does not load while the previous keeps signing) and
+    /// `credlet_ca_certificate_expiration_timestamp_seconds` (the signing
+    /// CA certificate's notAfter, read at each scrape).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
-        registry.sub_registry_with_prefix("credlet_ca").register(
+        let sub = registry.sub_registry_with_prefix("credlet_ca");
+        sub.register(
             "key_reload_errors",
             "CA key material that changed on disk but did not load (the previous CA keeps signing)",
             self.reload_errors.clone(),
         );
+        sub.register_collector(Box::new(CaExpiry(self.subscribe_authority())));
     }
 
     /// The files this store loads.
@@ -471,5 +475,27 @@ fn bundle_of(current: &[Root], previous: &[Root], generation: u64) -> TrustBundl
         pem: certificates_pem(&roots_der),
         roots_der,
         generation,
+    }
+}
+
+/// `credlet_ca_certificate_expiration_timestamp_seconds`: the signing CA
+/// certificate's notAfter, from the authority serving at scrape time.
+#[derive(Debug)]
+struct CaExpiry(watch::Receiver<Arc<Authority>>);
+
+impl prometheus_client::collector::Collector for CaExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let expiry =
+            prometheus_client::metrics::gauge::ConstGauge::new(self.0.borrow().ca_not_after_unix());
+        expiry.encode(encoder.encode_descriptor(
+            "certificate_expiration_timestamp_seconds",
+            "When the signing CA certificate expires (notAfter), seconds since the Unix epoch",
+            None,
+            expiry.metric_type(),
+        )?)
     }
 }

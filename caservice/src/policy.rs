@@ -276,7 +276,7 @@ pub struct ServicePolicy {
 impl ServicePolicy {
     /// Defaults for `trust_domain`: 24 h default / 90 days max / 1 h min
     /// lifetime, 24 h agent certificates, no DNS or IP SANs, agent service
-    /// account `credlet/credlet-agent`, renewal when 40 % of the lifetime is
+    /// account `credlet-system/credlet-agent`, renewal when 40 % of the lifetime is
     /// left (spread over ±10 % of the lifetime: at 50–70 %).
     pub fn new(trust_domain: impl Into<String>) -> Self {
         Self {
@@ -289,7 +289,7 @@ impl ServicePolicy {
             namespace_dns_patterns: BTreeMap::new(),
             ip_ranges: Vec::new(),
             agent_service_account: ServiceAccountRef {
-                namespace: "credlet".into(),
+                namespace: "credlet-system".into(),
                 name: "credlet-agent".into(),
             },
             default_renew_before_percent: 40,

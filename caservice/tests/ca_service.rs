@@ -377,7 +377,7 @@ impl Harness {
         PrivateKey,
     )> {
         self.agent_with(node, |pod, uid| {
-            Ok(self.token("credlet", "credlet-agent", pod, uid, node))
+            Ok(self.token("credlet-system", "credlet-agent", pod, uid, node))
         })
         .await
     }
@@ -394,7 +394,7 @@ impl Harness {
         PrivateKey,
     )> {
         let pod = format!("credlet-agent-{node}");
-        let uid = self.pod("credlet", &pod, "credlet-agent", node)?;
+        let uid = self.pod("credlet-system", &pod, "credlet-agent", node)?;
         let token = token(&pod, &uid)?;
         let key = PrivateKey::generate(KeyType::EcdsaP256)?;
         let mut anonymous = self.client(&self.bundle_pem(), None).await?;
@@ -666,7 +666,7 @@ async fn token_denials() -> Result<()> {
             })
             .await,
         Code::PermissionDenied,
-        "credlet/credlet-agent",
+        "credlet-system/credlet-agent",
     );
 
     // Request fields that contradict the token.
@@ -774,7 +774,7 @@ async fn tokens_of_users_and_unbound_service_accounts_are_denied() -> Result<()>
         );
     }
     let unbound_agent = h.raw_token(
-        "system:serviceaccount:credlet:credlet-agent",
+        "system:serviceaccount:credlet-system:credlet-agent",
         BTreeMap::new(),
     );
     expect_code(
@@ -782,7 +782,7 @@ async fn tokens_of_users_and_unbound_service_accounts_are_denied() -> Result<()>
             .issue_agent_certificate(agent_request(unbound_agent))
             .await,
         Code::PermissionDenied,
-        "credlet/credlet-agent is not bound to a pod",
+        "credlet-system/credlet-agent is not bound to a pod",
     );
     h.stop().await
 }
@@ -1074,6 +1074,14 @@ async fn garbage_key_file_keeps_the_old_ca_serving() -> Result<()> {
         )),
         "{exposition}"
     );
+    // The CA certificate still signing is the one whose expiry is exported.
+    let not_after = h.keys.authority().ca_not_after_unix();
+    assert!(
+        exposition.contains(&format!(
+            "credlet_ca_certificate_expiration_timestamp_seconds {not_after}"
+        )),
+        "{exposition}"
+    );
 
     let uid = h.pod("team-a", "web-0", "web", "node-a")?;
     let token = h.token("team-a", "web", "web-0", &uid, "node-a");
@@ -1285,7 +1293,7 @@ async fn pod_checks_get_the_pod_until_the_cache_is_synced() -> Result<()> {
     let cache = h.pod_cache();
     assert!(!cache.is_synced() && !cache.is_fresh());
     let (mut agent, _, _) = h.agent("node-a").await?;
-    assert_eq!(h.pod_gets("credlet", "credlet-agent-node-a"), 1);
+    assert_eq!(h.pod_gets("credlet-system", "credlet-agent-node-a"), 1);
     let uid = h.pod("team-a", "web-0", "web", "node-a")?;
     let token = h.token("team-a", "web", "web-0", &uid, "node-a");
     for _ in 0..CALLS {
@@ -1629,7 +1637,13 @@ async fn tokens_verified_offline_against_the_issuer_keys() -> Result<()> {
     .await?;
     let (mut agent, _, _) = h
         .agent_with("node-a", |pod, uid| {
-            issuer.mint(&claims("credlet", "credlet-agent", pod, uid, "node-a"))
+            issuer.mint(&claims(
+                "credlet-system",
+                "credlet-agent",
+                pod,
+                uid,
+                "node-a",
+            ))
         })
         .await?;
 
@@ -1754,9 +1768,14 @@ async fn without_issuer_keys_tokens_are_refused_as_unavailable_until_they_load()
     let h = Harness::start_raw(|_| {}, jwks_settings, None, |_| {}, true).await?;
     let issuer = ServiceAccountIssuer::es256(ISSUER)?;
     let mut anonymous = h.client(&h.bundle_pem(), None).await?;
-    let uid = h.pod("credlet", "credlet-agent-node-a", "credlet-agent", "node-a")?;
+    let uid = h.pod(
+        "credlet-system",
+        "credlet-agent-node-a",
+        "credlet-agent",
+        "node-a",
+    )?;
     let token = issuer.mint(&claims(
-        "credlet",
+        "credlet-system",
         "credlet-agent",
         "credlet-agent-node-a",
         &uid,

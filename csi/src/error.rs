@@ -89,6 +89,15 @@ pub enum InputError {
         /// What is wrong (never the token itself).
         reason: String,
     },
+    /// No service account token for the agent's audience came with the
+    /// publish, and the issuer needs one.
+    #[error(
+        "no service account token for audience {audience:?}: the CSIDriver needs tokenRequests with that audience"
+    )]
+    MissingToken {
+        /// The audience the agent asks for (`--token-audience`).
+        audience: String,
+    },
     /// The volume capability is missing or not one we can serve.
     #[error("volume capability: {reason}")]
     Capability {

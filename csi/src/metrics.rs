@@ -76,6 +76,15 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers the metrics under `credlet_csi_`.
     pub fn register(&self, registry: &mut Registry) {
+        // Every series exists from the start (at zero), so rates and
+        // alerts see a value before the first issuance.
+        for operation in [Operation::Publish, Operation::Renew, Operation::Repair] {
+            for outcome in [Outcome::Success, Outcome::Error] {
+                let labels = IssuanceLabels { operation, outcome };
+                let _ = self.issuances.get_or_create(&labels);
+                let _ = self.issuance_seconds.get_or_create(&labels);
+            }
+        }
         let sub = registry.sub_registry_with_prefix("credlet_csi");
         sub.register(
             "issuances",
@@ -137,8 +146,8 @@ pub enum CaRpc {
 pub struct CaRequestLabels {
     /// The call.
     pub rpc: CaRpc,
-    /// `ok`, `timeout`, or the gRPC code in snake case
-    /// (`unavailable`, `permission_denied`, …).
+    /// `Ok`, `Timeout`, or the gRPC code's name (`Unavailable`,
+    /// `PermissionDenied`, …).
     pub outcome: &'static str,
 }
 
@@ -149,6 +158,9 @@ pub struct CaClientMetrics {
     pub requests: Family<CaRequestLabels, Counter>,
     /// Call latency by RPC.
     pub request_seconds: Family<CaRpcLabel, Histogram, fn() -> Histogram>,
+    /// Reads of the agent's own token file (`--ca-token-file`) that failed
+    /// or found it empty: the agent can not renew its client certificate.
+    pub token_read_errors: Counter,
 }
 
 /// The `rpc` label alone.
@@ -163,6 +175,7 @@ impl Default for CaClientMetrics {
         Self {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram),
+            token_read_errors: Counter::default(),
         }
     }
 }
@@ -170,6 +183,17 @@ impl Default for CaClientMetrics {
 impl CaClientMetrics {
     /// Registers the metrics under `credlet_ca_client_`.
     pub fn register(&self, registry: &mut Registry) {
+        for rpc in [
+            CaRpc::IssuePodCertificate,
+            CaRpc::IssuePodCertificates,
+            CaRpc::IssueAgentCertificate,
+            CaRpc::WatchTrustBundle,
+        ] {
+            let _ = self
+                .requests
+                .get_or_create(&CaRequestLabels { rpc, outcome: "Ok" });
+            let _ = self.request_seconds.get_or_create(&CaRpcLabel { rpc });
+        }
         let sub = registry.sub_registry_with_prefix("credlet_ca_client");
         sub.register(
             "requests",
@@ -180,6 +204,11 @@ impl CaClientMetrics {
             "request_duration_seconds",
             "Latency of calls to the CA service, by RPC",
             self.request_seconds.clone(),
+        );
+        sub.register(
+            "token_read_errors",
+            "Reads of the agent's service account token file that failed or found it empty",
+            self.token_read_errors.clone(),
         );
     }
 
@@ -201,27 +230,28 @@ impl CaClientMetrics {
     }
 }
 
-/// The outcome label of a gRPC status code.
+/// The outcome label of a gRPC status code: its name as gRPC spells it
+/// (`PermissionDenied`), the style of every credlet label value.
 pub fn code_label(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid_argument",
-        Code::DeadlineExceeded => "deadline_exceeded",
-        Code::NotFound => "not_found",
-        Code::AlreadyExists => "already_exists",
-        Code::PermissionDenied => "permission_denied",
-        Code::ResourceExhausted => "resource_exhausted",
-        Code::FailedPrecondition => "failed_precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out_of_range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data_loss",
-        Code::Unauthenticated => "unauthenticated",
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -265,5 +295,54 @@ impl prometheus_client::collector::Collector for ExpiryCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         prometheus_client::encoding::EncodeMetric::encode(&gauge, metric)
+    }
+}
+
+/// `credlet_csi_certificate_expiration_timestamp_seconds{namespace, pod,
+/// volume}`: each volume's certificate notAfter, as cert-manager exports
+/// per certificate. One series per volume, so only on request
+/// (`--per-volume-metrics`): fine for small clusters, a cardinality cost on
+/// nodes with thousands of volumes.
+#[derive(Debug)]
+pub struct VolumeExpiryCollector {
+    volumes: std::sync::Weak<crate::volumes::VolumeManager>,
+}
+
+impl VolumeExpiryCollector {
+    /// A collector reading `volumes` (weakly).
+    pub fn new(volumes: &std::sync::Arc<crate::volumes::VolumeManager>) -> Self {
+        Self {
+            volumes: std::sync::Arc::downgrade(volumes),
+        }
+    }
+}
+
+impl prometheus_client::collector::Collector for VolumeExpiryCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let expiries = self
+            .volumes
+            .upgrade()
+            .map(|v| v.expiries())
+            .unwrap_or_default();
+        let family = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        for expiry in expiries {
+            family
+                .get_or_create(&vec![
+                    ("namespace", expiry.namespace),
+                    ("pod", expiry.pod),
+                    ("volume", expiry.volume),
+                ])
+                .set(i64::try_from(expiry.not_after).unwrap_or(i64::MAX));
+        }
+        family.encode(encoder.encode_descriptor(
+            "credlet_csi_certificate_expiration_timestamp_seconds",
+            "When each volume's certificate expires (notAfter), seconds since the Unix epoch",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?)
     }
 }

@@ -9,14 +9,15 @@
 //! kubelet restarts — it finds the socket again and repeats the calls — but
 //! the socket must stay in place: if it disappears (the directory was
 //! cleaned or recreated), the registrar binds it again within one check
-//! interval, and the kubelet registers the driver again. On shutdown the
-//! socket is removed, which unregisters the driver.
+//! interval, and the kubelet registers the driver again. A socket another
+//! live process serves under the name is never taken. On shutdown the
+//! socket is removed if it is still this process's, which unregisters the
+//! driver.
 //!
 //! The kubelet's verdict is published on a `watch` channel
 //! ([`KubeletRegistration`]) for readiness and metrics.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use credlet_proto::pluginregistration::registration_server::{Registration, Regis
 use credlet_proto::pluginregistration::{
     InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
 };
+use credlet_uds::socket::{BindError, OwnedSocket};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
@@ -163,11 +165,11 @@ impl PluginRegistrar {
     }
 
     /// Binds the socket now, so that start-up fails early on a bad
-    /// directory; [`PluginRegistrar::serve`] then serves it.
-    pub fn bind(self) -> Result<BoundRegistrar, Error> {
+    /// directory or a socket another live process serves;
+    /// [`BoundRegistrar::serve`] then serves it.
+    pub fn bind(self) -> Result<BoundRegistrar, BindError> {
         let socket = self.config.socket_path();
-        let listener = crate::server::bind_unix_socket(&socket)?;
-        let inode = socket_inode(&socket)?;
+        let (listener, owned) = crate::server::bind_owned_socket(&socket)?;
         tracing::info!(
             socket = %socket.display(),
             driver = %self.config.driver_name,
@@ -177,7 +179,7 @@ impl PluginRegistrar {
         Ok(BoundRegistrar {
             registrar: self,
             listener,
-            inode,
+            owned,
         })
     }
 }
@@ -187,17 +189,19 @@ impl PluginRegistrar {
 pub struct BoundRegistrar {
     registrar: PluginRegistrar,
     listener: tokio::net::UnixListener,
-    inode: u64,
+    owned: OwnedSocket,
 }
 
 impl BoundRegistrar {
     /// Serves until `shutdown` resolves, binding the socket again whenever
     /// it disappears; removes the socket (if it is still ours) at the end.
+    /// A socket another live process now serves under the name (a newer
+    /// agent) is left to it.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
         let Self {
             registrar,
             mut listener,
-            mut inode,
+            mut owned,
         } = self;
         let socket = registrar.config.socket_path();
         let mut check = tokio::time::interval(registrar.config.recheck);
@@ -224,7 +228,7 @@ impl BoundRegistrar {
                         break true;
                     }
                     _ = check.tick() => {
-                        if socket_inode(&socket).ok() != Some(inode) {
+                        if !owned.is_current() {
                             tracing::warn!(
                                 socket = %socket.display(),
                                 "the registration socket was removed or replaced; binding it again"
@@ -242,7 +246,7 @@ impl BoundRegistrar {
                 }
             };
             if !rebind {
-                remove_if_ours(&socket, inode);
+                remove_if_ours(&owned);
                 tracing::info!(socket = %socket.display(), "kubelet plugin registration stopped");
                 return Ok(());
             }
@@ -251,47 +255,45 @@ impl BoundRegistrar {
                 .service
                 .status
                 .send_replace(KubeletRegistration::Pending);
+            let mut reported = false;
             loop {
-                match crate::server::bind_unix_socket(&socket)
-                    .and_then(|l| socket_inode(&socket).map(|i| (l, i)))
-                {
-                    Ok((l, i)) => {
+                match crate::server::bind_owned_socket(&socket) {
+                    Ok((l, o)) => {
                         listener = l;
-                        inode = i;
+                        owned = o;
                         break;
                     }
+                    // Said once: the other process may hold it for long.
+                    Err(error @ BindError::InUse { .. }) if !reported => {
+                        reported = true;
+                        tracing::warn!(%error, "another process serves the registration socket now; not taking it, binding it again when it is gone");
+                    }
+                    Err(BindError::InUse { .. }) => {}
                     Err(error) => {
                         tracing::warn!(%error, "binding the registration socket failed; retrying");
-                        tokio::select! {
-                            () = tokio::time::sleep(registrar.config.recheck) => {}
-                            () = &mut shutdown => return Ok(()),
-                        }
                     }
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(registrar.config.recheck) => {}
+                    () = &mut shutdown => return Ok(()),
                 }
             }
         }
     }
 }
 
-fn socket_inode(path: &Path) -> Result<u64, Error> {
-    std::fs::symlink_metadata(path)
-        .map(|m| m.ino())
-        .map_err(|e| Error::io("stat registration socket", path, e))
-}
-
 /// Removes the socket unless someone else's socket now has its name (a new
 /// agent instance during a rolling update).
-fn remove_if_ours(path: &Path, inode: u64) {
-    if socket_inode(path).ok() == Some(inode)
-        && let Err(error) = std::fs::remove_file(path)
-    {
-        tracing::warn!(%error, socket = %path.display(), "removing the registration socket");
+fn remove_if_ours(owned: &OwnedSocket) {
+    if let Err(error) = owned.remove() {
+        tracing::warn!(%error, socket = %owned.path().display(), "removing the registration socket");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn socket_is_named_after_the_driver() {

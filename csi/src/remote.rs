@@ -546,12 +546,14 @@ impl RemoteIssuer {
     pub async fn refresh_agent_certificate(&self) -> Result<AgentCertificateInfo, IssuerError> {
         let path = &self.config.token_file;
         let token = Zeroizing::new(tokio::fs::read_to_string(path).await.map_err(|e| {
+            self.metrics.token_read_errors.inc();
             IssuerError::Unavailable {
                 reason: format!("reading the agent token {}: {e}", path.display()),
             }
         })?);
         let token = token.trim();
         if token.is_empty() {
+            self.metrics.token_read_errors.inc();
             return Err(IssuerError::Unavailable {
                 reason: format!("the agent token file {} is empty", path.display()),
             });
@@ -725,9 +727,9 @@ impl RemoteIssuer {
             _ = stop.wait_for(|s| *s) => return None,
         };
         let outcome = match &opened {
-            Err(_) => "timeout",
+            Err(_) => "Timeout",
             Ok(Err(status)) => code_label(status.code()),
-            Ok(Ok(_)) => "ok",
+            Ok(Ok(_)) => "Ok",
         };
         self.metrics
             .observe(CaRpc::WatchTrustBundle, outcome, opening.elapsed());
@@ -840,8 +842,12 @@ fn write_file_atomically(path: &std::path::Path, contents: &[u8]) -> std::io::Re
 /// Verifies the CA's serving certificate against the configured roots plus
 /// the roots the CA itself published (swapped atomically on change), and
 /// requires the CA's identity of the agent's trust domain.
+///
+/// Public for the `ca_answer` and `client_certificate` fuzz targets: it is
+/// the agent's only reader of trust bundles (configured, saved, and sent by
+/// the CA) and of the CA's serving certificate.
 #[derive(Debug)]
-struct ServerRoots {
+pub struct ServerRoots {
     configured: Vec<CertificateDer<'static>>,
     verifier: RwLock<Arc<rustls::client::WebPkiServerVerifier>>,
     trust_domain: String,
@@ -850,7 +856,9 @@ struct ServerRoots {
 }
 
 impl ServerRoots {
-    fn new(
+    /// Trusts the roots of `configured_pem` (at least one, all parsable)
+    /// and those of `learned_pem` that parse (a saved bundle).
+    pub fn new(
         configured_pem: &str,
         learned_pem: &str,
         trust_domain: &str,
@@ -873,9 +881,10 @@ impl ServerRoots {
         })
     }
 
-    /// The identity check after chain and host name verified.
-    fn check_identity(&self, end_entity: &CertificateDer<'_>) -> Result<(), CaIdentityError> {
-        let info = credlet_ca::inspect_certificate(end_entity.as_ref()).map_err(|e| {
+    /// The identity check after chain and host name verified: the DER
+    /// certificate must carry the CA's reserved SPIFFE ID.
+    pub fn check_identity(&self, end_entity: &[u8]) -> Result<(), CaIdentityError> {
+        let info = credlet_ca::inspect_certificate(end_entity).map_err(|e| {
             CaIdentityError::Unreadable {
                 reason: e.to_string(),
             }
@@ -905,7 +914,10 @@ impl ServerRoots {
         })
     }
 
-    fn learn(&self, bundle_pem: &str) -> Result<(), RemoteError> {
+    /// Trusts the configured roots plus those of a bundle the CA sent
+    /// (replacing the ones learned before); an unparsable bundle changes
+    /// nothing.
+    pub fn learn(&self, bundle_pem: &str) -> Result<(), RemoteError> {
         let learned = parse_roots(bundle_pem)?;
         let verifier = Self::build(&self.configured, &learned)?;
         *self
@@ -953,7 +965,7 @@ impl rustls::client::danger::ServerCertVerifier for ServerRoots {
         )?;
         // Only after the chain verified: the identity of a certificate
         // nobody vouched for means nothing.
-        if let Err(error) = self.check_identity(end_entity) {
+        if let Err(error) = self.check_identity(end_entity.as_ref()) {
             tracing::error!(
                 url = %self.url,
                 %error,
@@ -989,7 +1001,9 @@ impl rustls::client::danger::ServerCertVerifier for ServerRoots {
     }
 }
 
-fn has_certificate(pem: &str) -> bool {
+/// Whether a trust bundle the CA sent holds a certificate at all (else it
+/// is ignored). Public for the `ca_answer` fuzz target.
+pub fn has_certificate(pem: &str) -> bool {
     CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok())
 }
 
@@ -1017,7 +1031,7 @@ impl CallError {
     fn into_issuer_error(self, deadline: Duration) -> IssuerError {
         match self {
             Self::Timeout => IssuerError::Unavailable {
-                reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
+                reason: format!("the CA did not answer within {deadline:?} (--ca-timeout)"),
             },
             Self::Status(status) => status_error(&status),
         }
@@ -1034,9 +1048,9 @@ async fn call_raw<T>(
     let started = std::time::Instant::now();
     let result = tokio::time::timeout(deadline, call).await;
     let outcome = match &result {
-        Err(_) => "timeout",
+        Err(_) => "Timeout",
         Ok(Err(status)) => code_label(status.code()),
-        Ok(Ok(_)) => "ok",
+        Ok(Ok(_)) => "Ok",
     };
     metrics.observe(rpc, outcome, started.elapsed());
     match result {
@@ -1076,7 +1090,13 @@ fn unix_time(seconds: i64, what: &str) -> Result<SystemTime, IssuerError> {
         })
 }
 
-fn convert(answer: IssuedCertificate) -> Result<Issued, IssuerError> {
+/// Reads the CA's answer to an issuance (pod or agent certificate): times
+/// in range and in order, a renewal point only if positive. The chain is
+/// read by the callers (`credlet_ca::inspect_leaf`).
+///
+/// Public for the `ca_answer` fuzz target; it is the conversion the agent
+/// applies to every `IssuedCertificate`.
+pub fn convert(answer: IssuedCertificate) -> Result<Issued, IssuerError> {
     let not_before = unix_time(answer.not_before_unix, "notBefore")?;
     let not_after = unix_time(answer.not_after_unix, "notAfter")?;
     if not_after <= not_before {
@@ -1157,7 +1177,7 @@ impl Issuer for RemoteIssuer {
             let answer = tokio::time::timeout(deadline, self.calls.issue(client, call_request))
                 .await
                 .map_err(|_| IssuerError::Unavailable {
-                    reason: format!("the CA did not answer within {} ms", deadline.as_millis()),
+                    reason: format!("the CA did not answer within {deadline:?} (--ca-timeout)"),
                 })??;
             convert(answer)
         })

@@ -14,6 +14,7 @@ use credlet_proto::csi::{
     NodeUnpublishVolumeRequest, NodeUnpublishVolumeResponse, NodeUnstageVolumeRequest,
     NodeUnstageVolumeResponse, ProbeRequest, ProbeResponse,
 };
+use credlet_uds::socket::{BindError, OwnedSocket};
 use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 
@@ -244,37 +245,18 @@ fn attributes_id(request: &NodePublishVolumeRequest) -> String {
     crate::paths::printable(&request.volume_id)
 }
 
-/// Binds the CSI socket: removes a stale socket file first, creates the
-/// parent directory, and restricts the socket to its owner (the kubelet runs
-/// as root).
-pub fn bind_unix_socket(path: &Path) -> Result<UnixListener, Error> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io("create socket directory", parent, e))?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-            std::fs::remove_file(path).map_err(|e| Error::io("remove stale socket", path, e))?;
-        }
-        Ok(_) => {
-            return Err(Error::io(
-                "bind",
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "exists and is not a socket; refusing to replace it",
-                ),
-            ));
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io("bind", path, e))?;
-    let mut perms = std::fs::metadata(path)
-        .map_err(|e| Error::io("stat socket", path, e))?
-        .permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
-    std::fs::set_permissions(path, perms).map_err(|e| Error::io("chmod socket", path, e))?;
-    Ok(listener)
+/// Binds a gRPC socket of the agent (CSI, registration, CRI) at `path`,
+/// creating the parent directory and restricting it to its owner (the
+/// kubelet runs as root). A stale socket file is replaced; a socket a live
+/// process serves is not taken ([`BindError::InUse`]). The [`OwnedSocket`]
+/// removes the path at exit only while it is still this socket.
+pub fn bind_owned_socket(path: &Path) -> Result<(UnixListener, OwnedSocket), BindError> {
+    credlet_uds::socket::bind(path, 0o600)
+}
+
+/// [`bind_owned_socket`] for a caller that removes the path itself.
+pub fn bind_unix_socket(path: &Path) -> Result<UnixListener, BindError> {
+    bind_owned_socket(path).map(|(listener, _)| listener)
 }
 
 /// Serves Identity + Node on `listener` until `shutdown` resolves; calls in

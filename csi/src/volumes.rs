@@ -416,6 +416,25 @@ impl VolumeManager {
             .map(from_secs)
     }
 
+    /// Each volume with a certificate: its pod, volume id and notAfter
+    /// (Unix seconds). A volume busy at this instant is skipped, as in
+    /// [`Self::earliest_expiry`].
+    pub fn expiries(&self) -> Vec<VolumeExpiry> {
+        self.volumes
+            .iter()
+            .filter_map(|slot| {
+                let guard = slot.value().try_lock().ok()?;
+                let volume = guard.as_ref()?;
+                Some(VolumeExpiry {
+                    namespace: volume.pod.namespace.clone(),
+                    pod: volume.pod.name.clone(),
+                    volume: slot.key().to_string(),
+                    not_after: volume.certificate.as_ref()?.not_after,
+                })
+            })
+            .collect()
+    }
+
     fn slot(&self, id: &VolumeId) -> Slot {
         Arc::clone(self.volumes.entry(id.clone()).or_default().value())
     }
@@ -449,11 +468,8 @@ impl VolumeManager {
     /// expired.
     pub async fn publish(&self, request: PublishRequest) -> Result<(), Error> {
         if self.issuer.requires_token() && request.token.is_none() {
-            return Err(InputError::Tokens {
-                reason: format!(
-                    "no token for audience {:?}; the CSIDriver needs tokenRequests with that audience",
-                    self.config.token_audience
-                ),
+            return Err(InputError::MissingToken {
+                audience: self.config.token_audience.clone(),
             }
             .into());
         }
@@ -1504,4 +1520,17 @@ mod tests {
         drop(third);
         assert!(sets.by_fingerprint.is_empty());
     }
+}
+
+/// One volume's certificate expiry ([`VolumeManager::expiries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeExpiry {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The CSI volume id.
+    pub volume: String,
+    /// The certificate's notAfter, Unix seconds.
+    pub not_after: u64,
 }

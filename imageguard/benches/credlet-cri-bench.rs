@@ -26,8 +26,8 @@
 //!    node (110) in turn, vs the same upstream `ImageStatus` through a
 //!    pass-through proxy; and the decision measured in process (decode,
 //!    parse, HMAC, record lookup, policy; and the record write that follows,
-//!    behind the answer, a `PullImage` that adds a grant, with 110 and
-//!    2,200 grants in the record).
+//!    behind the answer, a `PullImage` that writes a grant, with 110 and
+//!    2,200 grants in the record: one small file each, whatever the count).
 //!
 //! The proxy runs on its own one-thread runtime (as in the agent), the
 //! client on a single-thread runtime (as a separate kubelet process would).
@@ -45,8 +45,8 @@ use credlet_imageguard::policy::{GuardPolicy, Provenance};
 use credlet_imageguard::proxy::PassThrough;
 use credlet_imageguard::records::{Grant, RecordStore, unix};
 use credlet_imageguard::reference::ImageRef;
+use credlet_test_util::cri::v1::{ImageStatusRequest, ListImagesRequest, VersionRequest};
 use credlet_test_util::{Containerd, Registry, build_and_push_image};
-use k8s_cri::v1::{ImageStatusRequest, ListImagesRequest, VersionRequest};
 use prost::Message;
 use support::{Kubelet, Proxy, TestPod, auth, guard, open_records, spec, traffic, verifier};
 
@@ -606,12 +606,29 @@ fn decision_in_process(state: &std::path::Path, image: &str, image_id: &str) -> 
     }
     let per_decision = us(t.elapsed()) / rounds as f64;
 
-    // A PullImage that changes the record (a new grant) has the image's
-    // whole record (all its grants) written behind, off the request path:
-    // its cost with a node's pods, and with twenty times as many. Cached
-    // decisions that change nothing write nothing.
-    let write_with = |grants: usize| {
+    // A PullImage that changes the record (a grant) has that grant written
+    // behind, off the request path, as a file of its own: its cost with a
+    // node's pods, and with twenty times as many. Cached decisions that
+    // change nothing write nothing.
+    let now = unix(SystemTime::now());
+    let mut round = 0;
+    let mut write_with = |grants: usize| {
         let writes = 2_000;
+        // The record holds `grants` grants before the measured writes.
+        for i in 0..grants {
+            records.change(image_id, Provenance::Credentials, |r| {
+                r.grants.insert(
+                    format!("00000000-0000-0000-0000-{i:012}"),
+                    Grant {
+                        credential: id.clone(),
+                        verified_at: now,
+                    },
+                );
+                true
+            });
+        }
+        records.flush().expect("flush");
+        round += 1;
         let t = Instant::now();
         for i in 0..writes {
             records
@@ -620,7 +637,8 @@ fn decision_in_process(state: &std::path::Path, image: &str, image_id: &str) -> 
                         format!("00000000-0000-0000-0000-{:012}", i % grants),
                         Grant {
                             credential: id.clone(),
-                            verified_at: unix(SystemTime::now()),
+                            // A new verification each time: one write each.
+                            verified_at: now + round * 10_000 + i as u64,
                         },
                     );
                     true

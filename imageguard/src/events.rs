@@ -7,6 +7,11 @@
 //! aggregation window update the existing Event's `count` and
 //! `lastTimestamp` with a merge `PATCH`, at most once per update interval,
 //! instead of creating new Events.
+//!
+//! The API server may be down (the guard serves the CRI socket without
+//! it): an Event that could not be created is kept and created again every
+//! [`CREATE_RETRY`], with the count it has by then, once the API server
+//! answers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,8 @@ pub const REPORTING_COMPONENT: &str = "credlet";
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Longest object name the API accepts.
 const MAX_NAME_BYTES: usize = 253;
+/// How often Events that could not be created are tried again.
+pub const CREATE_RETRY: Duration = Duration::from_secs(5);
 
 /// The pod a decision concerns (from CRI's `PodSandboxMetadata`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -293,6 +300,9 @@ struct Series {
     last_written: Instant,
     /// Count not yet written.
     dirty: bool,
+    /// Whether its Event exists (its creation may have failed: the API
+    /// server down; it is created again on the next tick).
+    created: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -337,8 +347,14 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Denial>) {
-        let mut tick =
-            tokio::time::interval(self.config.update_interval.max(Duration::from_millis(10)));
+        // Often enough to retry creations; counts are still written at most
+        // once per update interval.
+        let mut tick = tokio::time::interval(
+            self.config
+                .update_interval
+                .min(CREATE_RETRY)
+                .max(Duration::from_millis(10)),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -374,7 +390,8 @@ impl Worker {
             s.last = Timestamp::now();
             s.last_seen = now;
             s.dirty = true;
-            if now.duration_since(s.last_written) >= interval {
+            // An Event still to be created goes with the next retry.
+            if s.created && now.duration_since(s.last_written) >= interval {
                 self.write_update(&key).await;
             }
             return;
@@ -390,13 +407,53 @@ impl Worker {
             last_seen: now,
             last_written: now,
             dirty: false,
+            created: false,
         };
         if self.series.len() >= self.config.max_tracked.max(1) {
             self.forget_oldest();
         }
+        let mut series = series;
         let result = self.create(&series).await;
+        series.created = result.is_ok();
+        // Kept until it is created (see `forget_expired`).
+        series.dirty = !series.created;
         self.record(result, Op::Created);
         self.series.insert(key, series);
+    }
+
+    /// Creates the Events whose creation failed, oldest first, each with
+    /// its count by now. The first failure ends the round: the API server
+    /// is most likely still unreachable, and is tried again on the next
+    /// tick (failures are counted, not logged again).
+    async fn create_unsent(&mut self) {
+        let mut unsent: Vec<(Timestamp, Key)> = self
+            .series
+            .iter()
+            .filter(|(_, s)| !s.created)
+            .map(|(k, s)| (s.first, k.clone()))
+            .collect();
+        unsent.sort_by_key(|(first, _)| *first);
+        for (_, key) in unsent {
+            let Some(s) = self.series.get(&key) else {
+                continue;
+            };
+            match self.create(s).await {
+                Ok(()) => {
+                    self.stats.created.fetch_add(1, Ordering::Relaxed);
+                    if let Some(s) = self.series.get_mut(&key) {
+                        tracing::info!(pod = %format_args!("{}/{}", s.pod.namespace, s.pod.name), count = s.count, "image guard event created after the API server came back");
+                        s.created = true;
+                        s.dirty = false;
+                        s.last_written = Instant::now();
+                    }
+                }
+                Err(error) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, "image guard event still not written");
+                    return;
+                }
+            }
+        }
     }
 
     fn fresh_name(&mut self, pod_name: &str, stamp: Timestamp) -> String {
@@ -518,12 +575,15 @@ impl Worker {
     /// Writes pending counts whose Events were last written at least one
     /// update interval ago (all of them when `all`).
     async fn flush(&mut self, all: bool) {
+        self.create_unsent().await;
         let now = Instant::now();
         let interval = self.config.update_interval;
         let due: Vec<Key> = self
             .series
             .iter()
-            .filter(|(_, s)| s.dirty && (all || now.duration_since(s.last_written) >= interval))
+            .filter(|(_, s)| {
+                s.created && s.dirty && (all || now.duration_since(s.last_written) >= interval)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for key in due {

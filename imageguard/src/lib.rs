@@ -3,9 +3,13 @@
 //! pull credentials can pull it.
 
 pub mod credential;
+pub mod decide;
+pub mod egress;
 pub mod events;
+pub mod failure;
 pub mod grpc;
 pub mod guard;
+pub mod hosts;
 pub mod pods;
 pub mod policy;
 pub mod proxy;

@@ -2,9 +2,15 @@
 //! pod watch on the API server (field selector `spec.nodeName=<node>`).
 //!
 //! The image guard asks it which pods use an image (`ImageStatus` carries no
-//! pod) and how a pod wants its images pulled. [`KubePodIndex`] keeps it
-//! current with `kube::runtime::watcher`; [`StaticPodIndex`] is set by hand
-//! for tests.
+//! pod), how a pod wants its images pulled, and whether the pod a sandbox
+//! claims to be is one the API server placed here. [`KubePodIndex`] keeps
+//! it current with `kube::runtime::watcher`; [`StaticPodIndex`] is set by
+//! hand for tests.
+//!
+//! Pods are known by the uid the container runtime sees. For a static pod
+//! (a manifest the kubelet reads from disk) that is the hash of its
+//! manifest; the API server only has its *mirror pod*, under another uid,
+//! naming the hash in the `kubernetes.io/config.mirror` annotation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,10 +92,15 @@ pub struct ContainerImage {
     pub pull_policy: PullPolicy,
 }
 
+/// The annotation of a mirror pod naming its static pod's uid.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// What the guard needs to know about one pod on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
-    /// `metadata.uid` (what CRI's `PodSandboxMetadata.uid` carries).
+    /// The uid CRI's `PodSandboxMetadata.uid` carries: `metadata.uid`, or
+    /// for a mirror pod its static pod's uid (the
+    /// [`MIRROR_ANNOTATION`]).
     pub uid: String,
     /// `metadata.namespace`.
     pub namespace: String,
@@ -104,7 +115,11 @@ pub struct PodInfo {
 impl PodInfo {
     /// Extracts the guard's view of a pod; `None` without a uid.
     pub fn from_pod(pod: &Pod) -> Option<Self> {
-        let uid = pod.metadata.uid.clone().filter(|u| !u.is_empty())?;
+        pod.metadata.uid.as_ref().filter(|u| !u.is_empty())?;
+        let uid = mirror_of(pod)
+            .or(pod.metadata.uid.as_deref())
+            .unwrap_or_default()
+            .to_owned();
         let mut images = Vec::new();
         if let Some(spec) = &pod.spec {
             let mut push = |image: Option<&String>, policy: Option<&String>| {
@@ -145,9 +160,21 @@ impl PodInfo {
     }
 }
 
-/// The pods on this node, by uid.
+/// The static pod a mirror pod stands for (its [`MIRROR_ANNOTATION`]).
+fn mirror_of(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(MIRROR_ANNOTATION)
+        .map(String::as_str)
+        .filter(|u| !u.is_empty())
+}
+
+/// The pods on this node, by the uid the container runtime knows them by.
 pub trait PodIndex: Send + Sync + 'static {
-    /// The pod with this uid, if it is on this node.
+    /// The pod with this uid, if it is on this node: `None` too when two
+    /// pods claim it (only mirror pods can: their annotation is theirs to
+    /// write).
     fn pod(&self, uid: &str) -> Option<Arc<PodInfo>>;
     /// Pods on this node whose containers use an image for which
     /// `matches(image_string)` is true (`image_string` as written in the spec).
@@ -156,7 +183,23 @@ pub trait PodIndex: Send + Sync + 'static {
     fn is_synced(&self) -> bool;
 }
 
+/// Pods by `metadata.uid` (unique in the API), each with the uid the
+/// runtime knows it by.
 type PodMap = HashMap<String, Arc<PodInfo>>;
+
+/// The pod the runtime knows by `uid`: a pod whose own uid it is, else the
+/// one mirror pod that names it. Two mirror pods naming one uid: neither.
+fn lookup(map: &RwLock<PodMap>, uid: &str) -> Option<Arc<PodInfo>> {
+    let map = read(map);
+    if let Some(pod) = map.get(uid).filter(|p| p.uid == uid) {
+        return Some(Arc::clone(pod));
+    }
+    let mut mirrors = map.values().filter(|p| p.uid == uid);
+    match (mirrors.next(), mirrors.next()) {
+        (Some(pod), None) => Some(Arc::clone(pod)),
+        _ => None,
+    }
+}
 
 fn read(map: &RwLock<PodMap>) -> RwLockReadGuard<'_, PodMap> {
     map.read()
@@ -226,7 +269,7 @@ impl StaticPodIndex {
 
 impl PodIndex for StaticPodIndex {
     fn pod(&self, uid: &str) -> Option<Arc<PodInfo>> {
-        read(&self.pods).get(uid).cloned()
+        lookup(&self.pods, uid)
     }
 
     fn pods_using(&self, matches: &dyn Fn(&str) -> bool) -> Vec<Arc<PodInfo>> {
@@ -344,7 +387,7 @@ impl KubePodIndex {
 
 impl PodIndex for KubePodIndex {
     fn pod(&self, uid: &str) -> Option<Arc<PodInfo>> {
-        read(&self.pods).get(uid).cloned()
+        lookup(&self.pods, uid)
     }
 
     fn pods_using(&self, matches: &dyn Fn(&str) -> bool) -> Vec<Arc<PodInfo>> {
@@ -356,13 +399,25 @@ impl PodIndex for KubePodIndex {
     }
 }
 
+/// `metadata.uid`, the key of the index's map.
+fn api_uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
+}
+
 async fn run(index: Arc<KubePodIndex>, client: Client) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&index.field_selector());
     let mut stream = watcher(api, config).default_backoff().boxed();
     // Objects of the list in progress (between Init and InitDone).
     let mut relist: Option<PodMap> = None;
+    // Errors in a row: while the API server is down the watcher retries
+    // every second or so, and the log gets the 1st, 2nd, 4th, 8th … only.
+    let mut failing: u64 = 0;
     while let Some(event) = stream.next().await {
+        if event.is_ok() && failing > 0 {
+            tracing::info!(node = %index.node_name, failed_attempts = failing, "pod watch reaches the API server again");
+            failing = 0;
+        }
         match event {
             Ok(watcher::Event::Init) => relist = Some(HashMap::new()),
             Ok(watcher::Event::InitApply(pod)) => {
@@ -371,7 +426,7 @@ async fn run(index: Arc<KubePodIndex>, client: Client) {
                 {
                     relist
                         .get_or_insert_with(HashMap::new)
-                        .insert(info.uid.clone(), Arc::new(info));
+                        .insert(api_uid(&pod), Arc::new(info));
                 }
             }
             Ok(watcher::Event::InitDone) => {
@@ -390,9 +445,14 @@ async fn run(index: Arc<KubePodIndex>, client: Client) {
             Ok(watcher::Event::Delete(pod)) => index.delete(&pod),
             Err(e) => {
                 index.errors.fetch_add(1, Ordering::Relaxed);
+                failing += 1;
                 // A 410 is routine (the watcher re-lists); anything else
                 // means the API server is unreachable or refusing us.
-                tracing::warn!(node = %index.node_name, error = %e, "pod watch error; retrying with backoff");
+                if failing.is_power_of_two() {
+                    tracing::warn!(node = %index.node_name, error = %e, failed_attempts = failing, synced = index.is_synced(), "pod watch error; retrying with backoff (the CRI socket keeps serving)");
+                } else {
+                    tracing::debug!(node = %index.node_name, error = %e, failed_attempts = failing, "pod watch error; retrying with backoff");
+                }
             }
         }
     }
@@ -508,6 +568,49 @@ mod tests {
         assert!(!index.is_synced());
         assert!(index.remove("u1").is_some());
         assert!(index.pod("u1").is_none());
+    }
+
+    #[test]
+    fn static_pods_are_known_by_their_mirror_pods() {
+        let index = KubePodIndex {
+            node_name: "node-a".into(),
+            pods: RwLock::new(HashMap::new()),
+            synced: tokio::sync::watch::Sender::new(true),
+            errors: AtomicU64::new(0),
+        };
+        let hash = "9a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        let mirror = |uid: &str, name: &str, of: &str| {
+            let mut p = pod();
+            p.metadata.uid = Some(uid.into());
+            p.metadata.name = Some(name.into());
+            p.metadata.annotations = Some([(MIRROR_ANNOTATION.to_owned(), of.to_owned())].into());
+            p
+        };
+        index.apply(&pod());
+        index.apply(&mirror("m1", "etcd-node-a", hash));
+        let found = index.pod(hash).expect("by the static pod's uid");
+        assert_eq!(
+            (found.uid.as_str(), found.name.as_str()),
+            (hash, "etcd-node-a")
+        );
+        assert!(
+            index.pod("m1").is_none(),
+            "the mirror pod's own uid is no runtime's"
+        );
+        assert_eq!(index.pod("u1").expect("a plain pod").name, "web");
+        assert!(
+            index
+                .pods_using(&|i| i == "nginx")
+                .iter()
+                .any(|p| p.uid == hash),
+            "pods_using gives runtime uids"
+        );
+        // A second pod claiming the hash: neither is taken for it.
+        index.apply(&mirror("m2", "impostor", hash));
+        assert!(index.pod(hash).is_none());
+        // Claiming a plain pod's uid changes nothing for it.
+        index.apply(&mirror("m3", "impostor-2", "u1"));
+        assert_eq!(index.pod("u1").expect("the plain pod").name, "web");
     }
 
     #[test]

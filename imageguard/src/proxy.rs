@@ -3,10 +3,18 @@
 //!
 //! Every CRI v1 call passes through as frames — headers, data and trailers
 //! untouched, streaming calls included — except the few RPCs an
-//! [`Inspector`] decides on. Those bodies are buffered (bounded), handed to
-//! the inspector as their original bytes, and either forwarded unchanged or
-//! answered by credlet. If the runtime can not be reached the kubelet gets
+//! [`Inspector`] decides on. Those bodies are buffered (up to the kubelet's
+//! own 16 MiB limit, no more than the message), handed to the inspector as
+//! their original bytes, and either forwarded unchanged or answered by
+//! credlet. If the runtime can not be reached the kubelet gets
 //! `Unavailable`; nothing is ever allowed because something is missing.
+//!
+//! Deadlines are the caller's: a forwarded call carries its `grpc-timeout`
+//! to the runtime unchanged and gets no deadline of credlet's (a pull may
+//! take hours). The proxy answers `DeadlineExceeded` itself only when the
+//! caller's deadline passes while credlet is still at work on the call
+//! (reading it, or its own lookups); while the call is with the runtime,
+//! the runtime's answer stands.
 //!
 //! Only `runtime.v1`'s RuntimeService and ImageService are served (see
 //! [`Route`]): the runtime's socket also serves older CRI versions
@@ -17,7 +25,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,12 +34,13 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{HeaderMap, Request, Response, request, response};
 use http_body::Body as _;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::grpc::{self, BodyError, Code, MAX_INSPECTED_MESSAGE, ProxyBody};
+use crate::failure::Failure;
+use crate::grpc::{self, BodyError, Code, MAX_INSPECTED_MESSAGE, ProxyBody, UnaryReader};
 
 /// A boxed future, so inspectors can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -125,6 +134,21 @@ pub struct InspectedCall {
     pub message: Bytes,
 }
 
+/// An inspected call the proxy itself could not take to the inspector, or
+/// whose deadline passed while credlet was at work on it.
+#[derive(Debug)]
+pub struct CallFailure<'a> {
+    /// Which RPC.
+    pub rpc: Rpc,
+    /// Why.
+    pub failure: Failure,
+    /// The request's message, when it was read whole (to name its pod and
+    /// image).
+    pub message: Option<&'a Bytes>,
+    /// What happened, for the log.
+    pub detail: &'a str,
+}
+
 /// Decides on inspected calls.
 pub trait Inspector: Send + Sync + 'static {
     /// Answers an inspected call: usually by forwarding it through
@@ -135,6 +159,18 @@ pub trait Inspector: Send + Sync + 'static {
         call: InspectedCall,
         upstream: &'a Upstream,
     ) -> BoxFuture<'a, Response<ProxyBody>>;
+
+    /// Reports a call the proxy answered with an error before or instead
+    /// of the inspector's answer (oversized or unreadable request, the
+    /// caller's deadline). Called once per such call; the default logs it.
+    fn failed(&self, failure: &CallFailure<'_>) {
+        tracing::warn!(
+            rpc = ?failure.rpc,
+            reason = %failure.failure,
+            detail = failure.detail,
+            "inspected CRI call failed"
+        );
+    }
 }
 
 /// Forwards every call unchanged (no inspection): the baseline for
@@ -178,7 +214,7 @@ pub enum UpstreamError {
         #[source]
         source: BodyError,
     },
-    /// The runtime did not answer in time.
+    /// The runtime did not answer a call of credlet's own in time.
     #[error("container runtime at {socket:?} did not answer within {after:?}")]
     Timeout {
         /// The runtime socket.
@@ -204,12 +240,28 @@ pub enum UpstreamError {
         /// Why.
         reason: String,
     },
+    /// The runtime's answer to an inspected call is larger than the proxy
+    /// reads (the kubelet could not take it either).
+    #[error("container runtime at {socket:?} answered with more than {max} bytes")]
+    TooLarge {
+        /// The runtime socket.
+        socket: PathBuf,
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl UpstreamError {
-    /// The kubelet-facing response for this failure: `Unavailable`.
+    /// The kubelet-facing response for this failure: the runtime's own code
+    /// when it answered a lookup of credlet's with an error (an ambiguous
+    /// short id is not a reason to retry), else `Unavailable`.
     pub fn to_response(&self) -> Response<ProxyBody> {
-        grpc::error_response(Code::Unavailable, &self.to_string())
+        match self {
+            Self::Status { status, .. } if *status != 0 => {
+                grpc::status_response(*status, &format!("credlet: {self}"))
+            }
+            _ => grpc::error_response(Code::Unavailable, &self.to_string()),
+        }
     }
 }
 
@@ -228,6 +280,17 @@ impl Buffered {
     /// The gRPC status (0 = OK), if present.
     pub fn grpc_status(&self) -> Option<u32> {
         grpc::status_of(&self.parts.headers, self.trailers.as_ref())
+    }
+
+    /// The gRPC message (percent-decoded), or nothing.
+    pub fn grpc_message(&self) -> String {
+        self.trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| self.parts.headers.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .map(grpc::percent_decode)
+            .unwrap_or_default()
     }
 
     /// Replays the response to the kubelet byte for byte.
@@ -249,8 +312,12 @@ pub struct Upstream {
     socket: PathBuf,
     slots: Box<[Mutex<Option<SendRequest<Bytes>>>]>,
     next: AtomicUsize,
-    call_timeout: Duration,
 }
+
+/// How long credlet waits for the runtime to answer a call of its own
+/// (`ImageStatus`, `PodSandboxStatus`, …). Calls it forwards get no
+/// deadline but their caller's: a pull may take hours.
+pub const OWN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Authority used on upstream requests (the socket decides where they go).
 const UPSTREAM_URI: &str = "http://cri.runtime";
@@ -269,7 +336,6 @@ impl Upstream {
             socket: socket.into(),
             slots,
             next: AtomicUsize::new(0),
-            call_timeout: Duration::from_secs(30),
         }
     }
 
@@ -382,33 +448,64 @@ impl Upstream {
     }
 
     /// Forwards an inspected request's original bytes and reads the whole
-    /// answer.
+    /// answer (up to the kubelet's message limit). No deadline of
+    /// credlet's: the caller's `grpc-timeout` travels with the request to
+    /// the runtime unchanged, and a caller that gives up resets the stream,
+    /// which ends this call.
     pub async fn forward_buffered(
         &self,
         parts: request::Parts,
         body: Bytes,
     ) -> Result<Buffered, UpstreamError> {
+        // The runtime's copy of the caller's deadline governs from here.
+        let _at_runtime = parts.extensions.get::<AtRuntime>().map(AtRuntime::enter);
         let request = Request::from_parts(parts, full(body));
-        let exchange = async {
-            let response = self.send(request).await?;
-            let (parts, body) = response.into_parts();
-            let collected = body
-                .collect()
-                .await
-                .map_err(|source| self.exchange_error(source))?;
-            let trailers = collected.trailers().cloned();
-            Ok(Buffered {
-                parts,
-                body: collected.to_bytes(),
-                trailers,
-            })
+        let response = self.send(request).await?;
+        let (parts, body) = response.into_parts();
+        let (body, trailers) = self.read_answer(body).await?;
+        Ok(Buffered {
+            parts,
+            body,
+            trailers,
+        })
+    }
+
+    /// Reads an answer whole: its data (one buffer) and trailers. More
+    /// than the kubelet's message limit is an error.
+    async fn read_answer(
+        &self,
+        mut body: ProxyBody,
+    ) -> Result<(Bytes, Option<HeaderMap>), UpstreamError> {
+        let max = MAX_INSPECTED_MESSAGE + 5;
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|source| self.exchange_error(source))?;
+            match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    if len > max {
+                        return Err(UpstreamError::TooLarge {
+                            socket: self.socket.clone(),
+                            max,
+                        });
+                    }
+                    chunks.push(data);
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        let body = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => chunks.concat().into(),
         };
-        tokio::time::timeout(self.call_timeout, exchange)
-            .await
-            .map_err(|_| UpstreamError::Timeout {
-                socket: self.socket.clone(),
-                after: self.call_timeout,
-            })?
+        Ok((body, trailers))
     }
 
     /// Makes a unary call of credlet's own (e.g. an `ImageStatus` lookup)
@@ -422,36 +519,23 @@ impl Upstream {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        let request = Request::post(format!("{UPSTREAM_URI}{path}"))
-            .header(http::header::CONTENT_TYPE, "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| UpstreamError::Malformed {
-                path,
-                reason: e.to_string(),
-            })?;
-        let (parts, ()) = request.into_parts();
-        let buffered = self.forward_buffered(parts, grpc::frame(message)).await?;
-        match buffered.grpc_status() {
-            Some(0) => {}
-            status => {
-                let headers = buffered
-                    .trailers
-                    .as_ref()
-                    .unwrap_or(&buffered.parts.headers);
-                let message = headers
-                    .get("grpc-message")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                return Err(UpstreamError::Status {
-                    path,
-                    status: status.unwrap_or(2),
-                    message,
-                });
-            }
-        }
-        let inner = grpc::unary_message(&buffered.body).map_err(|e| UpstreamError::Malformed {
+        self.unary_with(path, message, &[]).await
+    }
+
+    /// [`Upstream::unary`] with extra request headers (containerd's own
+    /// API wants its namespace in `containerd-namespace`).
+    pub async fn unary_with<Req, Resp>(
+        &self,
+        path: &'static str,
+        message: &Req,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Resp, UpstreamError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let body = self.own_call(path, message, headers).await?;
+        let inner = grpc::unary_message(&body).map_err(|e| UpstreamError::Malformed {
             path,
             reason: e.to_string(),
         })?;
@@ -460,10 +544,154 @@ impl Upstream {
             reason: e.to_string(),
         })
     }
+
+    /// A server-streaming call of credlet's own, its answers read whole.
+    pub async fn server_stream<Req, Resp>(
+        &self,
+        path: &'static str,
+        message: &Req,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Vec<Resp>, UpstreamError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let body = self.own_call(path, message, headers).await?;
+        let malformed = |reason: String| UpstreamError::Malformed { path, reason };
+        grpc::stream_messages(&body)
+            .map_err(|e| malformed(e.to_string()))?
+            .into_iter()
+            .map(|m| Resp::decode(m).map_err(|e| malformed(e.to_string())))
+            .collect()
+    }
+
+    /// Sends one message of credlet's own, within [`OWN_CALL_TIMEOUT`], and
+    /// returns the answer's body once its status is OK.
+    async fn own_call(
+        &self,
+        path: &'static str,
+        message: &impl prost::Message,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Bytes, UpstreamError> {
+        let mut request = Request::post(format!("{UPSTREAM_URI}{path}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(()).map_err(|e| UpstreamError::Malformed {
+            path,
+            reason: e.to_string(),
+        })?;
+        let (parts, ()) = request.into_parts();
+        let buffered = tokio::time::timeout(
+            OWN_CALL_TIMEOUT,
+            self.forward_buffered(parts, grpc::frame(message)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            socket: self.socket.clone(),
+            after: OWN_CALL_TIMEOUT,
+        })??;
+        match buffered.grpc_status() {
+            Some(0) => Ok(buffered.body),
+            status => {
+                let headers = buffered
+                    .trailers
+                    .as_ref()
+                    .unwrap_or(&buffered.parts.headers);
+                let message = headers
+                    .get("grpc-message")
+                    .and_then(|v| v.to_str().ok())
+                    .map(grpc::percent_decode)
+                    .unwrap_or_default();
+                Err(UpstreamError::Status {
+                    path,
+                    status: status.unwrap_or(2),
+                    message,
+                })
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Whether an inspected call is with the runtime right now: the proxy puts
+/// one in the request's extensions, [`Upstream::forward_buffered`] holds it
+/// set while it forwards. When the caller's deadline passes then, the
+/// runtime (which got the caller's `grpc-timeout`) answers, not credlet.
+#[derive(Clone, Debug, Default)]
+struct AtRuntime(Arc<AtomicBool>);
+
+impl AtRuntime {
+    fn enter(&self) -> AtRuntimeGuard {
+        self.0.store(true, Ordering::SeqCst);
+        AtRuntimeGuard(Arc::clone(&self.0))
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Clears [`AtRuntime`] when the forwarded call is over.
+struct AtRuntimeGuard(Arc<AtomicBool>);
+
+impl Drop for AtRuntimeGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Why an inspected request could not be read whole.
+#[derive(Debug)]
+enum ReadError {
+    /// Not one unary message within the limit.
+    Frame(grpc::FrameError),
+    /// The body broke off (the caller reset the stream).
+    Body(hyper::Error),
+}
+
+impl ReadError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Frame(error) => Failure::of_frame(error),
+            Self::Body(_) => Failure::Undecodable,
+        }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            Self::Frame(grpc::FrameError::TooLarge { .. }) => Code::ResourceExhausted,
+            _ => Code::InvalidArgument,
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Frame(error) => error.fmt(f),
+            Self::Body(error) => write!(f, "the request body broke off: {error}"),
+        }
+    }
+}
+
+/// Reads an inspected request's body as it arrives: refused as soon as its
+/// prefix announces more than the proxy inspects, and never buffered
+/// beyond the one message.
+async fn read_unary(mut body: Incoming) -> Result<Bytes, ReadError> {
+    let mut reader = UnaryReader::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(ReadError::Body)?;
+        if let Ok(data) = frame.into_data() {
+            reader.push(&data).map_err(ReadError::Frame)?;
+        }
+    }
+    reader.finish().map_err(ReadError::Frame)
 }
 
 fn full(body: Bytes) -> ProxyBody {
@@ -624,35 +852,85 @@ impl CriProxy {
                 return grpc::error_response(Code::Unimplemented, &message);
             }
         };
-        let (parts, body) = request.into_parts();
-        let body = match Limited::new(body, MAX_INSPECTED_MESSAGE + 5)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
+        let (mut parts, body) = request.into_parts();
+        let deadline = grpc::grpc_timeout(&parts.headers).map(|t| tokio::time::Instant::now() + t);
+        let timeout = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let read = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, read_unary(body)).await {
+                Ok(read) => read,
+                Err(_) => return self.deadline_passed(rpc, &timeout, None),
+            },
+            None => read_unary(body).await,
+        };
+        let body = match read {
+            Ok(body) => body,
             Err(error) => {
-                return grpc::error_response(
-                    Code::InvalidArgument,
-                    &format!("credlet could not read the {rpc:?} request: {error}"),
-                );
+                let detail = format!("credlet could not inspect the {rpc:?} request: {error}");
+                self.inspector.failed(&CallFailure {
+                    rpc,
+                    failure: error.failure(),
+                    message: None,
+                    detail: &detail,
+                });
+                return grpc::error_response(error.code(), &detail);
             }
         };
-        let message = match grpc::unary_message(&body) {
-            Ok(message) => message,
-            Err(error) => {
-                return grpc::error_response(
-                    Code::InvalidArgument,
-                    &format!("credlet could not inspect the {rpc:?} request: {error}"),
-                );
-            }
+        let message = body.slice(5..);
+        let at_runtime = AtRuntime::default();
+        parts.extensions.insert(at_runtime.clone());
+        let Some(deadline) = deadline else {
+            let call = InspectedCall {
+                rpc,
+                parts,
+                body,
+                message,
+            };
+            return self.inspector.inspect(call, &self.upstream).await;
         };
         let call = InspectedCall {
             rpc,
             parts,
             body,
-            message,
+            message: message.clone(),
         };
-        self.inspector.inspect(call, &self.upstream).await
+        let inspection = self.inspector.inspect(call, &self.upstream);
+        tokio::pin!(inspection);
+        tokio::select! {
+            response = &mut inspection => return response,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        if at_runtime.is_set() {
+            // With the runtime, whose copy of the deadline started later
+            // (after credlet's own lookups): its answer is the caller's.
+            return inspection.await;
+        }
+        self.deadline_passed(rpc, &timeout, Some(&message))
+    }
+
+    /// Answers a call whose caller's deadline passed while credlet was at
+    /// work on it (the caller has given up by now; a client that enforces
+    /// no deadline of its own still gets an answer).
+    fn deadline_passed(
+        &self,
+        rpc: Rpc,
+        timeout: &str,
+        message: Option<&Bytes>,
+    ) -> Response<ProxyBody> {
+        let detail = format!(
+            "credlet: the caller's deadline (grpc-timeout {timeout}) passed while the image guard was deciding the {rpc:?} call"
+        );
+        self.inspector.failed(&CallFailure {
+            rpc,
+            failure: Failure::Timeout,
+            message,
+            detail: &detail,
+        });
+        grpc::error_response(Code::DeadlineExceeded, &detail)
     }
 
     async fn pass_through(&self, request: Request<Incoming>) -> Response<ProxyBody> {

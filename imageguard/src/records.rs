@@ -10,6 +10,18 @@
 //! (fail closed). Files are written to a temporary name and renamed
 //! (atomic), mode 0600.
 //!
+//! One record is several files, so that writing one verification costs the
+//! same with ten pods on the node or ten thousand: the image's *head*
+//! (`images/<id>.json`: provenance, repositories) and one small file per
+//! entry under `images/<id>.d/` — a pod's grant (`g-<uid>.json`) or a
+//! credential's last verification (`v-<credential>.json`). Each entry's
+//! HMAC covers the image id and its key, so an entry moved to another image
+//! or renamed does not verify. Entries count only beside an authentic head;
+//! one entry that does not verify drops the whole record (private, no
+//! verifications), like a head that does not. A record of the earlier
+//! single-file format (entries inside the head) is read and rewritten in
+//! this layout once, at open.
+//!
 //! An image without a record looks preloaded, which the default policy does
 //! not protect. So a record must never go missing for an image the guard
 //! saw pulled with credentials:
@@ -31,7 +43,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -108,20 +120,119 @@ pub struct Grant {
     pub verified_at: u64,
 }
 
+/// A map of a record whose entries are files of their own: it remembers
+/// which keys changed since they were last written, so that writing one
+/// entry does not rewrite the others. Reads go through [`Deref`] to the
+/// map.
+///
+/// [`Deref`]: std::ops::Deref
+#[derive(Clone, Debug)]
+pub struct Entries<K, V> {
+    map: BTreeMap<K, V>,
+    /// Keys set or removed and not written since.
+    changed: BTreeSet<K>,
+}
+
+impl<K: Ord, V> Default for Entries<K, V> {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord, V: PartialEq> PartialEq for Entries<K, V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl<K: Ord, V: Eq> Eq for Entries<K, V> {}
+
+impl<K, V> std::ops::Deref for Entries<K, V> {
+    type Target = BTreeMap<K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl<K: Ord + Clone, V: PartialEq> Entries<K, V> {
+    /// Sets `key` (to be written if the value is new).
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        if self.map.get(&key) != Some(&value) {
+            self.changed.insert(key.clone());
+        }
+        self.map.insert(key, value)
+    }
+
+    /// Removes `key` (its file with it).
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let removed = self.map.remove(key);
+        if removed.is_some() {
+            self.changed.insert(key.clone());
+        }
+        removed
+    }
+
+    /// Keeps the entries for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        let changed = &mut self.changed;
+        self.map.retain(|key, value| {
+            let kept = keep(key, value);
+            if !kept {
+                changed.insert(key.clone());
+            }
+            kept
+        });
+    }
+
+    /// Marks every key changed (a record to be written whole).
+    fn mark_all(&mut self) {
+        self.changed.extend(self.map.keys().cloned());
+    }
+
+    /// The changed keys and their values now (`None`: removed), no longer
+    /// marked.
+    fn take_changed(&mut self) -> Vec<(K, Option<V>)>
+    where
+        V: Clone,
+    {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|key| {
+                let value = self.map.get(&key).cloned();
+                (key, value)
+            })
+            .collect()
+    }
+
+    /// Marks keys changed again (their write failed).
+    fn remark(&mut self, keys: impl IntoIterator<Item = K>) {
+        self.changed.extend(keys);
+    }
+}
+
 /// Everything known about one image (keyed by the runtime's image id).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRecord {
     /// The runtime's image id (`sha256:…` of the config).
     pub image_id: String,
     /// How it came to the node.
     pub provenance: Provenance,
-    /// Normalized repository names it was pulled or verified as.
+    /// The repositories credlet knows the image by, normalized: the one a
+    /// pull that brought the image to the node was made from, or (for an
+    /// image first met on the node) the ones it carried then. Credentials
+    /// are checked, and public answers asked again, only against these:
+    /// never against a name a caller brings, as containerd gives a pull of
+    /// any name whose manifest is this image the cached image without
+    /// downloading anything.
     pub repositories: BTreeSet<String>,
     /// Credentials verified for it, with the time of the last success.
-    pub verified: BTreeMap<CredentialId, u64>,
+    pub verified: Entries<CredentialId, u64>,
     /// Pods holding a verification.
-    pub grants: BTreeMap<String, Grant>,
+    pub grants: Entries<String, Grant>,
 }
 
 impl ImageRecord {
@@ -131,8 +242,8 @@ impl ImageRecord {
             image_id: image_id.to_owned(),
             provenance,
             repositories: BTreeSet::new(),
-            verified: BTreeMap::new(),
-            grants: BTreeMap::new(),
+            verified: Entries::default(),
+            grants: Entries::default(),
         }
     }
 
@@ -189,11 +300,78 @@ pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// A record in the single-file format of earlier versions (read once, at
+/// open, and rewritten as a head and entries). Its HMAC is over exactly
+/// this serialization.
 #[derive(Serialize, Deserialize)]
-struct SignedFile {
-    record: ImageRecord,
+#[serde(rename_all = "camelCase")]
+struct LegacyRecord {
+    image_id: String,
+    provenance: Provenance,
+    repositories: BTreeSet<String>,
+    verified: BTreeMap<CredentialId, u64>,
+    grants: BTreeMap<String, Grant>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LegacyFile {
+    record: LegacyRecord,
     mac: String,
 }
+
+/// What a record's head file holds: the image-wide facts, rarely changed.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    image_id: String,
+    provenance: Provenance,
+    repositories: BTreeSet<String>,
+}
+
+impl Head {
+    fn of(record: &ImageRecord) -> Self {
+        Self {
+            image_id: record.image_id.clone(),
+            provenance: record.provenance,
+            repositories: record.repositories.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedHead {
+    head: Head,
+    mac: String,
+}
+
+/// One entry of a record, bound to its image by the HMAC.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Entry {
+    image_id: String,
+    #[serde(flatten)]
+    value: EntryValue,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum EntryValue {
+    /// A pod's grant.
+    Grant { pod: String, grant: Grant },
+    /// A credential's last verification.
+    Verified { credential: CredentialId, at: u64 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedEntry {
+    entry: Entry,
+    mac: String,
+}
+
+/// HMAC domains: a head, an entry and a legacy record can never be taken
+/// for one another, whatever their JSON.
+const HEAD_DOMAIN: &[u8] = b"credlet imageguard head v2\0";
+const ENTRY_DOMAIN: &[u8] = b"credlet imageguard entry v2\0";
 
 /// The ids of every image with a record.
 #[derive(Serialize, Deserialize)]
@@ -225,12 +403,35 @@ struct SignedIntent {
 
 /// A pull intent on disk (see [`RecordStore::begin_pull`]): ends with
 /// [`RecordStore::end_pull`], or stays on disk when the pull's record could
-/// not be written.
+/// not be written. Dropped unended (the caller went away while the runtime
+/// pulled), it counts as a stale intent at once: whatever image that pull
+/// brings is private.
 #[derive(Debug)]
 #[must_use = "end the pull intent, or it stays on disk as a stale one"]
 pub struct PullIntent {
     path: PathBuf,
     reference: ImageRef,
+    /// The store's stale intents, to join on drop; `None` once ended.
+    stale: Option<Arc<Mutex<Vec<StaleIntent>>>>,
+}
+
+impl PullIntent {
+    /// Ends the intent without leaving it stale; returns its file.
+    fn end(mut self) -> PathBuf {
+        self.stale = None;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for PullIntent {
+    fn drop(&mut self) {
+        if let Some(stale) = self.stale.take() {
+            lock(&stale).push(StaleIntent {
+                path: std::mem::take(&mut self.path),
+                reference: self.reference.clone(),
+            });
+        }
+    }
 }
 
 /// An intent left by an earlier pull whose record is not known to be on
@@ -243,12 +444,13 @@ struct StaleIntent {
 
 /// Image records: loaded at start, kept in memory (sharded map).
 ///
-/// A new record is on disk (file and inventory entry) before the call that
+/// A new record is on disk (files and inventory entry) before the call that
 /// created it is answered with success — [`RecordStore::persist`]; until
 /// then it is kept in memory and retried. Later changes (verifications,
 /// grants) are written behind, coalesced within [`FLUSH_DELAY`], off the
-/// request path; losing them in a crash only means the pods prove access
-/// again. Dropping the store flushes what is pending.
+/// request path, each changed entry as its own small file; losing them in
+/// a crash only means the pods prove access again. Dropping the store
+/// flushes what is pending.
 #[derive(Debug)]
 pub struct RecordStore {
     dir: PathBuf,
@@ -256,16 +458,22 @@ pub struct RecordStore {
     intents_dir: PathBuf,
     key: hmac::Key,
     records: DashMap<String, ImageRecord>,
-    /// Records changed in memory and not yet on disk.
-    dirty: Mutex<HashSet<String>>,
+    /// Records changed in memory and not yet on disk, and whether their
+    /// head changed (their changed entries are marked in the record).
+    dirty: Mutex<HashMap<String, bool>>,
     /// Records whose file or inventory entry is not on disk yet.
     unwritten: Mutex<HashSet<String>>,
     /// The ids the inventory on disk lists.
     inventory: Mutex<BTreeSet<String>>,
     /// Intents of pulls whose record is not on disk yet, by image id.
     intents_by_image: Mutex<HashMap<String, Vec<PathBuf>>>,
-    /// Intents from earlier runs, not matched to an image yet.
-    stale_intents: Mutex<Vec<StaleIntent>>,
+    /// Intents from earlier runs (or of pulls whose caller went away), not
+    /// matched to an image yet.
+    stale_intents: Arc<Mutex<Vec<StaleIntent>>>,
+    /// Counts record changes; see [`RecordStore::generation`].
+    generation: AtomicU64,
+    /// The generation of each record's last change.
+    touched: DashMap<String, u64>,
     /// A delayed flush is on its way.
     flush_scheduled: AtomicBool,
     /// One writer at a time, so an older copy never overwrites a newer one:
@@ -277,12 +485,14 @@ pub struct RecordStore {
 /// How long changes are collected before they are written.
 pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
 
-/// Whether [`RecordStore::update`] changed anything.
+/// Whether [`RecordStore::update`] (or [`RecordStore::change`]) changed
+/// anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
     /// Nothing changed; no I/O.
     Unchanged,
-    /// A new record, written through.
+    /// A new record: written through by [`RecordStore::update`]; after
+    /// [`RecordStore::change`] the caller must [`RecordStore::persist`] it.
     Created,
     /// Changed in memory; written behind.
     Deferred,
@@ -299,6 +509,9 @@ pub struct Opened {
     pub missing: usize,
     /// Pull intents left by an earlier run.
     pub stale_intents: usize,
+    /// Records of the earlier single-file format, rewritten as a head and
+    /// entries.
+    pub migrated: usize,
 }
 
 impl RecordStore {
@@ -335,18 +548,28 @@ impl RecordStore {
             intents_dir,
             key,
             records: DashMap::new(),
-            dirty: Mutex::new(HashSet::new()),
+            dirty: Mutex::new(HashMap::new()),
             unwritten: Mutex::new(HashSet::new()),
             inventory: Mutex::new(BTreeSet::new()),
             intents_by_image: Mutex::new(HashMap::new()),
-            stale_intents: Mutex::new(Vec::new()),
+            stale_intents: Arc::new(Mutex::new(Vec::new())),
+            generation: AtomicU64::new(0),
+            touched: DashMap::new(),
             flush_scheduled: AtomicBool::new(false),
             io: Mutex::new(()),
         };
+        let (dropped, migrated) = store.load()?;
         let mut opened = Opened {
-            dropped: store.load()?,
+            dropped,
+            migrated,
             ..Opened::default()
         };
+        if migrated > 0 {
+            tracing::info!(
+                migrated,
+                "image records of the single-file format rewritten as one file per entry"
+            );
+        }
         opened.missing = store.load_inventory();
         opened.stale_intents = store.load_intents();
         // Tombstones and a rebuilt inventory are written now if the disk
@@ -357,8 +580,13 @@ impl RecordStore {
         Ok((store, opened))
     }
 
-    fn load(&self) -> Result<usize, RecordError> {
+    /// Loads every record: heads (either format) first, then the entries
+    /// beside authentic heads. Returns (records dropped, legacy records to
+    /// rewrite).
+    fn load(&self) -> Result<(usize, usize), RecordError> {
         let mut dropped = 0;
+        let mut legacy_ids = Vec::new();
+        let mut entry_dirs: Vec<(String, PathBuf)> = Vec::new();
         let entries = fs::read_dir(&self.dir).map_err(|e| io("list", &self.dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| io("list", &self.dir, e))?;
@@ -369,8 +597,17 @@ impl RecordStore {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            match self.read_one(&path) {
-                Some(record) if file_name(&record.image_id) == name => {
+            if let Some(stem) = name.strip_suffix(".d")
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                entry_dirs.push((stem.to_owned(), path));
+                continue;
+            }
+            match self.read_head(&path) {
+                Some((record, legacy)) if file_name(&record.image_id) == name => {
+                    if legacy {
+                        legacy_ids.push(record.image_id.clone());
+                    }
                     self.records.insert(record.image_id.clone(), record);
                 }
                 _ => {
@@ -392,7 +629,92 @@ impl RecordStore {
                 }
             }
         }
-        Ok(dropped)
+        let by_stem: HashMap<String, String> = self
+            .records
+            .iter()
+            .map(|r| (name_stem(&file_name(r.key())).to_owned(), r.key().clone()))
+            .collect();
+        for (stem, path) in entry_dirs {
+            let Some(image_id) = by_stem.get(&stem) else {
+                // No record: the entries of a pruned image, or of a head
+                // that went missing (its image, if listed, comes back
+                // private without them).
+                let _ = fs::remove_dir_all(&path);
+                continue;
+            };
+            if self.is_unwritten(image_id) {
+                continue; // a tombstone: its write removes them
+            }
+            if !self.load_entries(image_id, &path) {
+                dropped += 1;
+                tracing::warn!(path = %path.display(), image_id, "an entry of the image record is unreadable or not authentic; kept as private with no verifications");
+                self.tombstone(image_id);
+            }
+        }
+        // Rewritten as head and entries by the flush at open.
+        let migrated = legacy_ids
+            .iter()
+            .filter(|id| !self.is_unwritten(id))
+            .inspect(|id| self.mark_all(id))
+            .count();
+        Ok((dropped, migrated))
+    }
+
+    /// Reads a record's entries into it; `false` if any is unreadable or
+    /// not authentic (the caller drops the record).
+    fn load_entries(&self, image_id: &str, dir: &Path) -> bool {
+        let Ok(files) = fs::read_dir(dir) else {
+            return false;
+        };
+        let mut read = Vec::new();
+        for file in files {
+            let Ok(file) = file else { return false };
+            let path = file.path();
+            let name = file.file_name();
+            let Some(name) = name.to_str() else {
+                return false;
+            };
+            if name.ends_with(".tmp") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            match self.read_entry(&path, image_id) {
+                Some(value) if entry_file_name(&value) == name => read.push(value),
+                _ => return false,
+            }
+        }
+        let Some(mut record) = self.records.get_mut(image_id) else {
+            return true;
+        };
+        for value in read {
+            // Beside a legacy head the entries of an interrupted rewrite:
+            // the newer of the two wins.
+            match value {
+                EntryValue::Grant { pod, grant } => {
+                    let newer = record
+                        .grants
+                        .get(&pod)
+                        .is_none_or(|g| g.verified_at <= grant.verified_at);
+                    if newer {
+                        record.grants.map.insert(pod, grant);
+                    }
+                }
+                EntryValue::Verified { credential, at } => {
+                    let at = record.verified.get(&credential).map_or(at, |a| at.max(*a));
+                    record.verified.map.insert(credential, at);
+                }
+            }
+        }
+        true
+    }
+
+    /// Marks a whole record (head and every entry) to be written.
+    fn mark_all(&self, image_id: &str) {
+        if let Some(mut record) = self.records.get_mut(image_id) {
+            record.verified.mark_all();
+            record.grants.mark_all();
+        }
+        lock(&self.dirty).insert(image_id.to_owned(), true);
     }
 
     /// Keeps `image_id` as private with no verifications, to be written.
@@ -401,6 +723,7 @@ impl RecordStore {
             image_id.to_owned(),
             ImageRecord::new(image_id, Provenance::Credentials),
         );
+        self.touch(image_id);
         lock(&self.unwritten).insert(image_id.to_owned());
     }
 
@@ -494,13 +817,50 @@ impl RecordStore {
         stale.len()
     }
 
-    fn read_one(&self, path: &Path) -> Option<ImageRecord> {
+    /// Reads a head, or a record of the single-file format (`true`).
+    fn read_head(&self, path: &Path) -> Option<(ImageRecord, bool)> {
         let body = fs::read(path).ok()?;
-        let file: SignedFile = serde_json::from_slice(&body).ok()?;
+        if let Ok(file) = serde_json::from_slice::<SignedHead>(&body) {
+            let content = serde_json::to_vec(&file.head).ok()?;
+            self.verify(HEAD_DOMAIN, &content, &file.mac)?;
+            let mut record = ImageRecord::new(&file.head.image_id, file.head.provenance);
+            record.repositories = file.head.repositories;
+            return Some((record, false));
+        }
+        let file: LegacyFile = serde_json::from_slice(&body).ok()?;
         let content = serde_json::to_vec(&file.record).ok()?;
-        let mac = hex_decode(&file.mac)?;
-        hmac::verify(&self.key, &content, &mac).ok()?;
-        Some(file.record)
+        self.verify(b"", &content, &file.mac)?;
+        let legacy = file.record;
+        let mut record = ImageRecord::new(&legacy.image_id, legacy.provenance);
+        record.repositories = legacy.repositories;
+        record.verified.map = legacy.verified;
+        record.grants.map = legacy.grants;
+        Some((record, true))
+    }
+
+    /// Reads one entry of `image_id`'s record; `None` unless authentic and
+    /// of that image.
+    fn read_entry(&self, path: &Path, image_id: &str) -> Option<EntryValue> {
+        let body = fs::read(path).ok()?;
+        let file: SignedEntry = serde_json::from_slice(&body).ok()?;
+        let content = serde_json::to_vec(&file.entry).ok()?;
+        self.verify(ENTRY_DOMAIN, &content, &file.mac)?;
+        (file.entry.image_id == image_id).then_some(file.entry.value)
+    }
+
+    fn sign(&self, domain: &[u8], content: &[u8]) -> String {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(domain);
+        context.update(content);
+        hex(context.sign().as_ref())
+    }
+
+    fn verify(&self, domain: &[u8], content: &[u8], mac: &str) -> Option<()> {
+        let mac = hex_decode(mac)?;
+        let mut message = Vec::with_capacity(domain.len() + content.len());
+        message.extend_from_slice(domain);
+        message.extend_from_slice(content);
+        hmac::verify(&self.key, &message, &mac).ok()
     }
 
     /// The HMAC id of a credential (`None`: anonymous).
@@ -542,26 +902,69 @@ impl RecordStore {
         provenance: Provenance,
         change: impl FnOnce(&mut ImageRecord) -> bool,
     ) -> Result<Stored, RecordError> {
+        let stored = self.change(image_id, provenance, change);
+        if stored == Stored::Created {
+            self.persist(image_id)?;
+        }
+        Ok(stored)
+    }
+
+    /// [`RecordStore::update`] without any I/O, for callers on an async
+    /// worker: a [`Stored::Created`] record is then theirs to
+    /// [`RecordStore::persist`] (off the worker) before they rely on it; a
+    /// [`Stored::Deferred`] one waits for a flush.
+    pub fn change(
+        &self,
+        image_id: &str,
+        provenance: Provenance,
+        change: impl FnOnce(&mut ImageRecord) -> bool,
+    ) -> Stored {
+        // Touched first: a pruner never sees the record older than it is.
+        self.touch(image_id);
         let mut created = false;
         let mut entry = self.records.entry(image_id.to_owned()).or_insert_with(|| {
             created = true;
             ImageRecord::new(image_id, provenance)
         });
-        let changed = change(entry.value_mut());
+        let record = entry.value_mut();
+        let (provenance_before, repositories_before) =
+            (record.provenance, record.repositories.clone());
+        let pending_before = record.verified.changed.len() + record.grants.changed.len();
+        let reported = change(record);
+        // Entries this change marked (one marked before is written anyway,
+        // with its value at the time of the write).
+        let entries_changed =
+            record.verified.changed.len() + record.grants.changed.len() > pending_before;
+        // A change the closure reports that shows nowhere else rewrites
+        // the head (there is nothing else to write).
+        let head_changed = record.provenance != provenance_before
+            || record.repositories != repositories_before
+            || (reported && !entries_changed);
         if created {
             lock(&self.unwritten).insert(image_id.to_owned());
         }
-        // The write takes the io lock: never while holding the entry.
         drop(entry);
         if created {
-            self.persist(image_id)?;
-            return Ok(Stored::Created);
+            return Stored::Created;
         }
-        if !changed {
-            return Ok(Stored::Unchanged);
+        if !(head_changed || entries_changed) {
+            return Stored::Unchanged;
         }
-        lock(&self.dirty).insert(image_id.to_owned());
-        Ok(Stored::Deferred)
+        *lock(&self.dirty).entry(image_id.to_owned()).or_default() |= head_changed;
+        Stored::Deferred
+    }
+
+    fn touch(&self, image_id: &str) {
+        let generation = self.generation.fetch_add(1, AtomicOrdering::AcqRel) + 1;
+        self.touched.insert(image_id.to_owned(), generation);
+    }
+
+    /// The count of record changes so far. A pruner reads it before it lists
+    /// the runtime's images and hands it to [`RecordStore::prune`]: a record
+    /// changed after that (a pull that ended meanwhile) is not pruned on the
+    /// strength of a list that may predate its image.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(AtomicOrdering::Acquire)
     }
 
     /// Makes sure the record of `image_id` exists on disk — listed in the
@@ -588,7 +991,15 @@ impl RecordStore {
         if !lock(&self.inventory).contains(image_id) {
             self.write_inventory()?;
         }
-        self.write(&record)?;
+        self.write_whole(&record)?;
+        // Written whole: nothing of it is pending any more.
+        // (Keys changed again since the copy was taken stay marked.)
+        if let Some(mut current) = self.records.get_mut(image_id) {
+            let Entries { map, changed } = &mut current.verified;
+            changed.retain(|k| record.verified.get(k) != map.get(k));
+            let Entries { map, changed } = &mut current.grants;
+            changed.retain(|k| record.grants.get(k) != map.get(k));
+        }
         lock(&self.unwritten).remove(image_id);
         let intents = lock(&self.intents_by_image).remove(image_id);
         for path in intents.into_iter().flatten() {
@@ -647,6 +1058,7 @@ impl RecordStore {
         Ok(PullIntent {
             path,
             reference: reference.clone(),
+            stale: Some(Arc::clone(&self.stale_intents)),
         })
     }
 
@@ -654,24 +1066,22 @@ impl RecordStore {
     /// record is created by now); the intent is removed once that record
     /// is on disk. `None`: the runtime pulled nothing; it is removed now.
     pub fn end_pull(&self, intent: PullIntent, image_id: Option<&str>) {
+        let path = intent.end();
         match image_id {
             Some(id) if self.is_unwritten(id) => {
                 lock(&self.intents_by_image)
                     .entry(id.to_owned())
                     .or_default()
-                    .push(intent.path);
+                    .push(path);
             }
-            _ => remove_intent_file(&intent.path),
+            _ => remove_intent_file(&path),
         }
     }
 
     /// Keeps a pull intent as a stale one: the runtime may hold an image
     /// from it that credlet could not identify.
     pub fn abandon_pull(&self, intent: PullIntent) {
-        lock(&self.stale_intents).push(StaleIntent {
-            path: intent.path,
-            reference: intent.reference,
-        });
+        drop(intent);
     }
 
     /// Whether pull intents of an earlier run wait to be matched.
@@ -759,27 +1169,32 @@ impl RecordStore {
 
     /// Writes every record changed in memory, and every record not on disk
     /// yet. Returns how many were written; on an error the unwritten ones
-    /// stay pending.
+    /// stay pending. The io lock is taken per record, so a new record that
+    /// must be on disk before its call is answered waits for one write, not
+    /// for the whole flush. A changed record has only its changed entries
+    /// (and its head, if that changed) written.
     pub fn flush(&self) -> Result<usize, RecordError> {
-        let _io = lock(&self.io);
         let mut written = 0;
         let unwritten: Vec<String> = lock(&self.unwritten).iter().cloned().collect();
         for image_id in &unwritten {
-            self.persist_locked(image_id)?;
+            self.persist(image_id)?;
             written += 1;
         }
-        let pending: Vec<String> = lock(&self.dirty).drain().collect();
-        for (i, image_id) in pending.iter().enumerate() {
-            let Some(record) = self.get(image_id) else {
-                continue; // pruned meanwhile
-            };
+        let pending: Vec<(String, bool)> = lock(&self.dirty).drain().collect();
+        for (i, (image_id, head)) in pending.iter().enumerate() {
             if unwritten.contains(image_id) {
                 continue; // just written whole
             }
-            if let Err(error) = self.write(&record) {
-                lock(&self.dirty).extend(pending[i..].iter().cloned());
+            let io = lock(&self.io);
+            if let Err(error) = self.write_changes(image_id, *head) {
+                drop(io);
+                let mut dirty = lock(&self.dirty);
+                for (id, head) in &pending[i..] {
+                    *dirty.entry(id.clone()).or_default() |= *head;
+                }
                 return Err(error);
             }
+            drop(io);
             written += 1;
         }
         Ok(written)
@@ -796,40 +1211,191 @@ impl RecordStore {
         lock(&self.dirty).len() + lock(&self.unwritten).len()
     }
 
-    /// Writes one record file. Holds the io lock.
-    fn write(&self, record: &ImageRecord) -> Result<(), RecordError> {
-        let content = serde_json::to_vec(record).map_err(|e| io("encode", &self.dir, e.into()))?;
-        let mac = hex(hmac::sign(&self.key, &content).as_ref());
-        let body = serde_json::to_vec(&SignedFile {
-            record: record.clone(),
+    /// Writes what changed in a record since it was last written: each
+    /// changed entry (a removed one's file removed), then the head if
+    /// `head`. Holds the io lock; copies the values under it, so an older
+    /// copy never overwrites a newer one. On an error the entries stay
+    /// marked.
+    fn write_changes(&self, image_id: &str, head: bool) -> Result<(), RecordError> {
+        let Some(mut record) = self.records.get_mut(image_id) else {
+            return Ok(()); // pruned meanwhile
+        };
+        let verified = record.verified.take_changed();
+        let grants = record.grants.take_changed();
+        let head = head.then(|| Head::of(&record));
+        drop(record);
+        let written = (|| {
+            for (credential, at) in &verified {
+                let value = at.map(|at| EntryValue::Verified {
+                    credential: credential.clone(),
+                    at,
+                });
+                self.write_entry(image_id, entry_name_verified(credential), value)?;
+            }
+            for (pod, grant) in &grants {
+                let value = grant.clone().map(|grant| EntryValue::Grant {
+                    pod: pod.clone(),
+                    grant,
+                });
+                self.write_entry(image_id, entry_name_grant(pod), value)?;
+            }
+            match &head {
+                Some(head) => self.write_head(head),
+                None => Ok(()),
+            }
+        })();
+        if written.is_err()
+            && let Some(mut record) = self.records.get_mut(image_id)
+        {
+            record.verified.remark(verified.into_iter().map(|(k, _)| k));
+            record.grants.remark(grants.into_iter().map(|(k, _)| k));
+        }
+        written
+    }
+
+    /// Writes a record whole: its entries directory holds exactly its
+    /// entries (anything else there is removed first: a dropped record's
+    /// entries must not come back), then its head. Holds the io lock.
+    fn write_whole(&self, record: &ImageRecord) -> Result<(), RecordError> {
+        let image_id = &record.image_id;
+        let dir = self.entries_dir(image_id);
+        let keep: HashSet<String> = record
+            .verified
+            .keys()
+            .map(entry_name_verified)
+            .chain(record.grants.keys().map(|p| entry_name_grant(p)))
+            .collect();
+        match fs::read_dir(&dir) {
+            Ok(files) => {
+                for file in files {
+                    let file = file.map_err(|e| io("list", &dir, e))?;
+                    let keep_it = file.file_name().to_str().is_some_and(|n| keep.contains(n));
+                    if !keep_it {
+                        remove_file(&file.path())?;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("list", &dir, e)),
+        }
+        for (credential, at) in record.verified.iter() {
+            let value = EntryValue::Verified {
+                credential: credential.clone(),
+                at: *at,
+            };
+            self.write_entry(image_id, entry_name_verified(credential), Some(value))?;
+        }
+        for (pod, grant) in record.grants.iter() {
+            let value = EntryValue::Grant {
+                pod: pod.clone(),
+                grant: grant.clone(),
+            };
+            self.write_entry(image_id, entry_name_grant(pod), Some(value))?;
+        }
+        if keep.is_empty() {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", &dir, e)),
+            }
+        }
+        self.write_head(&Head::of(record))
+    }
+
+    /// Writes a record's head file. Holds the io lock.
+    fn write_head(&self, head: &Head) -> Result<(), RecordError> {
+        let path = self.dir.join(file_name(&head.image_id));
+        let content = serde_json::to_vec(head).map_err(|e| io("encode", &path, e.into()))?;
+        let mac = self.sign(HEAD_DOMAIN, &content);
+        let body = serde_json::to_vec(&SignedHead {
+            head: Head {
+                image_id: head.image_id.clone(),
+                provenance: head.provenance,
+                repositories: head.repositories.clone(),
+            },
             mac,
         })
-        .map_err(|e| io("encode", &self.dir, e.into()))?;
-        write_atomically(&self.dir.join(file_name(&record.image_id)), &body)
+        .map_err(|e| io("encode", &path, e.into()))?;
+        write_atomically(&path, &body)
+    }
+
+    /// Writes one entry file of `image_id`'s record (`None`: removes it).
+    /// Its cost does not depend on how many entries the record has. Holds
+    /// the io lock.
+    fn write_entry(
+        &self,
+        image_id: &str,
+        name: String,
+        value: Option<EntryValue>,
+    ) -> Result<(), RecordError> {
+        let dir = self.entries_dir(image_id);
+        let path = dir.join(name);
+        let Some(value) = value else {
+            return remove_file(&path);
+        };
+        let entry = Entry {
+            image_id: image_id.to_owned(),
+            value,
+        };
+        let content = serde_json::to_vec(&entry).map_err(|e| io("encode", &path, e.into()))?;
+        let mac = self.sign(ENTRY_DOMAIN, &content);
+        let body = serde_json::to_vec(&SignedEntry { entry, mac })
+            .map_err(|e| io("encode", &path, e.into()))?;
+        match write_atomically(&path, &body) {
+            Err(RecordError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                // The record's first entry: its directory first.
+                fs::create_dir(&dir).map_err(|e| io("create", &dir, e))?;
+                write_atomically(&path, &body)
+            }
+            other => other,
+        }
+    }
+
+    /// `images/<id>.d`: where a record's entries are.
+    fn entries_dir(&self, image_id: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.d", name_stem(&file_name(image_id))))
     }
 
     /// Drops records of images no longer on the node and grants of pods
     /// no longer on it. Returns (images removed, grants removed).
+    ///
+    /// `listed_at`: [`RecordStore::generation`] read before the runtime's
+    /// images and the pods were listed. A record changed since is left as
+    /// it is (its image may have arrived after the list was taken).
     pub fn prune(
         &self,
         present_images: &HashSet<String>,
         live_pods: Option<&HashSet<String>>,
+        listed_at: u64,
     ) -> Result<(usize, usize), RecordError> {
         let _io = lock(&self.io);
+        let settled = |id: &str| self.touched.get(id).is_none_or(|g| *g <= listed_at);
         let gone: Vec<String> = self
             .records
             .iter()
-            .filter(|r| !present_images.contains(r.key()))
+            .filter(|r| !present_images.contains(r.key()) && settled(r.key()))
             .map(|r| r.key().clone())
             .collect();
+        let mut removed = 0;
         for id in &gone {
-            self.records.remove(id);
+            // Changed between the filter and here: kept.
+            if self.records.remove_if(id, |id, _| settled(id)).is_none() {
+                continue;
+            }
+            removed += 1;
+            self.touched.remove(id);
             lock(&self.unwritten).remove(id);
-            let path = self.dir.join(file_name(id));
-            match fs::remove_file(&path) {
+            lock(&self.dirty).remove(id);
+            // The head first: entries without a head are never read.
+            remove_file(&self.dir.join(file_name(id)))?;
+            let entries = self.entries_dir(id);
+            match fs::remove_dir_all(&entries) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &path, e)),
+                Err(e) => return Err(io("remove", &entries, e)),
             }
             for intent in lock(&self.intents_by_image)
                 .remove(id)
@@ -839,7 +1405,7 @@ impl RecordStore {
                 remove_intent_file(&intent);
             }
         }
-        if !gone.is_empty() {
+        if removed > 0 {
             // Unlisted after their files are gone: a crash in between only
             // leaves a listed image the runtime no longer has.
             self.write_inventory()?;
@@ -848,23 +1414,26 @@ impl RecordStore {
         if let Some(live) = live_pods {
             let ids: Vec<String> = self.records.iter().map(|r| r.key().clone()).collect();
             for id in ids {
+                if !settled(&id) {
+                    continue;
+                }
                 let changed = match self.records.get_mut(&id) {
                     Some(mut record) => {
                         let before = record.grants.len();
                         record.grants.retain(|uid, _| live.contains(uid));
                         grants_removed += before - record.grants.len();
-                        (record.grants.len() != before).then(|| record.clone())
+                        record.grants.len() != before
                     }
-                    None => None,
+                    None => false,
                 };
-                if let Some(record) = changed
-                    && !lock(&self.unwritten).contains(&id)
-                {
-                    self.write(&record)?;
+                // One file removed per grant; a record not on disk yet is
+                // written whole later.
+                if changed && !lock(&self.unwritten).contains(&id) {
+                    self.write_changes(&id, false)?;
                 }
             }
         }
-        Ok((gone.len(), grants_removed))
+        Ok((removed, grants_removed))
     }
 
     /// Number of image records.
@@ -901,6 +1470,40 @@ fn write_atomically(path: &Path, body: &[u8]) -> Result<(), RecordError> {
     file.write_all(body).map_err(|e| io("write", &tmp, e))?;
     drop(file);
     fs::rename(&tmp, path).map_err(|e| io("rename", path, e))
+}
+
+/// Removes a file; one that is not there is fine.
+fn remove_file(path: &Path) -> Result<(), RecordError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("remove", path, e)),
+    }
+}
+
+/// `sha256-abc.json` → `sha256-abc`.
+fn name_stem(file_name: &str) -> &str {
+    file_name.strip_suffix(".json").unwrap_or(file_name)
+}
+
+/// The file of a credential's verification: `v-<hex of the id>.json`
+/// (hex: the name can hold nothing but what it names).
+fn entry_name_verified(credential: &CredentialId) -> String {
+    format!("v-{}.json", hex(credential.as_str().as_bytes()))
+}
+
+/// The file of a pod's grant: `g-<hex of the uid>.json` (any CRI caller
+/// can put anything in a sandbox's uid).
+fn entry_name_grant(pod_uid: &str) -> String {
+    format!("g-{}.json", hex(pod_uid.as_bytes()))
+}
+
+/// The file an entry belongs in.
+fn entry_file_name(value: &EntryValue) -> String {
+    match value {
+        EntryValue::Grant { pod, .. } => entry_name_grant(pod),
+        EntryValue::Verified { credential, .. } => entry_name_verified(credential),
+    }
 }
 
 fn remove_intent_file(path: &Path) {
@@ -1133,28 +1736,96 @@ mod tests {
         );
     }
 
+    /// The files of `ID`'s record: its head and its entries directory.
+    fn record_paths(tmp: &Path) -> (PathBuf, PathBuf) {
+        let images = tmp.join("imageguard/images");
+        (
+            images.join(file_name(ID)),
+            images.join(format!("{}.d", name_stem(&file_name(ID)))),
+        )
+    }
+
     #[test]
     fn tampered_or_corrupt_records_fail_closed() {
         let tmp = tempfile::tempdir().expect("tmp");
-        {
-            let (store, _) = RecordStore::open(tmp.path()).expect("open");
-            grant(&store);
+        let (head, entries) = record_paths(tmp.path());
+        let grant_file = entries.join(entry_name_grant("pod-1"));
+        // (what is done to the record on disk, what it says)
+        type Tamper = fn(&Path, &Path, &Path);
+        let table: [(Tamper, &str); 6] = [
+            (
+                |head, _, _| {
+                    let text = fs::read_to_string(head).expect("read");
+                    fs::write(head, text.replace("credentials", "anonymous")).expect("tamper");
+                },
+                "the head's provenance changed",
+            ),
+            (
+                |_, _, grant| {
+                    let text = fs::read_to_string(grant).expect("read");
+                    fs::write(grant, text.replace("\"c1\"", "\"c2\"")).expect("tamper");
+                },
+                "a grant's credential changed",
+            ),
+            (
+                |_, entries, grant| {
+                    fs::rename(grant, entries.join(entry_name_grant("pod-2"))).expect("rename");
+                },
+                "a grant moved to another pod's name",
+            ),
+            (
+                |_, entries, grant| {
+                    let other = entries.with_file_name("sha256-other.d");
+                    fs::create_dir_all(&other).expect("dir");
+                    // An authentic grant of another image, copied in.
+                    fs::copy(grant, other.join("x")).expect("copy");
+                    let text = fs::read_to_string(grant).expect("read");
+                    fs::write(
+                        entries.join(entry_name_grant("pod-9")),
+                        text.replace("pod-1", "pod-9"),
+                    )
+                    .expect("forge");
+                },
+                "a grant forged for another pod",
+            ),
+            (
+                |_, _, grant| fs::write(grant, b"{").expect("truncate"),
+                "a grant file truncated",
+            ),
+            (
+                |head, _, _| fs::write(head, b"{\"head\":").expect("truncate"),
+                "the head truncated",
+            ),
+        ];
+        for (tamper, what) in table {
+            {
+                let (store, _) = RecordStore::open(tmp.path()).expect("open");
+                grant(&store);
+            }
+            tamper(&head, &entries, &grant_file);
+            let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+            assert_eq!(opened.dropped, 1, "{what}");
+            // Kept as private with nothing verified: fail closed, not open.
+            let kept = store.get(ID).expect("tombstone");
+            assert_eq!(kept.provenance, Provenance::Credentials, "{what}");
+            assert!(kept.grants.is_empty() && kept.verified.is_empty(), "{what}");
+            drop(store);
+            // The tombstone itself is authentic on the next start, and no
+            // entry of the dropped record comes back.
+            let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+            assert_eq!(opened.dropped, 0, "{what}");
+            let kept = store.get(ID).expect("tombstone");
+            assert!(kept.grants.is_empty() && kept.verified.is_empty(), "{what}");
+            assert!(!entries.exists(), "{what}: entries left on disk");
+            store
+                .prune(&HashSet::new(), None, store.generation())
+                .expect("start over");
         }
-        let file = tmp.path().join("imageguard/images").join(file_name(ID));
-        let text = fs::read_to_string(&file).expect("read");
-        fs::write(&file, text.replace("pod-1", "pod-2")).expect("tamper");
-        let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
-        assert_eq!(dropped, 1);
-        // Kept as private with nothing verified: fail closed, not open.
-        let kept = store.get(ID).expect("tombstone");
-        assert_eq!(kept.provenance, Provenance::Credentials);
-        assert!(kept.grants.is_empty() && kept.verified.is_empty());
+
+        let (store, _) = RecordStore::open(tmp.path()).expect("open");
+        grant(&store);
         drop(store);
-        // The tombstone itself is authentic on the next start.
-        let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
-        assert_eq!(dropped, 0);
-        assert!(store.get(ID).is_some());
-        drop(store);
+        let file = head;
 
         let (store, _) = RecordStore::open(tmp.path()).expect("open");
         grant(&store);
@@ -1169,6 +1840,201 @@ mod tests {
         let (store, dropped) = RecordStore::open(tmp.path()).expect("reopen");
         assert_eq!(dropped, 1);
         assert_eq!(store.len(), 1);
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .ino()
+    }
+
+    #[test]
+    fn writing_one_grant_writes_one_small_file() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(RecordStore::open(tmp.path()).expect("open").0);
+        grant(&store);
+        let pods = 200;
+        let credential = CredentialId("c1".into());
+        let set = |pod: usize, at: u64| {
+            store.change(ID, Provenance::Credentials, |r| {
+                let grant = Grant {
+                    credential: credential.clone(),
+                    verified_at: at,
+                };
+                r.grants.insert(format!("pod-{pod}"), grant.clone()) != Some(grant)
+            })
+        };
+        for pod in 0..pods {
+            assert_eq!(set(pod, 1), Stored::Deferred);
+        }
+        assert_eq!(store.flush().expect("flush"), 1);
+        let (head, entries) = record_paths(tmp.path());
+        let files = |dir: &Path| -> BTreeMap<String, (u64, u64)> {
+            fs::read_dir(dir)
+                .expect("ls")
+                .map(|f| {
+                    let f = f.expect("entry");
+                    let len = f.metadata().expect("stat").len();
+                    (
+                        f.file_name().into_string().expect("utf-8"),
+                        (inode(&f.path()), len),
+                    )
+                })
+                .collect()
+        };
+        let before = files(&entries);
+        // The pods' grants (pod-1 of `grant` among them) and c1's
+        // verification.
+        assert_eq!(before.len(), pods + 1);
+        let head_before = inode(&head);
+
+        // A new verification of one pod: that one file, nothing else.
+        assert_eq!(set(7, 2), Stored::Deferred);
+        // The same grant again: nothing to write.
+        assert_eq!(set(7, 2), Stored::Unchanged);
+        assert_eq!(store.flush().expect("flush"), 1);
+        let after = files(&entries);
+        let rewritten: Vec<&String> = after
+            .iter()
+            .filter(|(name, file)| before.get(*name) != Some(file))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(rewritten, [&entry_name_grant("pod-7")]);
+        assert_eq!(inode(&head), head_before, "the head is not rewritten");
+        let (_, size) = after[&entry_name_grant("pod-7")];
+        assert!(size < 400, "one grant is a small file: {size} bytes");
+
+        // A grant removed: its file removed.
+        store.change(ID, Provenance::Credentials, |r| {
+            r.grants.remove(&"pod-3".to_owned());
+            true
+        });
+        store.flush().expect("flush");
+        assert_eq!(files(&entries).len(), pods);
+        assert!(!entries.join(entry_name_grant("pod-3")).exists());
+
+        // And it all reads back.
+        drop(store);
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened, Opened::default());
+        let record = store.get(ID).expect("record");
+        assert_eq!(record.grants.len(), pods - 1);
+        assert_eq!(record.grants["pod-7"].verified_at, 2);
+        assert!(!record.grants.contains_key("pod-3"));
+    }
+
+    /// Rewrites `ID`'s record on disk in the single-file format of earlier
+    /// versions (entries inside, HMAC over the record), as they left it.
+    fn write_legacy(store: &RecordStore, record: &LegacyRecord) {
+        let content = serde_json::to_vec(record).expect("encode");
+        let mac = hex(hmac::sign(&store.key, &content).as_ref());
+        let body = serde_json::to_vec(&serde_json::json!({
+            "record": serde_json::from_slice::<serde_json::Value>(&content).expect("json"),
+            "mac": mac,
+        }))
+        .expect("encode");
+        fs::write(store.dir.join(file_name(&record.image_id)), body).expect("write legacy");
+    }
+
+    fn legacy(grants: &[(&str, u64)]) -> LegacyRecord {
+        LegacyRecord {
+            image_id: ID.to_owned(),
+            provenance: Provenance::Credentials,
+            repositories: ["registry.example/team/app".to_owned()].into(),
+            verified: [(CredentialId("c1".into()), 5)].into(),
+            grants: grants
+                .iter()
+                .map(|(pod, at)| {
+                    (
+                        (*pod).to_owned(),
+                        Grant {
+                            credential: CredentialId("c1".into()),
+                            verified_at: *at,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn records_of_the_single_file_format_are_read_and_rewritten_once() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (head, entries) = record_paths(tmp.path());
+        {
+            // The inventory as the earlier version wrote it, listing ID.
+            let (store, _) = RecordStore::open(tmp.path()).expect("open");
+            store
+                .update(ID, Provenance::Credentials, |_| true)
+                .expect("create");
+            fs::remove_dir_all(&entries).ok();
+            write_legacy(&store, &legacy(&[("pod-1", 5), ("pod-2", 6)]));
+            std::mem::forget(store);
+        }
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("open old records");
+        assert_eq!(
+            opened,
+            Opened {
+                migrated: 1,
+                ..Opened::default()
+            }
+        );
+        let record = store.get(ID).expect("record");
+        assert_eq!(record.grants.len(), 2);
+        assert_eq!(record.verified[&CredentialId("c1".into())], 5);
+        assert!(record.repositories.contains("registry.example/team/app"));
+        std::mem::forget(store);
+        // Rewritten at open: a head without entries, one file per entry.
+        let text = fs::read_to_string(&head).expect("head");
+        assert!(
+            text.starts_with("{\"head\":") && !text.contains("pod-1"),
+            "{text}"
+        );
+        assert_eq!(fs::read_dir(&entries).expect("entries").count(), 3);
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened, Opened::default(), "migrated once");
+        assert_eq!(store.get(ID).expect("record"), record);
+        std::mem::forget(store);
+
+        // A rewrite interrupted after some entries were written: the old
+        // head and the new entries together, the newer grant winning.
+        let (store, _) = RecordStore::open(tmp.path()).expect("open");
+        store
+            .update(ID, Provenance::Credentials, |r| {
+                r.grants.insert(
+                    "pod-1".into(),
+                    Grant {
+                        credential: CredentialId("c1".into()),
+                        verified_at: 9,
+                    },
+                );
+                true
+            })
+            .expect("change");
+        store.flush().expect("flush");
+        write_legacy(&store, &legacy(&[("pod-1", 5), ("pod-3", 7)]));
+        std::mem::forget(store);
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened.migrated, 1);
+        let record = store.get(ID).expect("record");
+        let grants: Vec<(&str, u64)> = record
+            .grants
+            .iter()
+            .map(|(pod, g)| (pod.as_str(), g.verified_at))
+            .collect();
+        assert_eq!(grants, [("pod-1", 9), ("pod-2", 6), ("pod-3", 7)]);
+
+        // A tampered record of the old format fails closed like any other.
+        write_legacy(&store, &legacy(&[("pod-1", 5)]));
+        let text = fs::read_to_string(&head).expect("legacy");
+        fs::write(&head, text.replace("credentials", "anonymous")).expect("tamper");
+        std::mem::forget(store);
+        let (store, opened) = RecordStore::open_report(tmp.path()).expect("reopen");
+        assert_eq!(opened.dropped, 1);
+        let kept = store.get(ID).expect("tombstone");
+        assert_eq!(kept.provenance, Provenance::Credentials);
+        assert!(kept.grants.is_empty() && kept.verified.is_empty());
     }
 
     #[test]
@@ -1196,15 +2062,49 @@ mod tests {
 
         let present: HashSet<String> = [ID.to_owned()].into();
         let live: HashSet<String> = HashSet::new();
-        assert_eq!(store.prune(&present, Some(&live)).expect("prune"), (0, 1));
+        let now = store.generation();
+        assert_eq!(
+            store.prune(&present, Some(&live), now).expect("prune"),
+            (0, 1)
+        );
         assert!(store.get(ID).expect("kept").grants.is_empty());
-        assert_eq!(store.prune(&HashSet::new(), None).expect("prune"), (1, 0));
+        let now = store.generation();
+        assert_eq!(
+            store.prune(&HashSet::new(), None, now).expect("prune"),
+            (1, 0)
+        );
         assert!(store.is_empty());
         assert_eq!(
             fs::read_dir(tmp.path().join("imageguard/images"))
                 .expect("ls")
                 .count(),
             0
+        );
+    }
+
+    #[test]
+    fn a_record_created_after_the_image_list_is_not_pruned() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (store, _) = RecordStore::open(tmp.path()).expect("open");
+        // The pruner lists the runtime's images; the pull has not ended yet.
+        let listed_at = store.generation();
+        let listed: HashSet<String> = HashSet::new();
+        // The pull ends: the image and its record are new.
+        grant(&store);
+        store
+            .prune(&listed, Some(&HashSet::new()), listed_at)
+            .expect("prune");
+        let kept = store.get(ID);
+        assert!(
+            kept.is_some(),
+            "the record of an image pulled while the pruner listed images was dropped"
+        );
+        assert_eq!(kept.expect("kept").grants.len(), 1, "and its grant");
+        // The next round, with a list taken after the pull, prunes it.
+        let listed_at = store.generation();
+        assert_eq!(
+            store.prune(&listed, None, listed_at).expect("prune"),
+            (1, 0)
         );
     }
 
@@ -1329,6 +2229,14 @@ mod tests {
         let (store, _) = RecordStore::open(tmp.path()).expect("open");
         let images = tmp.path().join("imageguard/images");
         let aside = break_dir(&images);
+        // A change alone does no I/O (async callers persist off the
+        // workers): it succeeds, and the record waits to be written.
+        let other = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+        assert_eq!(
+            store.change(other, Provenance::Credentials, |_| true),
+            Stored::Created
+        );
+        assert!(store.is_unwritten(other));
         let error = store
             .update(ID, Provenance::Credentials, |_| true)
             .expect_err("the record can not be written");

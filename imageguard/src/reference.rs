@@ -16,10 +16,15 @@
 //! digest         := algorithm ":" hex       (sha256: 64, sha384: 96, sha512: 128 lowercase hex)
 //! ```
 //!
-//! Normalization: when the first `/`-separated component is not a host
-//! (it contains neither `.` nor `:`, is not `localhost` and has no upper-case
-//! letter), the registry is `docker.io`; `index.docker.io` becomes
-//! `docker.io`; a single-component name on `docker.io` gets `library/`.
+//! Normalization (`ParseNormalizedNamed` of distribution/reference v0.6.0,
+//! which the kubelet and containerd 2 use): when the first `/`-separated
+//! component is not a host (it contains neither `.` nor `:`, is not
+//! `localhost` and has no upper-case letter), the registry is `docker.io`;
+//! `index.docker.io` becomes `docker.io`; a single-component name on
+//! `docker.io` gets `library/`. The host keeps its case. A reference that is
+//! exactly 64 lowercase hexadecimal digits is an image ID, not a name (but
+//! `<64 hex>:tag` is a name). The repository path (after normalization,
+//! without the registry) is at most 255 bytes.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -27,8 +32,9 @@ use std::fmt;
 /// Longest reference string [`ImageRef::parse`] accepts.
 pub const MAX_REFERENCE_LEN: usize = 4096;
 
-/// Longest normalized repository name (`registry/repository`), as in
-/// distribution (`NameTotalLengthMax`).
+/// Longest repository path after normalization (`library/nginx`, without the
+/// registry), as in distribution/reference v0.6.0
+/// (`RepositoryNameTotalLengthMax`; older versions counted the registry too).
 pub const MAX_NAME_LEN: usize = 255;
 
 /// Longest tag.
@@ -54,7 +60,7 @@ pub enum ReferenceError {
         /// The limit.
         max: usize,
     },
-    /// The normalized name is longer than [`MAX_NAME_LEN`].
+    /// The normalized repository path is longer than [`MAX_NAME_LEN`].
     #[error("repository name {name:?} is {len} bytes long, more than the {max} allowed")]
     NameTooLong {
         /// The (shortened) name.
@@ -154,6 +160,16 @@ impl ImageRef {
                 max: MAX_REFERENCE_LEN,
             });
         }
+        // Only the whole input: `<64 hex>:tag` is a name on Docker Hub.
+        if reference.len() == 64
+            && reference
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ReferenceError::ImageId {
+                reference: shorten(reference),
+            });
+        }
         let (rest, digest) = match reference.split_once('@') {
             Some((rest, digest)) => {
                 validate_digest(digest)?;
@@ -179,11 +195,7 @@ impl ImageRef {
                 reason: "the repository name is empty",
             });
         }
-        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ReferenceError::ImageId {
-                reference: shorten(reference),
-            });
-        }
+
         let (registry, repository) = split_registry(name);
         validate_registry(registry)?;
         validate_repository(repository, reference)?;
@@ -197,11 +209,10 @@ impl ImageRef {
         } else {
             repository.to_string()
         };
-        let name_len = registry.len() + 1 + repository.len();
-        if name_len > MAX_NAME_LEN {
+        if repository.len() > MAX_NAME_LEN {
             return Err(ReferenceError::NameTooLong {
                 name: shorten(&format!("{registry}/{repository}")),
-                len: name_len,
+                len: repository.len(),
                 max: MAX_NAME_LEN,
             });
         }
@@ -310,8 +321,10 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
         let Some((ip, after)) = rest.split_once(']') else {
             return Err(invalid("unterminated IPv6 address"));
         };
-        if ip.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(invalid("not an IPv6 address"));
+        // distribution's `\[(?:[a-fA-F0-9:]+)\]`: hex digits and colons,
+        // not necessarily a valid address (no dotted IPv4 tail).
+        if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+            return Err(invalid("not an IPv6 address (hex digits and ':')"));
         }
         match after {
             "" => ("", None),
@@ -327,9 +340,9 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
         }
     };
     if let Some(port) = port
-        && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
+        && (port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()))
     {
-        return Err(invalid("the port must be 1 to 5 decimal digits"));
+        return Err(invalid("the port must be decimal digits"));
     }
     if !registry.starts_with('[') {
         if host.is_empty() {
@@ -524,7 +537,7 @@ impl Allowlist {
         if entry.is_empty() {
             return Err(invalid("empty entry"));
         }
-        if entry.len() > MAX_NAME_LEN + 2 {
+        if entry.len() > MAX_REFERENCE_LEN {
             return Err(invalid("longer than a repository name can be"));
         }
         if entry != entry.trim() {
@@ -718,7 +731,6 @@ mod tests {
             ("h.io/a@", "expected"),
             ("h.io/a@x@y", "expected"),
             ("h.io:/a", "port"),
-            ("h.io:123456/a", "port"),
             ("h.io:ab/a", "port"),
             ("-h.io/a", "start and end"),
             ("h..io/a", "empty domain component"),
@@ -738,15 +750,91 @@ mod tests {
             let err = ImageRef::parse(input).expect_err(input).to_string();
             assert!(err.contains(want), "{input:?}: {err:?} lacks {want:?}");
         }
-        let long_name = format!("h.io/{}", "a".repeat(251));
+        let long_name = format!("h.io/{}", "a".repeat(MAX_NAME_LEN + 1));
         let err = ImageRef::parse(&long_name).unwrap_err();
         assert!(matches!(err, ReferenceError::NameTooLong { .. }), "{err}");
         // Docker Hub's `library/` counts too.
-        let hub = "a".repeat(MAX_NAME_LEN - "docker.io/".len());
+        let hub = "a".repeat(MAX_NAME_LEN + 1 - "library/".len());
         assert!(matches!(
             ImageRef::parse(&hub).unwrap_err(),
             ReferenceError::NameTooLong { .. }
         ));
+    }
+
+    /// Cases where an earlier version of this parser and distribution/reference
+    /// v0.6.0 (what the kubelet and containerd 2 parse with) disagreed, and
+    /// the rules around them.
+    #[test]
+    fn matches_distribution_reference() {
+        let hex = "0123456789abcdef".repeat(4);
+        let long_host = format!("{}.example", "r".repeat(60));
+        let cases: Vec<(String, Result<String, &str>)> = vec![
+            // Only the whole input can be an image ID.
+            (hex.clone(), Err("image ID")),
+            (
+                format!("{hex}:v1"),
+                Ok(format!("docker.io/library/{hex}:v1")),
+            ),
+            (
+                format!("docker.io/library/{hex}"),
+                Ok(format!("docker.io/library/{hex}")),
+            ),
+            (hex.to_uppercase(), Err("lowercase")),
+            // Ports are any run of digits.
+            ("h.io:123456/a".into(), Ok("h.io:123456/a".into())),
+            ("h.io:0/a".into(), Ok("h.io:0/a".into())),
+            // IPv6 hosts: hex digits and colons in brackets.
+            ("[1:2]:5000/a".into(), Ok("[1:2]:5000/a".into())),
+            ("[::FFFF]/a".into(), Ok("[::FFFF]/a".into())),
+            ("[::ffff:1.2.3.4]/a".into(), Err("not an IPv6")),
+            ("[]:5000/a".into(), Err("not an IPv6")),
+            // Without '.' or ':' it is no host at all.
+            ("[]/a".into(), Err("only lowercase")),
+            // The 255-byte limit is on the path, not the registry.
+            (
+                format!("{long_host}/{}", "a".repeat(MAX_NAME_LEN)),
+                Ok(format!("{long_host}/{}", "a".repeat(MAX_NAME_LEN))),
+            ),
+            (
+                format!("{long_host}/{}", "a".repeat(MAX_NAME_LEN + 1)),
+                Err("more than the 255"),
+            ),
+            // Names without '/' are Docker Hub names, whatever they look like.
+            (
+                "localhost:5000".into(),
+                Ok("docker.io/library/localhost:5000".into()),
+            ),
+            (
+                "example.com".into(),
+                Ok("docker.io/library/example.com".into()),
+            ),
+            // Hosts keep their case; only `index.docker.io` is renamed.
+            ("Docker.io/app".into(), Ok("Docker.io/app".into())),
+            ("LOCALHOST/app".into(), Ok("LOCALHOST/app".into())),
+            (
+                "index.docker.io/library/nginx".into(),
+                Ok("docker.io/library/nginx".into()),
+            ),
+            (
+                "registry-1.docker.io/nginx".into(),
+                Ok("registry-1.docker.io/nginx".into()),
+            ),
+            (
+                "docker.io/library".into(),
+                Ok("docker.io/library/library".into()),
+            ),
+            // Separators: '.', '_', '__', any run of '-'.
+            ("h.io/a--b_c__d.e".into(), Ok("h.io/a--b_c__d.e".into())),
+        ];
+        for (input, want) in cases {
+            match (ImageRef::parse(&input), want) {
+                (Ok(r), Ok(want)) => assert_eq!(r.to_string(), want, "{input}"),
+                (Err(e), Err(want)) => {
+                    assert!(e.to_string().contains(want), "{input}: {e} lacks {want}")
+                }
+                (got, want) => panic!("{input}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

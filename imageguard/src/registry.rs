@@ -29,8 +29,9 @@
 //!    password, POST `grant_type=refresh_token` for an identity token,
 //!    anonymous GET without credentials) and retry with it.
 //! 3. Only the manifest answer proves access: a token endpoint answers 200
-//!    even with empty access. 200 → [`Access::Granted`]; 401/403/404 after
-//!    authenticating → [`Access::Denied`] with the registry's reason.
+//!    even with empty access. 200 → [`Access::Granted`]; 401/403 after
+//!    authenticating → [`Access::Denied`] with the registry's reason; 404
+//!    → [`Access::NotFound`] (a denial too, for a credential check).
 //!
 //! The challenge (scheme, realm, service — never a credential or token) is
 //! remembered per registry, so the next check with credentials
@@ -38,31 +39,83 @@
 //! check, token registries 2. Nothing credential-derived is cached across
 //! checks; pooled connections carry no authentication state (HTTP/1.1,
 //! `Authorization` per request).
+//!
+//! # Where requests go: as the runtime sends them
+//!
+//! A check asks what the pull it stands in for would have asked, so that a
+//! node that pulls through a mirror or a proxy is not denied everything:
+//!
+//! - **Endpoints** come from containerd's registry configuration directory
+//!   ([`RegistryVerifierConfig::registry_config_dirs`], read on every check
+//!   by [`crate::hosts`]): the `hosts.toml` mirrors in file order, then the
+//!   `server`, each with its own `ca`, `client` certificates, `skip_verify`,
+//!   `header`s, `http://` scheme and `override_path`. Only hosts with the
+//!   `resolve` capability are asked: containerd resolves a tag only through
+//!   them, and a pull-only mirror (often a public cache) answering a digest
+//!   says nothing about the pod's credentials. Mirrors get containerd's
+//!   `?ns=<registry>` parameter.
+//! - **Order and fallback** (containerd's resolver): the first endpoint
+//!   that grants decides. Any other answer — unreachable, 5xx, and also
+//!   401/403/404 — moves on to the next endpoint, because containerd moves
+//!   on for every one of them and would pull from a later host that
+//!   serves the image. With no grant, a denial from any endpoint that
+//!   answered is the verdict ([`Access::Denied`] before
+//!   [`Access::NotFound`], as containerd ranks its errors); only when no
+//!   endpoint answered at all is the check an error.
+//! - **Credentials**: the pod's credentials for registry `H` go to each of
+//!   `H`'s endpoints, mirrors included. containerd's CRI plugin does the
+//!   same: its authorizer asks the pull's credential callback for every
+//!   host it talks to, and `ParseAuth` hands the kubelet's `AuthConfig` to
+//!   any host when its `server_address` is empty — which it is for every
+//!   credential the kubelet sends (image pull secrets and credential
+//!   providers never set it).
+//! - **Proxies**: `HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY` as Go reads them
+//!   ([`crate::egress`]; the runtime's environment should be the agent's).
+//! - **Redirects** of manifest requests are followed (at most
+//!   [`MAX_REDIRECTS`]); `Authorization` and `header`s from `hosts.toml`
+//!   are only ever sent to the endpoint's own scheme, host and port. A
+//!   redirect target that asks for authentication is a denial (containerd
+//!   would send the credentials there).
+//! - `405` to a manifest `HEAD` is asked again with `GET` (the body is not
+//!   read), as containerd does for registries without `HEAD`.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Mutex;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT, WWW_AUTHENTICATE};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, PROXY_AUTHORIZATION, USER_AGENT,
+    WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls::pki_types::CertificateDer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use zeroize::Zeroizing;
 
 use crate::credential::{Credential, Secret};
+use crate::egress::{EgressConnector, ProxyEnv};
+use crate::hosts::{Capabilities, Endpoint, HostsDirs, HostsError, Scheme, TlsFiles};
 use crate::proxy::BoxFuture;
 use crate::reference::{ImageRef, is_digest};
 use crate::www_authenticate::{self, Challenge};
+
+/// The HTTP client every request goes through.
+type HttpClient = Client<HttpsConnector<EgressConnector>, Full<Bytes>>;
 
 /// The manifest media types sent in `Accept` on every manifest request.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -76,26 +129,51 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest response body read (token answers, error bodies).
 const MAX_BODY: usize = 64 * 1024;
 /// Longest token accepted from a token endpoint.
-const MAX_TOKEN_LEN: usize = 32 * 1024;
-/// Longest registry-provided text quoted in a reason.
-const MAX_QUOTED: usize = 300;
+pub const MAX_TOKEN_LEN: usize = 32 * 1024;
+/// Longest registry-provided text quoted in a reason (before the `…` that
+/// marks a cut).
+pub const MAX_QUOTED: usize = 300;
 /// Most registries whose challenge is remembered.
 const MAX_CACHED_CHALLENGES: usize = 1024;
 /// `client_id` sent with OAuth2 refresh-token grants.
 const CLIENT_ID: &str = "credlet";
+/// Most redirects followed for one manifest request (containerd allows
+/// 10; registries redirect manifests once, to storage, if at all).
+pub const MAX_REDIRECTS: usize = 5;
+/// Most clients with per-host TLS settings kept.
+const MAX_CACHED_CLIENTS: usize = 64;
 
 /// Whether a credential may pull the image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     /// The registry answered the manifest request with 200.
     Granted,
-    /// The registry (or its token endpoint) said no: 401/403/404 on the
+    /// The registry (or its token endpoint) said no: 401/403 on the
     /// manifest with these credentials, or credentials rejected.
     Denied {
         /// What the registry said, for a person to act on; never contains
         /// the credential.
         reason: String,
     },
+    /// The registry let the request in (after authenticating, if it asked)
+    /// and has no manifest with this digest in the repository: 404. No
+    /// access proven; but the repository answered these credentials (a
+    /// manifest deleted after its tag moved on, or a registry that hides a
+    /// repository these credentials may not see).
+    NotFound {
+        /// What the registry said; never contains the credential.
+        reason: String,
+    },
+}
+
+impl Access {
+    /// Why access is not proven (`None`: granted).
+    pub fn denial(&self) -> Option<&str> {
+        match self {
+            Self::Granted => None,
+            Self::Denied { reason } | Self::NotFound { reason } => Some(reason),
+        }
+    }
 }
 
 /// The check could not be carried out; callers fail closed ("can't verify").
@@ -176,6 +254,35 @@ pub enum VerifyError {
         /// The error chain.
         reason: String,
     },
+    /// The runtime's registry configuration for the registry cannot be
+    /// used: a `hosts.toml` that does not parse, a `ca` or `client` file
+    /// that cannot be read, no host that may resolve.
+    #[error("registry configuration of {registry}: {reason}")]
+    HostConfig {
+        /// The registry (`host[:port]` of the image, or of the host whose
+        /// settings failed).
+        registry: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A redirect that cannot be followed (too many, not http(s)).
+    #[error("{host} redirected the manifest request: {reason}")]
+    Redirect {
+        /// `host[:port]` that redirected.
+        host: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Several endpoints were tried and none could be asked.
+    #[error("no endpoint of {registry} could be asked about {image}: {detail}")]
+    Endpoints {
+        /// The registry of the image.
+        registry: String,
+        /// The image.
+        image: String,
+        /// Each endpoint with its error.
+        detail: String,
+    },
 }
 
 /// Checks pull access of a credential to an image digest.
@@ -212,6 +319,17 @@ pub enum ConfigError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// A registry configuration directory cannot be read.
+    #[error("registry configuration: {0}")]
+    Hosts(#[from] HostsError),
+    /// A host's TLS files in the registry configuration cannot be used.
+    #[error("registry configuration {dir}: {reason}")]
+    HostTls {
+        /// The host directory.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Settings of a [`RegistryVerifier`].
@@ -230,6 +348,14 @@ pub struct RegistryVerifierConfig {
     pub plain_http_registries: Vec<String>,
     /// Idle pooled connections kept per host. Default 4.
     pub max_idle_per_host: usize,
+    /// The container runtime's registry configuration directories
+    /// (containerd's `config_path`, e.g. `/etc/containerd/certs.d`): mirrors,
+    /// per-host TLS and plain-HTTP hosts from `hosts.toml` (see
+    /// [`crate::hosts`]). Empty: every registry is asked directly.
+    pub registry_config_dirs: Vec<PathBuf>,
+    /// The proxies requests go through ([`ProxyEnv::from_env`] for the
+    /// agent's environment). Default: none.
+    pub proxy: ProxyEnv,
 }
 
 impl Default for RegistryVerifierConfig {
@@ -240,6 +366,8 @@ impl Default for RegistryVerifierConfig {
             timeout: DEFAULT_TIMEOUT,
             plain_http_registries: Vec::new(),
             max_idle_per_host: 4,
+            registry_config_dirs: Vec::new(),
+            proxy: ProxyEnv::none(),
         }
     }
 }
@@ -264,6 +392,9 @@ pub struct CheckReport {
     pub registry_requests: u32,
     /// Token requests this check sent.
     pub token_requests: u32,
+    /// The endpoint whose answer decided (`mirror https://m:5000`,
+    /// `server https://r.example`); `None` when none answered.
+    pub answered_by: Option<String>,
 }
 
 impl CheckReport {
@@ -286,7 +417,18 @@ enum AuthScheme {
 /// Checks credentials against registries with manifest HEADs. One instance
 /// serves any number of concurrent checks with any credentials.
 pub struct RegistryVerifier {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The client of endpoints without TLS settings of their own.
+    client: HttpClient,
+    /// System roots and [`RegistryVerifierConfig::extra_root_pems`].
+    roots: Arc<rustls::RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    proxy: Arc<ProxyEnv>,
+    hosts: HostsDirs,
+    /// Clients of endpoints with their own TLS settings or dial timeout,
+    /// keyed by a digest of those settings and the files' contents (a
+    /// changed CA file gets a new client).
+    tls_clients: Mutex<HashMap<[u8; 32], HttpClient>>,
+    max_idle_per_host: usize,
     timeout: Duration,
     plain_http: HashSet<String>,
     challenges: Mutex<HashMap<String, AuthScheme>>,
@@ -301,6 +443,8 @@ impl fmt::Debug for RegistryVerifier {
         f.debug_struct("RegistryVerifier")
             .field("timeout", &self.timeout)
             .field("plain_http", &self.plain_http)
+            .field("hosts", &self.hosts)
+            .field("proxy", &self.proxy)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -309,7 +453,10 @@ impl fmt::Debug for RegistryVerifier {
 impl RegistryVerifier {
     /// Builds a verifier: TLS with ring as the only crypto provider (set
     /// explicitly on this client, no process-wide default needed), system
-    /// and extra roots, HTTP/1.1 with a small connection pool.
+    /// and extra roots, HTTP/1.1 with a small connection pool. Every host
+    /// directory of [`RegistryVerifierConfig::registry_config_dirs`] is read
+    /// once here, so that a broken one fails the start rather than every
+    /// check (it is read again on every check, as containerd does).
     pub fn new(config: RegistryVerifierConfig) -> Result<Self, ConfigError> {
         let mut roots = rustls::RootCertStore::empty();
         let mut system_errors = String::from("not used");
@@ -351,28 +498,29 @@ impl RegistryVerifier {
         if roots.is_empty() {
             return Err(ConfigError::NoRoots { system_errors });
         }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(roots);
+        let proxy = Arc::new(config.proxy);
+        let hosts = HostsDirs::new(config.registry_config_dirs);
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_root_certificates(Arc::clone(&roots))
             .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(config.max_idle_per_host)
-            .build(connector);
+        let client = build_client(
+            tls,
+            Arc::clone(&proxy),
+            config.timeout,
+            config.max_idle_per_host,
+        );
         let user_agent = HeaderValue::from_static(concat!("credlet/", env!("CARGO_PKG_VERSION")));
-        Ok(Self {
+        let verifier = Self {
             client,
+            roots,
+            provider,
+            proxy,
+            hosts,
+            tls_clients: Mutex::new(HashMap::new()),
+            max_idle_per_host: config.max_idle_per_host,
             timeout: config.timeout,
             plain_http: config
                 .plain_http_registries
@@ -384,7 +532,9 @@ impl RegistryVerifier {
             registry_requests: AtomicU64::new(0),
             token_requests: AtomicU64::new(0),
             user_agent,
-        })
+        };
+        check_registry_config(verifier.hosts.roots())?;
+        Ok(verifier)
     }
 
     /// Counters since the verifier was built.
@@ -418,30 +568,129 @@ impl RegistryVerifier {
                 digest,
             });
         }
-        let mut check = Check::new(self, image, digest, credential);
-        let outcome = tokio::time::timeout(self.timeout, check.run()).await;
-        let access = match outcome {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(VerifyError::Timeout {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let endpoints = self.endpoints(image)?;
+        let mut tried = Vec::with_capacity(endpoints.len());
+        let (mut registry_requests, mut token_requests) = (0, 0);
+        for endpoint in &endpoints {
+            let client = match self.client_for(endpoint) {
+                Ok(client) => client,
+                Err(error) => {
+                    tried.push(Tried {
+                        endpoint: endpoint.describe(),
+                        outcome: Err(error),
+                    });
+                    continue;
+                }
+            };
+            let mut check = Check::new(self, endpoint, client, image, digest, credential);
+            let outcome = match tokio::time::timeout_at(deadline, check.run()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(VerifyError::Timeout {
                     image: format!("{}@{digest}", image.name()),
                     after: self.timeout,
-                });
+                }),
+            };
+            registry_requests += check.registry_requests;
+            token_requests += check.token_requests;
+            // A grant decides; after a timeout no budget is left.
+            let last = matches!(
+                outcome,
+                Ok(Access::Granted) | Err(VerifyError::Timeout { .. })
+            );
+            tried.push(Tried {
+                endpoint: endpoint.describe(),
+                outcome,
+            });
+            if last {
+                break;
             }
-        };
+        }
+        let (outcome, answered_by) = combine(image.registry(), &image.name(), tried);
         Ok(CheckReport {
-            access,
-            registry_requests: check.registry_requests,
-            token_requests: check.token_requests,
+            access: outcome?,
+            registry_requests,
+            token_requests,
+            answered_by,
         })
     }
 
+    /// The endpoints a check of `image` asks, in order: the runtime's host
+    /// configuration for its registry, only hosts that may resolve.
+    fn endpoints(&self, image: &ImageRef) -> Result<Vec<Endpoint>, VerifyError> {
+        let registry = image.registry();
+        let config_error = |reason: String| VerifyError::HostConfig {
+            registry: registry.to_string(),
+            reason,
+        };
+        let entries = if self.hosts.is_empty() {
+            None
+        } else {
+            // A few stat/read calls on small local files, like containerd's
+            // on every pull: cheap next to the network round trips.
+            self.hosts
+                .load(registry)
+                .map_err(|e| config_error(e.to_string()))?
+        };
+        let default_scheme = if self.is_plain_http(registry)
+            || (registry == "docker.io" && self.is_plain_http("registry-1.docker.io"))
+        {
+            Scheme::Http
+        } else {
+            Scheme::Https
+        };
+        let all = crate::hosts::endpoints(registry, entries, default_scheme);
+        let hosts: Vec<String> = all.iter().map(Endpoint::describe).collect();
+        let usable: Vec<Endpoint> = all
+            .into_iter()
+            .filter(|e| e.capabilities.has(Capabilities::RESOLVE))
+            .collect();
+        if usable.is_empty() {
+            return Err(config_error(format!(
+                "none of its hosts ({}) has the \"resolve\" capability, so none may say what an \
+                 image is; nothing to ask",
+                hosts.join(", ")
+            )));
+        }
+        Ok(usable)
+    }
+
+    /// The client for an endpoint: the shared one, or one with the
+    /// endpoint's own TLS settings and dial timeout.
+    fn client_for(&self, endpoint: &Endpoint) -> Result<HttpClient, VerifyError> {
+        if !endpoint.tls.is_set() && endpoint.dial_timeout.is_none() {
+            return Ok(self.client.clone());
+        }
+        let config_error = |reason: String| VerifyError::HostConfig {
+            registry: endpoint.authority.clone(),
+            reason,
+        };
+        let material =
+            TlsMaterial::load(&endpoint.tls, endpoint.dial_timeout).map_err(config_error)?;
+        if let Some(client) = lock(&self.tls_clients).get(&material.fingerprint) {
+            return Ok(client.clone());
+        }
+        let tls = self.tls_config(&material).map_err(config_error)?;
+        let client = build_client(
+            tls,
+            Arc::clone(&self.proxy),
+            endpoint.dial_timeout.unwrap_or(self.timeout),
+            self.max_idle_per_host,
+        );
+        let mut clients = lock(&self.tls_clients);
+        if clients.len() >= MAX_CACHED_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(material.fingerprint, client.clone());
+        Ok(client)
+    }
+
+    fn tls_config(&self, material: &TlsMaterial) -> Result<rustls::ClientConfig, String> {
+        tls_config(&self.provider, &self.roots, material)
+    }
+
     fn challenges_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AuthScheme>> {
-        // The map holds plain data: a panic elsewhere cannot leave it
-        // inconsistent, so a poisoned lock is still usable.
-        self.challenges
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.challenges)
     }
 
     fn cached_challenge(&self, authority: &str) -> Option<AuthScheme> {
@@ -463,6 +712,298 @@ impl RegistryVerifier {
     fn is_plain_http(&self, authority: &str) -> bool {
         self.plain_http.contains(&authority.to_ascii_lowercase())
     }
+
+    /// Sends a request and reads the (bounded) body; a plain-HTTP request
+    /// through a forwarding proxy carries the proxy's credentials. The body
+    /// of a successful `GET` is not read (a manifest; only its status
+    /// matters).
+    async fn send(
+        &self,
+        client: &HttpClient,
+        mut request: Request<Full<Bytes>>,
+        host: &str,
+        what: &'static str,
+    ) -> Result<Answer, SendError> {
+        let uri = request.uri().clone();
+        if uri.scheme_str() == Some("http")
+            && let Some(target) = uri.host()
+            && let Some(proxy) = self
+                .proxy
+                .proxy_for("http", target, uri.port_u16().unwrap_or(80))
+            && let Some(value) = proxy.authorization()
+            && let Ok(mut value) = HeaderValue::from_str(value)
+        {
+            value.set_sensitive(true);
+            request.headers_mut().insert(PROXY_AUTHORIZATION, value);
+        }
+        let is_get = request.method() == Method::GET;
+        let response = client.request(request).await.map_err(|e| SendError {
+            not_tls: answered_in_plain_http(&e),
+            connect: e.is_connect(),
+            error: classify(&e, host),
+        })?;
+        let (parts, body) = response.into_parts();
+        let body = if is_get && parts.status.is_success() && what == MANIFEST_REQUEST {
+            Bytes::new()
+        } else {
+            Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    SendError::from(VerifyError::Malformed {
+                        host: host.to_string(),
+                        what,
+                        reason: format!("reading the body: {}", error_chain(&*e)),
+                    })
+                })?
+                .to_bytes()
+        };
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: Zeroizing::new(body.to_vec()),
+            elsewhere: None,
+        })
+    }
+}
+
+/// Locks a mutex over plain data: a panic elsewhere cannot leave it
+/// inconsistent, so a poisoned lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads every host directory below `dirs` (containerd's `config_path`)
+/// and every file their `hosts.toml`s name, as a check would: for
+/// validating the configuration at start. Returns how many host
+/// directories there are.
+pub fn check_registry_config(dirs: &[PathBuf]) -> Result<usize, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = rustls::RootCertStore::empty();
+    let all = HostsDirs::new(dirs.to_vec()).load_all()?;
+    for (dir, entries) in &all {
+        for entry in entries.iter().filter(|e| e.tls.is_set()) {
+            let host_tls = |reason| ConfigError::HostTls {
+                dir: dir.clone(),
+                reason,
+            };
+            let material = TlsMaterial::load(&entry.tls, entry.dial_timeout).map_err(host_tls)?;
+            tls_config(&provider, &roots, &material).map_err(host_tls)?;
+        }
+    }
+    Ok(all.len())
+}
+
+/// The rustls configuration of a host's TLS settings: `roots` plus its
+/// `ca` (containerd adds them to the system pool), its client
+/// certificates, or no verification at all with `skip_verify`.
+fn tls_config(
+    provider: &Arc<CryptoProvider>,
+    roots: &rustls::RootCertStore,
+    material: &TlsMaterial,
+) -> Result<rustls::ClientConfig, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = if material.skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SkipVerify(Arc::clone(provider))))
+    } else {
+        let mut roots = roots.clone();
+        for cert in &material.roots {
+            roots
+                .add(cert.clone())
+                .map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        builder.with_root_certificates(roots)
+    };
+    if material.clients.is_empty() {
+        return Ok(builder.with_no_client_auth());
+    }
+    let mut keys = Vec::with_capacity(material.clients.len());
+    for (chain, key) in &material.clients {
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| format!("client key: {e}"))?;
+        let certified = CertifiedKey::new(chain.clone(), signing);
+        certified
+            .keys_match()
+            .map_err(|e| format!("client certificate and key: {e}"))?;
+        keys.push(Arc::new(certified));
+    }
+    Ok(builder.with_client_cert_resolver(Arc::new(ClientCerts(keys))))
+}
+
+/// A client: TLS (HTTP/1.1) over [`EgressConnector`].
+fn build_client(
+    tls: rustls::ClientConfig,
+    proxy: Arc<ProxyEnv>,
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+) -> HttpClient {
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(connect_timeout));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(EgressConnector::new(tcp, proxy));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(connector)
+}
+
+/// A host's TLS files, read and parsed.
+struct TlsMaterial {
+    roots: Vec<CertificateDer<'static>>,
+    clients: Vec<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    skip_verify: bool,
+    /// SHA-256 over everything that shapes the client built from this.
+    fingerprint: [u8; 32],
+}
+
+impl TlsMaterial {
+    /// Reads the files a host names (containerd reads them per pull too).
+    fn load(files: &TlsFiles, dial_timeout: Option<Duration>) -> Result<Self, String> {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let skip_verify = files.skip_verify == Some(true);
+        digest.update(&[u8::from(skip_verify)]);
+        digest.update(
+            &dial_timeout
+                .map_or(u128::MAX, |d| d.as_nanos())
+                .to_be_bytes(),
+        );
+        let mut read = |path: &PathBuf| -> Result<Zeroizing<Vec<u8>>, String> {
+            let bytes = Zeroizing::new(
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            );
+            digest.update(&(bytes.len() as u64).to_be_bytes());
+            digest.update(&bytes);
+            Ok(bytes)
+        };
+        let mut roots = Vec::new();
+        for path in files.ca.iter().flatten() {
+            let pem = read(path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!("CA file {} holds no CERTIFICATE", path.display()));
+            }
+            roots.extend(certs);
+        }
+        let mut clients = Vec::new();
+        for (cert_path, key_path) in &files.client {
+            let cert_pem = read(cert_path)?;
+            let chain = CertificateDer::pem_slice_iter(&cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("client certificate {}: {e}", cert_path.display()))?;
+            if chain.is_empty() {
+                return Err(format!(
+                    "client certificate file {} holds no CERTIFICATE",
+                    cert_path.display()
+                ));
+            }
+            let (key_pem, key_file) = match key_path {
+                Some(path) => (read(path)?, path),
+                None => (cert_pem.clone(), cert_path),
+            };
+            let key = PrivateKeyDer::from_pem_slice(&key_pem)
+                .map_err(|e| format!("client key {}: {e}", key_file.display()))?;
+            clients.push((chain, key));
+        }
+        Ok(Self {
+            roots,
+            clients,
+            skip_verify,
+            fingerprint: digest
+                .finish()
+                .as_ref()
+                .try_into()
+                .expect("SHA-256 is 32 bytes"),
+        })
+    }
+}
+
+/// `skip_verify = true`: any server certificate is accepted, as the
+/// operator asked for that host (handshake signatures are still checked).
+#[derive(Debug)]
+struct SkipVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for SkipVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A host's client certificates: like Go's TLS client, the first whose key
+/// can sign with a scheme the server accepts, else the first.
+#[derive(Debug)]
+struct ClientCerts(Vec<Arc<CertifiedKey>>);
+
+impl rustls::client::ResolvesClientCert for ClientCerts {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0
+            .iter()
+            .find(|k| k.key.choose_scheme(sigschemes).is_some())
+            .or_else(|| self.0.first())
+            .cloned()
+    }
+
+    fn has_certs(&self) -> bool {
+        !self.0.is_empty()
+    }
 }
 
 impl Verifier for RegistryVerifier {
@@ -480,11 +1021,136 @@ impl Verifier for RegistryVerifier {
     }
 }
 
+/// What asking one endpoint gave.
+struct Tried {
+    /// [`Endpoint::describe`].
+    endpoint: String,
+    outcome: Result<Access, VerifyError>,
+}
+
+/// Longest summary of another endpoint's outcome in a combined reason.
+const MAX_OTHER: usize = 200;
+
+/// The verdict over the endpoints asked, in order, and the endpoint it
+/// comes from. One endpoint: its outcome as it is. Several: the first
+/// grant; else the first denial, else the first "not found" (containerd
+/// ranks a registry's refusal above a missing manifest, and both above
+/// errors), naming what the other endpoints said; else, when none
+/// answered, an error listing each.
+fn combine(
+    registry: &str,
+    image: &str,
+    mut tried: Vec<Tried>,
+) -> (Result<Access, VerifyError>, Option<String>) {
+    if tried.len() <= 1 {
+        return match tried.pop() {
+            Some(Tried { endpoint, outcome }) => {
+                let by = outcome.is_ok().then_some(endpoint);
+                (outcome, by)
+            }
+            None => (
+                Err(VerifyError::HostConfig {
+                    registry: registry.to_string(),
+                    reason: "no endpoint to ask".to_string(),
+                }),
+                None,
+            ),
+        };
+    }
+    let position = |want: fn(&Access) -> bool| {
+        tried
+            .iter()
+            .position(|t| t.outcome.as_ref().is_ok_and(want))
+    };
+    if let Some(i) = position(|a| *a == Access::Granted) {
+        return (Ok(Access::Granted), Some(tried.swap_remove(i).endpoint));
+    }
+    let decided = position(|a| matches!(a, Access::Denied { .. }))
+        .or_else(|| position(|a| matches!(a, Access::NotFound { .. })));
+    let summary = |t: &Tried| {
+        let text = match &t.outcome {
+            Ok(access) => access.denial().unwrap_or("granted").to_string(),
+            Err(e) => e.to_string(),
+        };
+        let mut text = format!("{}: {text}", t.endpoint);
+        if text.len() > MAX_OTHER {
+            let mut end = MAX_OTHER;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        text
+    };
+    match decided {
+        Some(i) => {
+            let others: Vec<String> = tried
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, t)| summary(t))
+                .collect();
+            let chosen = tried.swap_remove(i);
+            let note = format!("[{}; also asked: {}]", chosen.endpoint, others.join("; "));
+            let access = match chosen.outcome {
+                Ok(Access::Denied { reason }) => Access::Denied {
+                    reason: format!("{reason} {note}"),
+                },
+                Ok(Access::NotFound { reason }) => Access::NotFound {
+                    reason: format!("{reason} {note}"),
+                },
+                _ => unreachable!("the chosen outcome is a denial"),
+            };
+            (Ok(access), Some(chosen.endpoint))
+        }
+        None => (
+            Err(VerifyError::Endpoints {
+                registry: registry.to_string(),
+                image: image.to_string(),
+                detail: tried.iter().map(summary).collect::<Vec<_>>().join("; "),
+            }),
+            None,
+        ),
+    }
+}
+
 /// A response with what the check needs of it.
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
     body: Zeroizing<Vec<u8>>,
+    /// `scheme://host:port` of the server that answered, when a redirect
+    /// led away from the endpoint.
+    elsewhere: Option<String>,
+}
+
+/// The `what` of manifest requests in messages.
+const MANIFEST_REQUEST: &str = "the manifest HEAD";
+
+/// A request that failed, with what the HTTP fallback needs to know.
+struct SendError {
+    error: VerifyError,
+    /// The server answered the TLS handshake in plain HTTP.
+    not_tls: bool,
+    /// No connection could be made.
+    connect: bool,
+}
+
+impl From<VerifyError> for SendError {
+    fn from(error: VerifyError) -> Self {
+        Self {
+            error,
+            not_tls: false,
+            connect: false,
+        }
+    }
+}
+
+impl From<SendError> for VerifyError {
+    fn from(e: SendError) -> Self {
+        e.error
+    }
 }
 
 /// Outcome of getting an `Authorization` value for a challenge.
@@ -499,9 +1165,15 @@ enum Authorized {
 /// State of one check.
 struct Check<'a> {
     verifier: &'a RegistryVerifier,
-    /// `host[:port]` requests go to (`registry-1.docker.io` for docker.io).
+    endpoint: &'a Endpoint,
+    client: HttpClient,
+    /// `host[:port]` requests go to (`registry-1.docker.io` for docker.io,
+    /// or a mirror).
     authority: String,
-    scheme: &'static str,
+    /// The endpoint's scheme, until an HTTP fallback.
+    scheme: Scheme,
+    /// `HEAD`, or `GET` once the endpoint answered `HEAD` with 405.
+    method: Method,
     /// `registry/repository`, for messages.
     name: String,
     repository: &'a str,
@@ -514,24 +1186,19 @@ struct Check<'a> {
 impl<'a> Check<'a> {
     fn new(
         verifier: &'a RegistryVerifier,
+        endpoint: &'a Endpoint,
+        client: HttpClient,
         image: &'a ImageRef,
         digest: &'a str,
         credential: Option<&'a Credential>,
     ) -> Self {
-        let authority = match image.registry() {
-            "docker.io" => "registry-1.docker.io".to_string(),
-            other => other.to_string(),
-        };
-        let scheme =
-            if verifier.is_plain_http(image.registry()) || verifier.is_plain_http(&authority) {
-                "http"
-            } else {
-                "https"
-            };
         Self {
             verifier,
-            authority,
-            scheme,
+            endpoint,
+            client,
+            authority: endpoint.authority.clone(),
+            scheme: endpoint.scheme,
+            method: Method::HEAD,
             name: image.name(),
             repository: image.repository(),
             digest,
@@ -604,6 +1271,19 @@ impl<'a> Check<'a> {
                     self.check_digest_header(&answer.headers)?;
                     return Ok(Access::Granted);
                 }
+                StatusCode::UNAUTHORIZED if answer.elsewhere.is_some() => {
+                    return Ok(Access::Denied {
+                        reason: format!(
+                            "{} redirected the manifest request for {}@{} to {}, which asks for \
+                             authentication; credentials are only ever sent to {} itself",
+                            self.authority,
+                            self.name,
+                            self.digest,
+                            answer.elsewhere.as_deref().unwrap_or("another host"),
+                            self.authority,
+                        ),
+                    });
+                }
                 StatusCode::UNAUTHORIZED => {
                     let challenges = self.challenges(&answer.headers)?;
                     let scheme = self.pick(&challenges)?;
@@ -629,10 +1309,19 @@ impl<'a> Check<'a> {
                 }
                 StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
                     let reason = self.denial_other(status);
-                    return match &answered {
-                        Some(scheme) => self.denied_unless_public(from_cache, scheme, reason).await,
-                        None => Ok(Access::Denied { reason }),
+                    let access = match &answered {
+                        Some(scheme) => {
+                            self.denied_unless_public(from_cache, scheme, reason)
+                                .await?
+                        }
+                        None => Access::Denied { reason },
                     };
+                    return Ok(match access {
+                        Access::Denied { reason } if status == StatusCode::NOT_FOUND => {
+                            Access::NotFound { reason }
+                        }
+                        access => access,
+                    });
                 }
                 _ => return Err(self.unexpected(status, "the manifest HEAD", &answer)),
             }
@@ -666,40 +1355,123 @@ impl<'a> Check<'a> {
     }
 
     fn manifest_uri(&self) -> String {
-        format!(
-            "{}://{}/v2/{}/manifests/{}",
-            self.scheme, self.authority, self.repository, self.digest
-        )
+        let mut uri = format!(
+            "{}://{}{}/{}/manifests/{}",
+            self.scheme.as_str(),
+            self.authority,
+            self.endpoint.path,
+            self.repository,
+            self.digest
+        );
+        if let Some(ns) = &self.endpoint.namespace {
+            uri.push_str("?ns=");
+            percent_encode(&mut uri, ns);
+        }
+        uri
     }
 
+    /// The manifest request, as containerd makes it: redirects followed,
+    /// `GET` after a 405 to `HEAD`, plain HTTP after an HTTPS attempt that
+    /// the endpoint answered in plain HTTP (see [`Endpoint::http_fallback`]).
     async fn head(&mut self, authorization: Option<&str>) -> Result<Answer, VerifyError> {
+        loop {
+            match self.follow(authorization).await {
+                Err(e)
+                    if self.endpoint.http_fallback
+                        && self.scheme == Scheme::Https
+                        && (e.not_tls || (e.connect && !has_port(&self.authority))) =>
+                {
+                    self.scheme = Scheme::Http;
+                }
+                Ok(answer)
+                    if answer.status == StatusCode::METHOD_NOT_ALLOWED
+                        && self.method == Method::HEAD =>
+                {
+                    self.method = Method::GET;
+                }
+                other => return other.map_err(VerifyError::from),
+            }
+        }
+    }
+
+    /// Sends the manifest request and follows redirects. `Authorization`
+    /// and the endpoint's headers go only to the endpoint's own origin.
+    async fn follow(&mut self, authorization: Option<&str>) -> Result<Answer, SendError> {
+        let mut uri = self.manifest_uri();
+        let home = origin(&uri);
+        let mut hops = 0;
+        loop {
+            let here = origin(&uri);
+            let at_home = here.is_some() && here == home;
+            let mut answer = self
+                .send_manifest(&uri, authorization.filter(|_| at_home), at_home)
+                .await?;
+            if !at_home {
+                answer.elsewhere =
+                    here.map(|(scheme, host, port)| format!("{scheme}://{host}:{port}"));
+            }
+            if !matches!(answer.status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(answer);
+            }
+            let Some(location) = answer.headers.get(LOCATION) else {
+                return Ok(answer);
+            };
+            let from = authority_of(&uri);
+            if hops == MAX_REDIRECTS {
+                return Err(VerifyError::Redirect {
+                    host: from,
+                    reason: format!("more than {MAX_REDIRECTS} redirects"),
+                }
+                .into());
+            }
+            let location = String::from_utf8_lossy(location.as_bytes()).into_owned();
+            uri = resolve_location(&uri, &location).map_err(|reason| VerifyError::Redirect {
+                host: from.clone(),
+                reason: format!("to {}: {reason}", quote(&location, &self.secrets())),
+            })?;
+            hops += 1;
+        }
+    }
+
+    async fn send_manifest(
+        &mut self,
+        uri: &str,
+        authorization: Option<&str>,
+        with_headers: bool,
+    ) -> Result<Answer, SendError> {
+        let host = authority_of(uri);
         let mut builder = Request::builder()
-            .method(Method::HEAD)
-            .uri(self.manifest_uri())
+            .method(self.method.clone())
+            .uri(uri)
             .header(ACCEPT, MANIFEST_ACCEPT)
             .header(USER_AGENT, self.verifier.user_agent.clone());
-        if let Some(value) = authorization {
-            builder = builder.header(AUTHORIZATION, sensitive(value, &self.authority)?);
+        if with_headers {
+            // Validated when the hosts.toml was parsed.
+            for (name, value) in &self.endpoint.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
         }
-        let request =
+        let mut request =
             builder
                 .body(Full::new(Bytes::new()))
                 .map_err(|e| VerifyError::Transport {
-                    host: self.authority.clone(),
+                    host: host.clone(),
                     reason: format!("building the manifest request: {e}"),
                 })?;
+        if let Some(value) = authorization {
+            // Replaces a static `Authorization` of the hosts.toml, as
+            // containerd's authorizer does once it has credentials.
+            request
+                .headers_mut()
+                .insert(AUTHORIZATION, sensitive(value, &self.authority)?);
+        }
         self.registry_requests += 1;
         self.verifier
             .registry_requests
             .fetch_add(1, Ordering::Relaxed);
-        let authority = self.authority.clone();
-        send(
-            &self.verifier.client,
-            request,
-            &authority,
-            "the manifest HEAD",
-        )
-        .await
+        self.verifier
+            .send(&self.client, request, &host, MANIFEST_REQUEST)
+            .await
     }
 
     fn check_digest_header(&self, headers: &HeaderMap) -> Result<(), VerifyError> {
@@ -860,19 +1632,21 @@ impl<'a> Check<'a> {
                 is_post = false;
             }
         }
+        if origin(&realm_uri) == origin(&self.manifest_uri()) {
+            for (name, value) in &self.endpoint.headers {
+                builder = builder.header(name.as_str(), value.as_str());
+            }
+        }
         let request = builder.body(body).map_err(|e| VerifyError::Transport {
             host: realm_authority.clone(),
             reason: format!("building the token request: {e}"),
         })?;
         self.token_requests += 1;
         self.verifier.token_requests.fetch_add(1, Ordering::Relaxed);
-        let answer = send(
-            &self.verifier.client,
-            request,
-            &realm_authority,
-            "the token request",
-        )
-        .await?;
+        let answer = self
+            .verifier
+            .send(&self.client, request, &realm_authority, "the token request")
+            .await?;
         let status = answer.status;
         let refused = status == StatusCode::UNAUTHORIZED
             || status == StatusCode::FORBIDDEN
@@ -930,7 +1704,10 @@ impl<'a> Check<'a> {
         }
         match uri.scheme_str() {
             Some("https") => {}
-            Some("http") if self.verifier.is_plain_http(&authority) => {}
+            Some("http")
+                if self.verifier.is_plain_http(&authority)
+                    || (self.scheme == Scheme::Http
+                        && authority.eq_ignore_ascii_case(&self.authority)) => {}
             Some("http") => {
                 return Err(bad(
                     "plain HTTP would expose the credentials (list the host in plain_http_registries to allow it)",
@@ -1017,7 +1794,8 @@ impl<'a> Check<'a> {
     }
 
     fn unexpected(&self, status: StatusCode, what: &'static str, answer: &Answer) -> VerifyError {
-        self.unexpected_at(&self.authority, status, what, answer)
+        let host = answer.elsewhere.as_deref().unwrap_or(&self.authority);
+        self.unexpected_at(host, status, what, answer)
     }
 
     fn unexpected_at(
@@ -1028,16 +1806,8 @@ impl<'a> Check<'a> {
         answer: &Answer,
     ) -> VerifyError {
         let mut detail = error_text(&answer.body, &self.secrets());
-        if status.is_redirection()
-            && let Some(location) = answer.headers.get(http::header::LOCATION)
-        {
-            detail = format!(
-                "redirect to {} is not followed",
-                quote(
-                    &String::from_utf8_lossy(location.as_bytes()),
-                    &self.secrets()
-                )
-            );
+        if status.is_redirection() && !answer.headers.contains_key(LOCATION) {
+            detail = "a redirect without a Location header".to_string();
         }
         if status == StatusCode::TOO_MANY_REQUESTS && detail.is_empty() {
             detail = "rate limited".to_string();
@@ -1067,32 +1837,134 @@ fn sensitive(value: &str, host: &str) -> Result<HeaderValue, VerifyError> {
     Ok(header)
 }
 
-/// Sends a request and reads the (bounded) body.
-async fn send(
-    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    request: Request<Full<Bytes>>,
-    host: &str,
-    what: &'static str,
-) -> Result<Answer, VerifyError> {
-    let response = client
-        .request(request)
-        .await
-        .map_err(|e| classify(&e, host))?;
-    let (parts, body) = response.into_parts();
-    let body = Limited::new(body, MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| VerifyError::Malformed {
-            host: host.to_string(),
-            what,
-            reason: format!("reading the body: {}", error_chain(&*e)),
-        })?
-        .to_bytes();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: Zeroizing::new(body.to_vec()),
-    })
+/// Whether `authority` names a port (Go's `SplitHostPort` finds one).
+fn has_port(authority: &str) -> bool {
+    authority
+        .parse::<http::uri::Authority>()
+        .is_ok_and(|a| a.port_u16().is_some())
+}
+
+/// `host[:port]` of a URL, for messages.
+fn authority_of(uri: &str) -> String {
+    uri.parse::<Uri>()
+        .ok()
+        .and_then(|u| u.authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_default()
+}
+
+/// A URL's origin: scheme, host (lower case) and port (with the scheme's
+/// default). `Authorization` never crosses origins.
+fn origin(uri: &str) -> Option<(String, String, u16)> {
+    let uri: Uri = uri.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let host = uri.host()?.to_ascii_lowercase();
+    let port = uri.port_u16().unwrap_or(match scheme.as_str() {
+        "https" => 443,
+        _ => 80,
+    });
+    Some((scheme, host, port))
+}
+
+/// Where a redirect's `Location` leads from `base`: absolute `http(s)`
+/// URLs, scheme-relative `//host/path`, absolute paths and relative paths
+/// (dot segments resolved); the fragment dropped. User information in the
+/// URL is refused (it would be a credential of the redirect's choosing).
+fn resolve_location(base: &str, location: &str) -> Result<String, String> {
+    let location = location.split('#').next().unwrap_or("").trim();
+    if location.is_empty() {
+        return Err("an empty Location".to_string());
+    }
+    let base_uri: Uri = base.parse().map_err(|_| "a bad base URL".to_string())?;
+    let scheme = base_uri.scheme_str().unwrap_or("https");
+    let authority = base_uri.authority().map_or("", |a| a.as_str());
+    let lower = location.to_ascii_lowercase();
+    let absolute = if lower.starts_with("http://") || lower.starts_with("https://") {
+        location.to_string()
+    } else if location.starts_with("//") {
+        format!("{scheme}:{location}")
+    } else if let Some((s, _)) = location.split_once(':')
+        && !s.contains(['/', '?'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    {
+        return Err(format!("the scheme {s:?} is not http or https"));
+    } else {
+        let (path, query) = match location.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (location, None),
+        };
+        let joined = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            let base_path = base_uri.path();
+            let dir = &base_path[..base_path.rfind('/').map_or(0, |i| i + 1)];
+            format!("{dir}{path}")
+        };
+        let mut out = format!("{scheme}://{authority}{}", remove_dot_segments(&joined));
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    };
+    let uri: Uri = absolute
+        .parse()
+        .map_err(|_| "not a valid URL".to_string())?;
+    match uri.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            Err("user information in the URL is not allowed".to_string())
+        }
+        Some(a) if !a.host().is_empty() => Ok(absolute),
+        _ => Err("no host".to_string()),
+    }
+}
+
+/// RFC 3986 section 5.2.4 for an absolute path.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *segment {
+            "." => {
+                if last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+/// Whether the server answered a TLS handshake in plain HTTP (rustls sees
+/// a record of no TLS content type).
+fn answered_in_plain_http(error: &hyper_util::client::legacy::Error) -> bool {
+    fn walk(error: &(dyn std::error::Error + 'static), depth: usize) -> bool {
+        if depth > 16 {
+            return false;
+        }
+        if let Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) =
+            error.downcast_ref::<rustls::Error>()
+        {
+            return true;
+        }
+        if let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            && walk(inner, depth + 1)
+        {
+            return true;
+        }
+        error.source().is_some_and(|e| walk(e, depth + 1))
+    }
+    std::error::Error::source(error).is_some_and(|e| walk(e, 0))
 }
 
 /// Maps a client error to Unreachable / Tls / Transport by its cause.
@@ -1185,8 +2057,13 @@ struct TokenAnswer {
     access_token: Option<Zeroizing<String>>,
 }
 
-/// Extracts `token` (or `access_token`) from a token answer.
-fn parse_token(body: &[u8]) -> Result<Zeroizing<String>, String> {
+/// Extracts `token` (or `access_token`) from a token endpoint's 200
+/// answer: at most [`MAX_TOKEN_LEN`] bytes, all of them usable in a header.
+/// Errors never quote the answer (it may hold a token).
+///
+/// Public for the `registry_token` fuzz target; it is the parser the
+/// verifier uses on every token answer.
+pub fn parse_token(body: &[u8]) -> Result<Zeroizing<String>, String> {
     let answer: TokenAnswer = serde_json::from_slice(body)
         .map_err(|e| format!("not a token JSON object ({})", e.classify_name()))?;
     let token = answer
@@ -1222,8 +2099,13 @@ impl ClassifyName for serde_json::Error {
 
 /// The human part of a registry or token-endpoint error body:
 /// distribution's `{"errors":[{"code","message"}]}`, OAuth2's
-/// `{"error","error_description"}`, Docker Hub's `{"details"}`, or the text.
-fn error_text(body: &[u8], secrets: &[&str]) -> String {
+/// `{"error","error_description"}`, Docker Hub's `{"details"}`, or the text;
+/// secrets redacted, control characters escaped, at most [`MAX_QUOTED`]
+/// bytes (and a `…`).
+///
+/// Public for the `registry_token` fuzz target; it is what the verifier
+/// reads from every refusal and unexpected answer.
+pub fn error_text(body: &[u8], secrets: &[&str]) -> String {
     if body.is_empty() {
         return String::new();
     }
@@ -1304,6 +2186,7 @@ mod tests {
         authorization: Option<String>,
         accept: Option<String>,
         body: String,
+        headers: HeaderMap,
     }
 
     type Handler = Arc<dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync>;
@@ -1358,6 +2241,7 @@ mod tests {
                                     authorization: header(AUTHORIZATION),
                                     accept: header(ACCEPT),
                                     body: String::from_utf8_lossy(&body).into_owned(),
+                                    headers: parts.headers.clone(),
                                 };
                                 log.lock().unwrap().push(seen.clone());
                                 Ok::<_, Infallible>(handler(&seen))
@@ -1418,10 +2302,7 @@ mod tests {
     }
 
     fn denied(access: &Access) -> &str {
-        match access {
-            Access::Denied { reason } => reason,
-            Access::Granted => panic!("expected a denial"),
-        }
+        access.denial().expect("expected a denial")
     }
 
     /// htpasswd-style registry: alice:pw may pull.
@@ -1746,7 +2627,8 @@ mod tests {
                     "forbidden" => respond(403, &[], ""),
                     "broken" => respond(500, &[], ""),
                     "limited" => respond(429, &[], ""),
-                    "moved" => respond(307, &[("location", "https://elsewhere/x")], ""),
+                    "moved" => respond(307, &[("location", &format!("/v2/ok/manifests/{D}"))], ""),
+                    "nolocation" => respond(307, &[], ""),
                     "mismatch" => respond(200, &[("docker-content-digest", "sha256:00")], ""),
                     "nochallenge" => respond(401, &[], ""),
                     "negotiate" => respond(401, &[("www-authenticate", "Negotiate")], ""),
@@ -1777,7 +2659,7 @@ mod tests {
 
         let r = check("notfound").await.unwrap();
         assert!(
-            denied(&r.access).contains("404 Not Found"),
+            matches!(&r.access, Access::NotFound { reason } if reason.contains("404 Not Found")),
             "{:?}",
             r.access
         );
@@ -1799,10 +2681,12 @@ mod tests {
             e.to_string().contains("429") && e.to_string().contains("rate limited"),
             "{e}"
         );
-        let e = check("moved").await.unwrap_err();
+        // A redirect on the same host is followed (with the credentials).
+        let r = check("moved").await.unwrap();
+        assert_eq!((r.access, r.registry_requests), (Access::Granted, 2));
+        let e = check("nolocation").await.unwrap_err();
         assert!(
-            e.to_string()
-                .contains("redirect to https://elsewhere/x is not followed"),
+            e.to_string().contains("307") && e.to_string().contains("without a Location"),
             "{e}"
         );
         let e = check("mismatch").await.unwrap_err();
@@ -1941,5 +2825,500 @@ mod tests {
         assert_eq!(error_text(b"echo hunter2", &["hunter2"]), "echo [redacted]");
         let long = "x".repeat(1000);
         assert!(quote(&long, &[]).len() <= MAX_QUOTED + 4);
+    }
+
+    fn grant(reason: &str) -> Result<Access, VerifyError> {
+        match reason {
+            "granted" => Ok(Access::Granted),
+            r if r.starts_with("404") => Ok(Access::NotFound { reason: r.into() }),
+            r if r.starts_with("down") => Err(VerifyError::Unreachable {
+                host: "h".into(),
+                reason: r.into(),
+            }),
+            r => Ok(Access::Denied { reason: r.into() }),
+        }
+    }
+
+    #[test]
+    fn combining_endpoints() {
+        // (outcomes per endpoint, verdict: "granted", "denied:<reason
+        // prefix>", "notfound:<prefix>", "error:<text>"; the deciding
+        // endpoint)
+        let cases: &[(&[&str], &str, Option<&str>)] = &[
+            (&["granted"], "granted", Some("e0")),
+            (&["no"], "denied:no", Some("e0")),
+            // One endpoint: its error unchanged.
+            (&["down x"], "error:registry h is unreachable: down x", None),
+            // The first grant decides, wherever it is.
+            (&["down", "no", "granted"], "granted", Some("e2")),
+            (&["404", "granted"], "granted", Some("e1")),
+            // A denial outranks a missing manifest and errors.
+            (
+                &["404 a", "no", "down"],
+                "denied:no [e1; also asked: e0: 404 a; e2: ",
+                Some("e1"),
+            ),
+            (
+                &["down", "404 b"],
+                "notfound:404 b [e1; also asked: e0: registry h",
+                Some("e1"),
+            ),
+            (
+                &["no", "nope"],
+                "denied:no [e0; also asked: e1: nope]",
+                Some("e0"),
+            ),
+            // Nothing answered: every error listed.
+            (
+                &["down 1", "down 2"],
+                "error:no endpoint of r.example could be asked about r.example/app: e0: registry h \
+                 is unreachable: down 1; e1: registry h is unreachable: down 2",
+                None,
+            ),
+        ];
+        for (outcomes, want, by) in cases {
+            let tried = outcomes
+                .iter()
+                .enumerate()
+                .map(|(i, o)| Tried {
+                    endpoint: format!("e{i}"),
+                    outcome: grant(o),
+                })
+                .collect();
+            let (outcome, answered_by) = combine("r.example", "r.example/app", tried);
+            let got = match &outcome {
+                Ok(Access::Granted) => "granted".to_string(),
+                Ok(Access::Denied { reason }) => format!("denied:{reason}"),
+                Ok(Access::NotFound { reason }) => format!("notfound:{reason}"),
+                Err(e) => format!("error:{e}"),
+            };
+            assert!(got.starts_with(want), "{outcomes:?}: {got:?} vs {want:?}");
+            assert_eq!(answered_by.as_deref(), *by, "{outcomes:?}");
+        }
+        let (outcome, by) = combine("r", "r/a", Vec::new());
+        assert!(matches!(outcome, Err(VerifyError::HostConfig { .. })));
+        assert_eq!(by, None);
+        // Long reasons of other endpoints are cut.
+        let long = "x".repeat(1000);
+        let (outcome, _) = combine(
+            "r",
+            "r/a",
+            vec![
+                Tried {
+                    endpoint: "e0".into(),
+                    outcome: grant(&long),
+                },
+                Tried {
+                    endpoint: "e1".into(),
+                    outcome: grant("no"),
+                },
+            ],
+        );
+        let reason = outcome.unwrap().denial().unwrap().to_string();
+        assert!(reason.len() < 1000 + MAX_OTHER + 50, "{}", reason.len());
+    }
+
+    #[test]
+    fn redirect_locations() {
+        let base = "https://r.example:5000/v2/a/manifests/sha256:1?ns=x";
+        for (location, want) in [
+            (
+                "https://cdn.example/blob?sig=1",
+                Ok("https://cdn.example/blob?sig=1"),
+            ),
+            ("HTTP://cdn.example/b", Ok("HTTP://cdn.example/b")),
+            ("//cdn.example/b", Ok("https://cdn.example/b")),
+            (
+                "/v2/b/manifests/x",
+                Ok("https://r.example:5000/v2/b/manifests/x"),
+            ),
+            ("other", Ok("https://r.example:5000/v2/a/manifests/other")),
+            (
+                "../../c/manifests/y?q=1",
+                Ok("https://r.example:5000/v2/c/manifests/y?q=1"),
+            ),
+            ("/a/./b/../c#frag", Ok("https://r.example:5000/a/c")),
+            ("ftp://x/y", Err("not http or https")),
+            ("javascript:alert(1)", Err("not http or https")),
+            ("https://user:pw@cdn.example/b", Err("user information")),
+            ("", Err("empty")),
+            ("https:///nohost", Err("not a valid URL")),
+        ] {
+            let got = resolve_location(base, location);
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{location}"),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{location}: {e}"),
+                (got, want) => panic!("{location}: {got:?} vs {want:?}"),
+            }
+        }
+        assert_eq!(
+            origin("https://R.example/x"),
+            Some(("https".into(), "r.example".into(), 443))
+        );
+        assert_eq!(
+            origin("http://r.example:80/x"),
+            origin("http://r.example/y")
+        );
+        assert_ne!(origin("http://r.example/"), origin("https://r.example/"));
+        assert!(has_port("h:1") && !has_port("h") && has_port("[::1]:5"));
+    }
+
+    #[tokio::test]
+    async fn redirects() {
+        // `other` records what reaches it: 200 for /blob, 401 for /auth.
+        let other = Mock::start(|_| {
+            Arc::new(|s: &Seen| {
+                if s.path.starts_with("/auth") {
+                    respond(401, &[("www-authenticate", "Basic realm=\"other\"")], "")
+                } else {
+                    respond(200, &[("docker-content-digest", D)], "")
+                }
+            })
+        })
+        .await;
+        let elsewhere = other.host();
+        let home = Mock::start(move |addr| {
+            let inner = basic_registry(addr);
+            Arc::new(move |s: &Seen| {
+                if s.authorization.as_deref() != Some(basic("alice", "pw").as_str()) {
+                    return inner(s);
+                }
+                let repo = s.path.split('/').nth(2).unwrap_or("");
+                match repo {
+                    "same" => respond(
+                        302,
+                        &[("location", &format!("/v2/final/manifests/{D}"))],
+                        "",
+                    ),
+                    "away" => respond(
+                        307,
+                        &[("location", &format!("http://{elsewhere}/blob"))],
+                        "",
+                    ),
+                    "away401" => respond(
+                        307,
+                        &[("location", &format!("http://{elsewhere}/auth"))],
+                        "",
+                    ),
+                    "loop" => respond(302, &[("location", s.path.as_str())], ""),
+                    "ftp" => respond(302, &[("location", "ftp://x/y")], ""),
+                    _ => inner(s),
+                }
+            })
+        })
+        .await;
+        let v = home.verifier();
+        let alice = cred("alice", "pw");
+        let img = |repo: &str| ImageRef::parse(&format!("{}/{repo}", home.host())).unwrap();
+
+        // Same origin: followed with the credentials.
+        let r = v.verify(&img("same"), D, Some(&alice)).await.unwrap();
+        assert_eq!(r.access, Access::Granted, "{r:?}");
+        let last = home.seen().pop().unwrap();
+        assert_eq!(last.path, format!("/v2/final/manifests/{D}"));
+        assert_eq!(last.authorization, Some(basic("alice", "pw")));
+
+        // Another origin: followed without them.
+        let r = v.verify(&img("away"), D, Some(&alice)).await.unwrap();
+        assert_eq!(r.access, Access::Granted, "{r:?}");
+        let seen = other.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].authorization, None);
+        assert_eq!(seen[0].method, Method::HEAD);
+
+        // Another origin that wants credentials: denied, none sent.
+        let r = v.verify(&img("away401"), D, Some(&alice)).await.unwrap();
+        let reason = denied(&r.access);
+        assert!(
+            reason.contains("credentials are only ever sent to"),
+            "{reason}"
+        );
+        assert!(other.seen().iter().all(|s| s.authorization.is_none()));
+
+        let e = v.verify(&img("loop"), D, Some(&alice)).await.unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::Redirect { .. }) && e.to_string().contains("more than 5"),
+            "{e}"
+        );
+        let e = v.verify(&img("ftp"), D, Some(&alice)).await.unwrap_err();
+        assert!(e.to_string().contains("not http or https"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn head_refused_is_asked_with_get() {
+        let mock = Mock::start(|_| {
+            Arc::new(|s: &Seen| {
+                if s.method == Method::HEAD {
+                    respond(405, &[], "")
+                } else {
+                    respond(
+                        200,
+                        &[("docker-content-digest", D)],
+                        "{\"big\":\"manifest\"}",
+                    )
+                }
+            })
+        })
+        .await;
+        let r = mock
+            .verifier()
+            .verify(&mock.image(), D, None)
+            .await
+            .unwrap();
+        assert_eq!((r.access, r.registry_requests), (Access::Granted, 2));
+        let seen = mock.seen();
+        assert_eq!(
+            (seen[0].method.clone(), seen[1].method.clone()),
+            (Method::HEAD, Method::GET)
+        );
+    }
+
+    /// A verifier reading `dir` as the runtime's registry configuration.
+    fn verifier_with_hosts(dir: &std::path::Path) -> RegistryVerifier {
+        let ca = credlet_test_util::TestCa::new("credlet unit test CA").unwrap();
+        RegistryVerifier::new(RegistryVerifierConfig {
+            extra_root_pems: vec![ca.cert_pem().to_string()],
+            use_system_roots: false,
+            timeout: Duration::from_secs(5),
+            registry_config_dirs: vec![dir.to_path_buf()],
+            ..RegistryVerifierConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn write_hosts(root: &std::path::Path, registry: &str, text: &str) {
+        let dir = root.join(registry);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts.toml"), text).unwrap();
+    }
+
+    fn closed_port() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn mirrors_from_hosts_toml() {
+        // Names that never resolve: every request goes to a configured host.
+        const REGISTRY: &str = "registry.invalid:5000";
+        let mirror = Mock::start(basic_registry).await;
+        let pull_only = Mock::start(|_| Arc::new(|_: &Seen| respond(200, &[], ""))).await;
+        let api_root = Mock::start(|_| Arc::new(|_: &Seen| respond(404, &[], ""))).await;
+        // The server lets anyone pull `public`, nothing else.
+        let server = Mock::start(|_| {
+            Arc::new(|s: &Seen| {
+                if s.path.contains("/public/") {
+                    respond(200, &[], "")
+                } else {
+                    respond(404, &[], "")
+                }
+            })
+        })
+        .await;
+        let root = tempfile::tempdir().unwrap();
+        write_hosts(
+            root.path(),
+            "registry.invalid_5000_",
+            &format!(
+                r#"server = "http://{server}"
+
+[host."http://{down}"]
+  capabilities = ["pull", "resolve"]
+[host."http://{pull_only}"]
+  capabilities = ["pull"]
+[host."http://{api_root}/custom/api"]
+  override_path = true
+[host."http://{mirror}"]
+  capabilities = ["pull", "resolve"]
+  [host."http://{mirror}".header]
+    x-mirror-token = "m"
+"#,
+                server = server.host(),
+                down = closed_port(),
+                pull_only = pull_only.host(),
+                api_root = api_root.host(),
+                mirror = mirror.host(),
+            ),
+        );
+        let v = verifier_with_hosts(root.path());
+        let image = ImageRef::parse(&format!("{REGISTRY}/team/app:v1")).unwrap();
+
+        // The first mirror is down, the pull-only one is never asked, the
+        // next answers 404 at its own API root, the last grants.
+        let r = v
+            .verify(&image, D, Some(&cred("alice", "pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.access, Access::Granted, "{r:?}");
+        assert_eq!(
+            r.answered_by.as_deref(),
+            Some(format!("mirror http://{}", mirror.host()).as_str())
+        );
+        assert!(pull_only.seen().is_empty());
+        assert!(server.seen().is_empty());
+        let seen = api_root.seen();
+        assert_eq!(
+            seen[0].path,
+            format!("/custom/api/team/app/manifests/{D}?ns=registry.invalid%3A5000")
+        );
+        let seen = mirror.seen();
+        assert_eq!(
+            seen[0].path,
+            format!("/v2/team/app/manifests/{D}?ns=registry.invalid%3A5000")
+        );
+        assert!(
+            seen.iter()
+                .all(|s| s.headers.get("x-mirror-token").is_some())
+        );
+
+        // Wrong password: the mirror refuses, the server has no such
+        // manifest: the refusal is the verdict, naming both.
+        let r = v
+            .verify(&image, D, Some(&cred("alice", "nope")))
+            .await
+            .unwrap();
+        let reason = denied(&r.access);
+        assert!(reason.contains("rejected the credentials"), "{reason}");
+        assert!(reason.contains("also asked: mirror http://"), "{reason}");
+        assert!(matches!(r.access, Access::Denied { .. }));
+        // The server is asked without ns (it is the registry's own server
+        // entry, but on another host: containerd adds ns there too).
+        assert!(
+            server.seen()[0]
+                .path
+                .ends_with("?ns=registry.invalid%3A5000")
+        );
+
+        // A later endpoint grants what an earlier one refused.
+        let public = ImageRef::parse(&format!("{REGISTRY}/public/app")).unwrap();
+        let r = v.verify(&public, D, None).await.unwrap();
+        assert_eq!(r.access, Access::Granted);
+        assert_eq!(
+            r.answered_by.as_deref(),
+            Some(format!("server http://{}", server.host()).as_str())
+        );
+
+        // Changes apply to the next check: nothing can be asked any more.
+        write_hosts(
+            root.path(),
+            "registry.invalid_5000_",
+            &format!(
+                "server = \"http://{}\"\n[host.\"http://{}\"]\n",
+                closed_port(),
+                closed_port()
+            ),
+        );
+        let e = v.verify(&image, D, None).await.unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::Endpoints { .. })
+                && e.to_string().contains("mirror http://")
+                && e.to_string().contains("server http://"),
+            "{e}"
+        );
+        // Only pull hosts: nothing may resolve.
+        write_hosts(
+            root.path(),
+            "registry.invalid_5000_",
+            "server = \"http://127.0.0.1:1\"\ncapabilities = [\"pull\"]\n",
+        );
+        let e = v.verify(&image, D, None).await.unwrap_err();
+        assert!(e.to_string().contains("\"resolve\" capability"), "{e}");
+        // A file broken after start: the check fails, closed.
+        write_hosts(root.path(), "registry.invalid_5000_", "server = ");
+        let e = v.verify(&image, D, None).await.unwrap_err();
+        assert!(
+            matches!(&e, VerifyError::HostConfig { .. })
+                && e.to_string().contains("not valid TOML"),
+            "{e}"
+        );
+        // ... and at start, the verifier is not built.
+        let err = RegistryVerifier::new(RegistryVerifierConfig {
+            registry_config_dirs: vec![root.path().to_path_buf()],
+            ..RegistryVerifierConfig::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Hosts(_)), "{err}");
+        // A CA file that is not there fails the start too.
+        write_hosts(
+            root.path(),
+            "registry.invalid_5000_",
+            "server = \"https://r\"\nca = \"missing.pem\"\n",
+        );
+        let err = RegistryVerifier::new(RegistryVerifierConfig {
+            registry_config_dirs: vec![root.path().to_path_buf()],
+            ..RegistryVerifierConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::HostTls { .. }) && err.to_string().contains("missing.pem"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_host_with_tls_settings_tries_https_first() {
+        // containerd's NewHTTPFallback: an http:// host with skip_verify is
+        // asked over HTTPS, and over plain HTTP when it answers in HTTP.
+        let mock = Mock::start(basic_registry).await;
+        let root = tempfile::tempdir().unwrap();
+        write_hosts(
+            root.path(),
+            "registry.invalid",
+            &format!(
+                "[host.\"http://{}\"]\n  skip_verify = true\n  dial_timeout = \"2s\"\n",
+                mock.host()
+            ),
+        );
+        let v = verifier_with_hosts(root.path());
+        let image = ImageRef::parse("registry.invalid/team/app").unwrap();
+        let r = v
+            .verify(&image, D, Some(&cred("alice", "pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.access, Access::Granted, "{r:?}");
+        // The client with the host's settings is built once.
+        let r = v
+            .verify(&image, D, Some(&cred("alice", "pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.access, Access::Granted);
+        assert_eq!(lock(&v.tls_clients).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn plain_http_through_a_forwarding_proxy() {
+        // The "proxy" is a mock registry: it gets absolute-form requests.
+        let proxy = Mock::start(basic_registry).await;
+        let env = ProxyEnv::from_lookup(|name| {
+            (name == "HTTP_PROXY").then(|| format!("http://pu:pp@{}", proxy.host()))
+        })
+        .unwrap();
+        let ca = credlet_test_util::TestCa::new("credlet unit test CA").unwrap();
+        let v = RegistryVerifier::new(RegistryVerifierConfig {
+            extra_root_pems: vec![ca.cert_pem().to_string()],
+            use_system_roots: false,
+            plain_http_registries: vec!["registry.invalid:5000".into()],
+            proxy: env,
+            ..RegistryVerifierConfig::default()
+        })
+        .unwrap();
+        let image = ImageRef::parse("registry.invalid:5000/team/app").unwrap();
+        let r = v
+            .verify(&image, D, Some(&cred("alice", "pw")))
+            .await
+            .unwrap();
+        assert_eq!(r.access, Access::Granted, "{r:?}");
+        let seen = proxy.seen();
+        assert_eq!(
+            seen[0].path,
+            format!("http://registry.invalid:5000/v2/team/app/manifests/{D}")
+        );
+        let proxy_auth = format!("Basic {}", STANDARD.encode("pu:pp"));
+        assert!(seen.iter().all(|s| {
+            s.headers
+                .get(PROXY_AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some(proxy_auth.as_str())
+        }));
     }
 }

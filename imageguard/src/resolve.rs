@@ -84,7 +84,8 @@ pub fn manifest_digest(reference: &ImageRef, image: &Image) -> Option<String> {
 }
 
 /// Whether a pod's spec image (a container's, or an image volume's
-/// reference) refers to the image a CRI call is about.
+/// reference) refers to the image a CRI call is about. A reference with
+/// neither tag nor digest is its `:latest` tag, as the kubelet asks for it.
 pub fn refers_to(spec_image: &str, requested: &str, image: &Image) -> bool {
     if spec_image == requested || spec_image == image.id {
         return true;
@@ -92,15 +93,24 @@ pub fn refers_to(spec_image: &str, requested: &str, image: &Image) -> bool {
     let Ok(spec) = ImageRef::parse(spec_image) else {
         return false;
     };
-    let spec_full = spec.to_string();
-    if ImageRef::parse(requested).is_ok_and(|r| r.to_string() == spec_full) {
+    let spec_full = with_default_tag(&spec);
+    if ImageRef::parse(requested).is_ok_and(|r| with_default_tag(&r) == spec_full) {
         return true;
     }
     image
         .repo_tags
         .iter()
         .chain(image.repo_digests.iter())
-        .any(|r| ImageRef::parse(r).is_ok_and(|r| r.to_string() == spec_full))
+        .any(|r| ImageRef::parse(r).is_ok_and(|r| with_default_tag(&r) == spec_full))
+}
+
+/// The reference in full, `:latest` when it names neither tag nor digest.
+fn with_default_tag(reference: &ImageRef) -> String {
+    if reference.tag().is_none() && reference.digest().is_none() {
+        format!("{}:latest", reference.name())
+    } else {
+        reference.to_string()
+    }
 }
 
 /// Whether an image known by `names` is what a pull of `pulled` produced:
@@ -256,5 +266,22 @@ mod tests {
         assert!(refers_to("x", "x", &img));
         assert!(refers_to(&format!("nginx@{D1}"), "whatever", &img));
         assert!(!refers_to("nginx:1.28", "whatever", &img));
+        // A tagless spec image is its `:latest`, as the kubelet asks for it.
+        let latest = image(&["h.io/team/app:latest"], &[]);
+        for (spec, requested, want) in [
+            ("h.io/team/app", "h.io/team/app:latest", true),
+            ("h.io/team/app", "whatever", true),
+            ("h.io/team/app:latest", "h.io/team/app", true),
+            ("h.io/team/app:v1", "h.io/team/app:latest", false),
+            ("h.io/team/other", "h.io/team/app:latest", false),
+        ] {
+            assert_eq!(
+                refers_to(spec, requested, &latest),
+                want,
+                "{spec} {requested}"
+            );
+        }
+        let v1 = image(&["h.io/team/app:v1"], &[]);
+        assert!(!refers_to("h.io/team/app", "whatever", &v1));
     }
 }

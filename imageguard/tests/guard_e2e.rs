@@ -22,12 +22,12 @@ use credlet_imageguard::guard::{GuardMetrics, Outcome};
 use credlet_imageguard::policy::{GuardPolicy, Mode, Provenance, VerifyPolicy};
 use credlet_imageguard::proxy::{PassThrough, Rpc};
 use credlet_imageguard::reference::Allowlist;
-use credlet_test_util::{ANYONE, Containerd, Grant, Registry, build_and_push_image};
-use k8s_cri::v1::{
+use credlet_test_util::cri::v1::{
     ContainerStatusRequest, GetEventsRequest, ImageFsInfoRequest, ListContainerStatsRequest,
     ListContainersRequest, ListImagesRequest, ListPodSandboxRequest, ListPodSandboxStatsRequest,
     PodSandboxStatusRequest, StatusRequest, VersionRequest,
 };
+use credlet_test_util::{ANYONE, Containerd, Grant, Registry, build_and_push_image};
 use support::{
     Cluster, Kubelet, KubeletError, NODE, Proxy, auth, blocking, guard, open_records, traffic,
     verifier,
@@ -809,13 +809,15 @@ async fn verifications_expire_survive_restarts_and_fail_closed() {
     let record = records.get(&app.config_digest).expect("record survived");
     assert_eq!(record.provenance, Provenance::Credentials);
     assert_eq!(record.verified.len(), 2, "alice and bob: {record:?}");
-    let on_disk = std::fs::read_to_string(
-        state
-            .path()
-            .join("imageguard/images")
-            .join(format!("{}.json", app.config_digest.replace(':', "-"))),
-    )
-    .expect("record file");
+    // The record's head and every entry file (grants, verifications).
+    let images = state.path().join("imageguard/images");
+    let stem = app.config_digest.replace(':', "-");
+    let mut on_disk =
+        std::fs::read_to_string(images.join(format!("{stem}.json"))).expect("record file");
+    for entry in std::fs::read_dir(images.join(format!("{stem}.d"))).expect("entries") {
+        let path = entry.expect("entry").path();
+        on_disk.push_str(&std::fs::read_to_string(&path).expect("entry file"));
+    }
     assert!(
         !on_disk.contains(ALICE.1) && !on_disk.contains(BOB.1) && !on_disk.contains("alice"),
         "no credential on disk: {on_disk}"
@@ -1393,7 +1395,7 @@ async fn pass_through_is_transparent() {
             containerd.pause_image_id(),
             "Not A Reference",
         ] {
-            let request = || k8s_cri::v1::ImageStatusRequest {
+            let request = || credlet_test_util::cri::v1::ImageStatusRequest {
                 image: Some(support::spec(image)),
                 verbose: true,
             };
@@ -1467,18 +1469,22 @@ async fn pass_through_is_transparent() {
         // Newer RPCs than containerd 1.6: its own answer, whatever it is.
         same(
             "RuntimeConfig",
-            d.rt.runtime_config(k8s_cri::v1::RuntimeConfigRequest {})
+            d.rt.runtime_config(credlet_test_util::cri::v1::RuntimeConfigRequest {})
                 .await,
-            p.rt.runtime_config(k8s_cri::v1::RuntimeConfigRequest {})
+            p.rt.runtime_config(credlet_test_util::cri::v1::RuntimeConfigRequest {})
                 .await,
             as_is,
         );
         same(
             "ListMetricDescriptors",
-            d.rt.list_metric_descriptors(k8s_cri::v1::ListMetricDescriptorsRequest {})
-                .await,
-            p.rt.list_metric_descriptors(k8s_cri::v1::ListMetricDescriptorsRequest {})
-                .await,
+            d.rt.list_metric_descriptors(
+                credlet_test_util::cri::v1::ListMetricDescriptorsRequest {},
+            )
+            .await,
+            p.rt.list_metric_descriptors(
+                credlet_test_util::cri::v1::ListMetricDescriptorsRequest {},
+            )
+            .await,
             as_is,
         );
         // A server-streaming RPC.
@@ -1549,7 +1555,7 @@ async fn streaming_calls_pass_through_as_they_arrive() {
                         let (tx, rx) = tokio::sync::mpsc::channel::<http_body::Frame<Bytes>>(4);
                         tokio::spawn(async move {
                             let frame = |id: &str| {
-                                let msg = k8s_cri::v1::ContainerEventResponse {
+                                let msg = credlet_test_util::cri::v1::ContainerEventResponse {
                                     container_id: id.into(),
                                     ..Default::default()
                                 };

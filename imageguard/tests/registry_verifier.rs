@@ -48,10 +48,10 @@ fn image(pushed: &PushedImage) -> ImageRef {
 }
 
 fn reason(report: &CheckReport) -> &str {
-    match &report.access {
-        Access::Denied { reason } => reason,
-        Access::Granted => panic!("expected a denial, got {report:?}"),
-    }
+    report
+        .access
+        .denial()
+        .unwrap_or_else(|| panic!("expected a denial, got {report:?}"))
 }
 
 fn manifest_heads(registry: &Registry) -> usize {

@@ -1,8 +1,9 @@
 //! A minimal registry HTTP client for assertions in tests: manifest HEAD
 //! with both OCI and Docker `Accept` types, Basic and Bearer flows.
 //!
-//! It is deliberately independent of the code under test (credlet uses
-//! oci-client); one connection per request, HTTP/1.1 over rustls (ring).
+//! It is deliberately independent of the code under test (the image guard's
+//! own registry client); one connection per request, HTTP/1.1 over rustls
+//! (ring).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

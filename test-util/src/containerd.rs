@@ -78,11 +78,16 @@ impl Containerd {
     /// Writes `certs.d/<host>/hosts.toml` naming `registry`'s CA. containerd
     /// reads these files on every pull, so this works after start too.
     pub fn trust_registry(&self, registry: &Registry) -> Result<()> {
-        let host = registry.host();
-        let dir = self.certs_d.join(&host);
+        self.trust_host(&registry.host(), registry.ca_pem())
+    }
+
+    /// Writes `certs.d/<host>/hosts.toml` for `host` (`host:port`, e.g. a
+    /// relay in front of a registry) trusting `ca_pem`.
+    pub fn trust_host(&self, host: &str, ca_pem: &str) -> Result<()> {
+        let dir = self.certs_d.join(host);
         fs::create_dir_all(&dir)?;
         let ca = dir.join("ca.crt");
-        fs::write(&ca, registry.ca_pem())?;
+        fs::write(&ca, ca_pem)?;
         let toml = format!(
             "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
             ca.display()
@@ -170,7 +175,7 @@ fn spawn_containerd(config: &Path, log: &Path) -> Result<Daemon> {
 }
 
 /// containerd 1.6 config (version 2) with everything private below `d`.
-fn config_toml(d: &Path) -> String {
+pub(crate) fn config_toml(d: &Path) -> String {
     let d = d.display();
     format!(
         r#"version = 2

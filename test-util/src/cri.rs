@@ -8,8 +8,15 @@ use anyhow::{Context, Result, bail};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint};
 
+/// The CRI v1 client the tests use: the RuntimeService and ImageService
+/// calls and messages they need (`test-util/proto/cri.proto`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("runtime.v1");
+}
+
 /// A tonic channel to a gRPC server on a Unix socket (e.g. containerd's CRI
-/// socket, or credlet's proxy socket). Use with `k8s_cri::v1::…Client::new`.
+/// socket, or credlet's proxy socket). Use with [`v1::runtime_service_client::RuntimeServiceClient::new`] and the image client.
 pub async fn unix_channel(socket: impl AsRef<Path>) -> Result<Channel> {
     let socket: PathBuf = socket.as_ref().to_path_buf();
     // The URI is required by tonic but unused by the connector.
@@ -25,49 +32,19 @@ pub async fn unix_channel(socket: impl AsRef<Path>) -> Result<Channel> {
         .with_context(|| "connect gRPC over Unix socket")
 }
 
-// Hand-written subset of runtime.v1 messages: enough for ImageStatus.
-#[derive(Clone, PartialEq, prost::Message)]
-struct ImageSpec {
-    #[prost(string, tag = "1")]
-    image: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ImageStatusRequest {
-    #[prost(message, optional, tag = "1")]
-    image: Option<ImageSpec>,
-    #[prost(bool, tag = "2")]
-    verbose: bool,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct Image {
-    #[prost(string, tag = "1")]
-    id: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct ImageStatusResponse {
-    #[prost(message, optional, tag = "1")]
-    image: Option<Image>,
-}
-
 /// CRI `ImageStatus(image)`: the image id if the runtime reports it present.
 pub async fn cri_image_id(channel: Channel, image: &str) -> Result<Option<String>> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await?;
-    let codec = tonic_prost::ProstCodec::<ImageStatusRequest, ImageStatusResponse>::default();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/runtime.v1.ImageService/ImageStatus",
-    );
-    let req = ImageStatusRequest {
-        image: Some(ImageSpec {
+    let request = v1::ImageStatusRequest {
+        image: Some(v1::ImageSpec {
             image: image.to_string(),
+            ..Default::default()
         }),
         verbose: false,
     };
-    let resp = grpc.unary(tonic::Request::new(req), path, codec).await?;
-    Ok(resp.into_inner().image.map(|i| i.id))
+    let answer = v1::image_service_client::ImageServiceClient::new(channel)
+        .image_status(request)
+        .await?;
+    Ok(answer.into_inner().image.map(|i| i.id))
 }
 
 /// Blocks until the CRI server on `socket` reports `image` present (the CRI

@@ -820,6 +820,12 @@ impl FakeApiServer {
         self.add_fault(method, path_contains, times, FaultAction::Delay(delay));
     }
 
+    /// Drops every injected fault not used up yet: the server answers
+    /// normally again.
+    pub fn clear_faults(&self) {
+        lock(&self.shared.faults).clear();
+    }
+
     fn add_fault(&self, method: &str, path_contains: &str, times: usize, action: FaultAction) {
         lock(&self.shared.faults).push(Fault {
             method: method.to_ascii_uppercase(),

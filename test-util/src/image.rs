@@ -81,6 +81,20 @@ pub struct ImageSpec {
     /// A plain tar layer instead of gzip: for large images imported into a
     /// local containerd, where compressing costs more than it saves.
     pub uncompressed: bool,
+    /// Annotations of the image's manifest (e.g. the one that makes it a
+    /// checkpoint image).
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// Config `Cmd` (left out when empty).
+    pub cmd: Vec<String>,
+    /// Config `User` (`uid`, `name`, `uid:gid`, ...; left out when empty).
+    pub user: String,
+    /// Empty directories of the layer with their permission bits, e.g.
+    /// (`/tmp`, `0o1777`); the parents of files get 0755 on their own.
+    pub dirs: Vec<(String, u32)>,
+    /// Hard links of the layer: (path, path of a file in `files`), as
+    /// busybox images link their applets (a mount over one name leaves
+    /// the others alone, unlike a symbolic link to the binary).
+    pub hard_links: Vec<(String, String)>,
 }
 
 impl ImageSpec {
@@ -128,7 +142,7 @@ fn sha256_hex(data: &[u8]) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn go_arch() -> &'static str {
+pub(crate) fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -147,6 +161,22 @@ fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
 fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let mut dirs_done = std::collections::BTreeSet::new();
+    for (path, mode) in &spec.dirs {
+        let rel = path.trim_matches('/');
+        if rel.is_empty() {
+            bail!("image directory {path:?} names no directory");
+        }
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            acc.push_str(part);
+            acc.push('/');
+            if dirs_done.insert(acc.clone()) {
+                let mode = if i + 1 == parts.len() { *mode } else { 0o755 };
+                append_dir(&mut b, &acc, mode)?;
+            }
+        }
+    }
     let entries = spec
         .files
         .iter()
@@ -168,14 +198,7 @@ fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
             acc.push_str(part);
             acc.push('/');
             if dirs_done.insert(acc.clone()) {
-                let mut h = tar::Header::new_ustar();
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_path(&acc)?;
-                h.set_mode(0o755);
-                h.set_size(0);
-                h.set_mtime(0);
-                h.set_cksum();
-                b.append(&h, std::io::empty())?;
+                append_dir(&mut b, &acc, 0o755)?;
             }
         }
         let mut h = tar::Header::new_gnu();
@@ -198,7 +221,48 @@ fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
             (None, None) => unreachable!("every entry is a file or a link"),
         }
     }
+    for (path, target) in &spec.hard_links {
+        let rel = path.trim_start_matches('/');
+        let target = target.trim_start_matches('/');
+        if rel.is_empty()
+            || !spec
+                .files
+                .iter()
+                .any(|f| f.path.trim_start_matches('/') == target)
+        {
+            bail!("hard link {path:?} names no file of the image ({target:?})");
+        }
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            acc.push_str(part);
+            acc.push('/');
+            if dirs_done.insert(acc.clone()) {
+                append_dir(&mut b, &acc, 0o755)?;
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_link(&mut h, rel, target)?;
+    }
     Ok(b.into_inner()?)
+}
+
+fn append_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) -> Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_path(path)?;
+    h.set_mode(mode);
+    h.set_size(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, std::io::empty())?;
+    Ok(())
 }
 
 /// Writes `spec` as an OCI image layout in `layout` with `tag`; if
@@ -228,7 +292,7 @@ pub fn write_oci_layout(
         spec.env.clone()
     };
 
-    let config = json!({
+    let mut config = json!({
         "architecture": go_arch(),
         "os": "linux",
         "config": {
@@ -238,11 +302,17 @@ pub fn write_oci_layout(
         },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
         "history": [{ "created_by": "credlet-test-util" }],
-    })
-    .to_string();
+    });
+    if !spec.cmd.is_empty() {
+        config["config"]["Cmd"] = json!(spec.cmd);
+    }
+    if !spec.user.is_empty() {
+        config["config"]["User"] = json!(spec.user);
+    }
+    let config = config.to_string();
     let config_digest = write_blob(layout, config.as_bytes())?;
 
-    let manifest = json!({
+    let mut manifest = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {
@@ -255,8 +325,11 @@ pub fn write_oci_layout(
             "digest": layer_digest,
             "size": layer.len(),
         }],
-    })
-    .to_string();
+    });
+    if !spec.annotations.is_empty() {
+        manifest["annotations"] = json!(spec.annotations);
+    }
+    let manifest = manifest.to_string();
     let manifest_digest = write_blob(layout, manifest.as_bytes())?;
 
     let mut annotations = serde_json::Map::new();
@@ -357,8 +430,15 @@ pub fn push_image(
         .env("TMPDIR", work.path())
         .args(["--insecure-policy", "copy", "--quiet", "--dest-creds"])
         .arg(format!("{}:{}", creds.0, creds.1))
-        .arg("--dest-cert-dir")
-        .arg(registry.cert_dir())
+        .args(if registry.is_plain_http() {
+            // skopeo then falls back to plain HTTP.
+            vec!["--dest-tls-verify=false".into()]
+        } else {
+            vec![
+                "--dest-cert-dir".into(),
+                registry.cert_dir().as_os_str().to_owned(),
+            ]
+        })
         .arg("--digestfile")
         .arg(&digest_file)
         .arg(format!("oci:{}:{tag}", layout.display()))
@@ -380,6 +460,27 @@ pub fn push_image(
         config_digest: built.config_digest,
         layer_digest: built.layer_digest,
     })
+}
+
+/// Deletes manifest `digest` from `repo` (`skopeo delete`, the registry's
+/// garbage collection of an old manifest as far as clients can tell).
+pub fn delete_manifest(
+    registry: &Registry,
+    repo: &str,
+    digest: &str,
+    creds: (&str, &str),
+) -> Result<()> {
+    let work = WorkDir::new("delete")?;
+    let target = format!("docker://{}/{repo}@{digest}", registry.host());
+    run(Command::new("skopeo")
+        .env("REGISTRY_AUTH_FILE", work.path().join("auth.json"))
+        .args(["delete", "--creds"])
+        .arg(format!("{}:{}", creds.0, creds.1))
+        .arg("--cert-dir")
+        .arg(registry.cert_dir())
+        .arg(&target))
+    .with_context(|| format!("skopeo delete {target}"))?;
+    Ok(())
 }
 
 /// Writes the pause image (named [`PAUSE_IMAGE`]) as an OCI archive for
@@ -433,5 +534,63 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(names, ["etc/", "etc/x/", "etc/x/y"]);
+    }
+
+    #[test]
+    fn directories_hard_links_user_and_cmd() {
+        let spec = ImageSpec {
+            files: vec![ImageFile {
+                path: "/bin/busybox".into(),
+                data: b"#!".to_vec(),
+                mode: 0o755,
+            }],
+            hard_links: vec![("/bin/sh".into(), "/bin/busybox".into())],
+            dirs: vec![("/tmp".into(), 0o1777), ("/var/run".into(), 0o755)],
+            cmd: vec!["sh".into()],
+            user: "1003:1004".into(),
+            ..Default::default()
+        };
+        let tar = layer_tar(&spec).unwrap();
+        let mut ar = tar::Archive::new(tar.as_slice());
+        let entries: Vec<(String, tar::EntryType, u32, Option<String>)> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    e.path().unwrap().display().to_string(),
+                    h.entry_type(),
+                    h.mode().unwrap(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        use tar::EntryType::{Directory, Link, Regular};
+        assert_eq!(
+            entries,
+            [
+                ("tmp/".into(), Directory, 0o1777, None),
+                ("var/".into(), Directory, 0o755, None),
+                ("var/run/".into(), Directory, 0o755, None),
+                ("bin/".into(), Directory, 0o755, None),
+                ("bin/busybox".into(), Regular, 0o755, None),
+                ("bin/sh".into(), Link, 0o755, Some("bin/busybox".into())),
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let built = write_oci_layout(&spec, dir.path(), "t", None).unwrap();
+        let hex = built.config_digest.trim_start_matches("sha256:");
+        let config: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join("blobs/sha256").join(hex)).unwrap())
+                .unwrap();
+        assert_eq!(config["config"]["Cmd"], json!(["sh"]));
+        assert_eq!(config["config"]["User"], "1003:1004");
+
+        let dangling = ImageSpec {
+            hard_links: vec![("/bin/sh".into(), "/bin/busybox".into())],
+            ..Default::default()
+        };
+        assert!(layer_tar(&dangling).is_err());
     }
 }

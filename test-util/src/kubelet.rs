@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
+use crate::cri::v1::image_service_client::ImageServiceClient;
+use crate::cri::v1::runtime_service_client::RuntimeServiceClient;
+use crate::cri::v1::{
     AuthConfig, ContainerConfig, ContainerMetadata, CreateContainerRequest, Image, ImageSpec,
     ImageStatusRequest, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
     NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
@@ -137,10 +137,10 @@ impl Kubelet {
     }
 
     /// `Version`, the simplest pass-through call.
-    pub async fn version(&mut self) -> Result<k8s_cri::v1::VersionResponse, Status> {
+    pub async fn version(&mut self) -> Result<crate::cri::v1::VersionResponse, Status> {
         Ok(self
             .rt
-            .version(k8s_cri::v1::VersionRequest {
+            .version(crate::cri::v1::VersionRequest {
                 version: "v1".into(),
             })
             .await?

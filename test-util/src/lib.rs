@@ -12,8 +12,12 @@
 //!   static pause image and hosts.toml per registry.
 //! - [`RegistryClient`]: manifest HEAD checks (Basic and Bearer flows).
 //! - [`unix_channel`]: a tonic channel to a CRI socket.
+//! - [`ThrottledRelay`]: a TCP relay that serves a registry slowly.
 //! - [`FakeApiServer`]: an in-process fake Kubernetes API server (REST +
 //!   watch, real object JSON) for `kube::Client` tests.
+//! - [`critest`]: cri-tools' CRI validation suite against containerd 2 or
+//!   1.6, its images stood in for from a loopback registry that
+//!   [`write_mirror_hosts`] points containerd's registry hosts at.
 //!
 //! All APIs that start processes are blocking (call them directly from
 //! `#[tokio::test]` setup, or from plain `#[test]`s); the token endpoint runs
@@ -26,13 +30,16 @@
 mod client;
 pub mod cluster;
 mod containerd;
-mod cri;
+pub mod cri;
+pub mod critest;
 mod fake_apiserver;
 mod image;
 pub mod kubelet;
+mod mirror;
 mod pki;
 mod process;
 mod registry;
+mod relay;
 pub mod sa_token;
 mod token;
 
@@ -46,12 +53,14 @@ pub use fake_apiserver::{
 };
 pub use image::{
     BuiltImage, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageFile, ImageSpec, OCI_INDEX,
-    OCI_MANIFEST, PAUSE_IMAGE, PAUSE_PATH, PushedImage, build_and_push_image, pause_binary,
-    push_image, write_oci_archive, write_oci_layout, write_pause_archive,
+    OCI_MANIFEST, PAUSE_IMAGE, PAUSE_PATH, PushedImage, build_and_push_image, delete_manifest,
+    pause_binary, push_image, write_oci_archive, write_oci_layout, write_pause_archive,
 };
-pub use pki::{Leaf, TestCa, rustls_client_config};
+pub use mirror::{CLOSED_SERVER, write_mirror_hosts};
+pub use pki::{Leaf, TEST_SERVER_NAME, TestCa, rustls_client_config};
 pub use process::{Daemon, WorkDir, free_port, log_tail, mount_points_below, sweep_stale};
 pub use registry::{AccessLogEntry, Registry, RegistryAuth};
+pub use relay::ThrottledRelay;
 pub use token::{ANYONE, Grant, TOKEN_ISSUER, TOKEN_SERVICE, TokenRequest, TokenServer};
 
 // Guards can live in shared fixtures (Arc, Mutex) and move across threads.

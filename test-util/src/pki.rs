@@ -13,6 +13,11 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+/// A name every [`TestCa::server_leaf`] also carries. It resolves nowhere:
+/// tests reach a registry by it only through something that maps it to
+/// loopback (an HTTP proxy of the test's own, a `hosts.toml` mirror).
+pub const TEST_SERVER_NAME: &str = "registry.credlet.test";
+
 /// A root CA whose certificate the harness hands to every client.
 pub struct TestCa {
     cert_pem: String,
@@ -77,7 +82,8 @@ impl TestCa {
         &self.cert_der
     }
 
-    /// A TLS server certificate for `127.0.0.1` and `localhost`.
+    /// A TLS server certificate for `127.0.0.1`, `localhost` and
+    /// [`TEST_SERVER_NAME`].
     pub fn server_leaf(&self, common_name: &str) -> Result<Leaf> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params
@@ -86,6 +92,7 @@ impl TestCa {
         params.subject_alt_names = vec![
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             SanType::DnsName("localhost".try_into()?),
+            SanType::DnsName(TEST_SERVER_NAME.try_into()?),
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

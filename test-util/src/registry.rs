@@ -1,5 +1,6 @@
 //! A real CNCF distribution registry (`docker-registry`, 2.8) on
-//! 127.0.0.1 with TLS, behind htpasswd (bcrypt) or token auth.
+//! 127.0.0.1 with TLS (or plain HTTP), behind htpasswd (bcrypt) or token
+//! auth.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -46,6 +47,7 @@ pub struct Registry {
     cert_dir: PathBuf,
     log: PathBuf,
     users: Vec<(String, String)>,
+    plain_http: bool,
     dir: WorkDir,
 }
 
@@ -53,6 +55,16 @@ impl Registry {
     /// A registry with `auth: htpasswd`; every request needs one of `users`
     /// (name, password). Passwords are bcrypt-hashed with `htpasswd -B`.
     pub fn start_basic_auth(users: &[(&str, &str)]) -> Result<Self> {
+        Self::start_basic(users, true)
+    }
+
+    /// Like [`Registry::start_basic_auth`], serving plain HTTP (no TLS):
+    /// what a `hosts.toml` `http://` host points at.
+    pub fn start_basic_auth_plain_http(users: &[(&str, &str)]) -> Result<Self> {
+        Self::start_basic(users, false)
+    }
+
+    fn start_basic(users: &[(&str, &str)], tls: bool) -> Result<Self> {
         let dir = WorkDir::new("registry")?;
         let htpasswd = dir.path().join("htpasswd");
         let mut lines = String::new();
@@ -67,7 +79,7 @@ impl Registry {
             htpasswd.display()
         );
         let ca = TestCa::new("credlet test registry CA")?;
-        Self::launch(dir, users, auth_yaml, ca, RegistryAuth::Basic)
+        Self::launch(dir, users, auth_yaml, ca, RegistryAuth::Basic, tls)
     }
 
     /// A registry with `auth: token` backed by a token endpoint of the harness.
@@ -91,7 +103,7 @@ impl Registry {
             server.realm(),
             bundle.display()
         );
-        Self::launch(dir, users, auth_yaml, ca, RegistryAuth::Token(server))
+        Self::launch(dir, users, auth_yaml, ca, RegistryAuth::Token(server), true)
     }
 
     fn launch(
@@ -100,6 +112,7 @@ impl Registry {
         auth_yaml: String,
         ca: TestCa,
         auth: RegistryAuth,
+        tls: bool,
     ) -> Result<Self> {
         let leaf = ca.server_leaf("credlet test registry")?;
         let cert = dir.path().join("tls.crt");
@@ -126,16 +139,23 @@ impl Registry {
         let mut last_err = None;
         for _attempt in 0..5 {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+            let tls_yaml = if tls {
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                )
+            } else {
+                String::new()
+            };
             let yaml = format!(
                 "version: 0.1\n\
                  log:\n  level: info\n  formatter: text\n\
                  storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n  secret: {secret}\n  tls:\n    certificate: {cert}\n    key: {key}\n\
+                 http:\n  addr: {addr}\n  secret: {secret}\n{tls_yaml}\
                  health:\n  storagedriver:\n    enabled: false\n\
                  {auth_yaml}",
                 storage = storage.display(),
-                cert = cert.display(),
-                key = key.display(),
             );
             fs::write(&config, yaml)?;
             let mut daemon = spawn_registry(&config, &log)?;
@@ -153,6 +173,7 @@ impl Registry {
                             .iter()
                             .map(|(u, p)| (u.to_string(), p.to_string()))
                             .collect(),
+                        plain_http: !tls,
                         dir,
                     });
                 }
@@ -170,6 +191,17 @@ impl Registry {
     /// `127.0.0.1:<port>`, the host part of image references.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Whether the registry serves plain HTTP.
+    pub fn is_plain_http(&self) -> bool {
+        self.plain_http
+    }
+
+    /// `https://127.0.0.1:<port>` (`http://` for a plain-HTTP registry).
+    pub fn url(&self) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// `127.0.0.1:<port>/<repo>:<tag>`.
@@ -256,6 +288,28 @@ impl Registry {
             .context("registry restart (port taken meanwhile?)")?;
         self.daemon = daemon;
         Ok(())
+    }
+
+    /// Freezes the registry process (SIGSTOP): connections are accepted by
+    /// the kernel but never answered, as with a registry that hangs, until
+    /// [`Registry::resume`].
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a paused registry run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        if let Some(pid) = self
+            .daemon
+            .pid()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process(pid, signal);
+        }
     }
 
     /// Fails with the log tail if the registry process died.

@@ -7,19 +7,19 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use credlet_test_util::{
-    ANYONE, Containerd, DOCKER_MANIFEST, Grant, PushedImage, Registry, RegistryClient,
-    build_and_push_image, mount_points_below, unix_channel,
-};
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::{
+use credlet_test_util::cri::v1::image_service_client::ImageServiceClient;
+use credlet_test_util::cri::v1::runtime_service_client::RuntimeServiceClient;
+use credlet_test_util::cri::v1::{
     AuthConfig, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
     CreateContainerRequest, ImageSpec, ImageStatusRequest, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListContainersRequest, ListImagesRequest, ListPodSandboxRequest,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
     StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+};
+use credlet_test_util::{
+    ANYONE, Containerd, DOCKER_MANIFEST, Grant, PushedImage, Registry, RegistryClient,
+    build_and_push_image, mount_points_below, unix_channel,
 };
 use tonic::Code;
 use tonic::transport::Channel;

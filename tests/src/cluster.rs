@@ -26,14 +26,14 @@ pub const AUDIENCE: &str = "credlet-ca";
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// The node the agent runs on and every pod is scheduled to.
 pub const NODE: &str = "node-a";
-/// The agent's pod and service account (the CA's default
+/// The agent's pod and service account (passed to the CA as
 /// `--agent-service-account credlet/credlet-agent`).
 pub const AGENT_NAMESPACE: &str = "credlet";
 /// The agent's service account.
 pub const AGENT_SERVICE_ACCOUNT: &str = "credlet-agent";
 /// The agent's pod.
 pub const AGENT_POD: &str = "credlet-agent-node-a";
-/// The agent's `--ca-timeout-ms`.
+/// The agent's `--ca-timeout`.
 pub const CA_TIMEOUT: Duration = Duration::from_millis(2000);
 /// The DNS SAN template the volumes ask for and the CA allows.
 pub const DNS_TEMPLATE: &str = "$POD_NAME.$POD_NAMESPACE.svc";
@@ -375,10 +375,26 @@ impl CaProcess {
             DNS_TEMPLATE.into(),
             "--kubeconfig".into(),
             cluster.kubeconfig.clone().into(),
-            "--drain-timeout-s".into(),
-            "30".into(),
+            "--drain-timeout".into(),
+            "30s".into(),
+            // Off: a busy port is fatal, and tests run CAs side by side
+            // (`set_arg` turns it on).
+            "--metrics-listen".into(),
+            "".into(),
         ];
         Ok(Self { env, port, args })
+    }
+
+    /// Sets `flag` to `value`, replacing its earlier value; `None` removes
+    /// it (its default applies).
+    pub fn set_arg(&mut self, flag: &str, value: Option<&str>) {
+        if let Some(at) = self.args.iter().position(|a| a.to_str() == Some(flag)) {
+            self.args.drain(at..at + 2);
+        }
+        if let Some(value) = value {
+            self.args.push(flag.into());
+            self.args.push(value.into());
+        }
     }
 
     /// `https://127.0.0.1:<port>`.
@@ -443,8 +459,8 @@ pub fn agent_command_for_url(env: &TestEnv, cluster: &Cluster, url: &str) -> std
         .arg(&cluster.ca_trust)
         .arg("--ca-token-file")
         .arg(&cluster.agent_token_file)
-        .arg("--ca-timeout-ms")
-        .arg(CA_TIMEOUT.as_millis().to_string())
+        .arg("--ca-timeout")
+        .arg(format!("{}s", CA_TIMEOUT.as_secs()))
         // What a DaemonSet would pass; the agent only uses it for the image
         // guard, which is off here.
         .arg("--kubeconfig")

@@ -933,3 +933,117 @@ async fn unpublish_of_an_unknown_volume_destroys_nothing_it_did_not_write() {
     assert!(!owned.target.exists());
     rustix::mount::unmount(&foreign_mount, rustix::mount::UnmountFlags::DETACH).expect("unmount");
 }
+
+/// Runs `command` to its end (at most 30 s), capturing its output.
+fn output_within(mut command: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn inode(path: &Path) -> u64 {
+    fs::symlink_metadata(path).expect("stat socket").ino()
+}
+
+/// A second agent started with the same flags as a live one: it refuses
+/// the socket (exit 64, one line) before touching the state directory, and
+/// the first keeps serving its volumes on the same socket.
+#[tokio::test]
+async fn a_second_agent_does_not_take_a_live_socket() {
+    let mut env = TestEnv::new(agent_bin!());
+    let csi = env.start().await;
+    let volume = env.volume("kept");
+    csi.publish(&volume).await.expect("publish");
+    let serial = check_volume(&volume.target, &volume.files(), CheckTime::Now)
+        .expect("consistent")
+        .leaf
+        .serial_hex;
+    let socket = inode(&env.socket);
+
+    let mut second = env.command();
+    second.args(env.agent_args());
+    let output = output_within(second);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "credlet: --csi-endpoint (CREDLET_CSI_ENDPOINT): {} is served by another running process; stop it first or choose another path\n",
+            env.socket.display()
+        )
+    );
+
+    assert_eq!(inode(&env.socket), socket, "the socket was replaced");
+    assert_eq!(csi.probe().await.expect("Probe"), Some(true));
+    let fresh = Csi::connect(&env.socket).await.expect("connect anew");
+    assert_eq!(fresh.probe().await.expect("Probe"), Some(true));
+    let after = check_volume(&volume.target, &volume.files(), CheckTime::Now).expect("consistent");
+    assert_eq!(after.leaf.serial_hex, serial);
+    assert!(env.state_file(&volume.id).exists(), "the record is gone");
+    csi.publish(&env.volume("after"))
+        .await
+        .expect("publish after");
+    drop((csi, fresh));
+    assert!(env.stop().await.success());
+    assert!(!env.socket.exists(), "the agent leaves its own socket");
+}
+
+/// A socket file nobody listens on (an agent killed with SIGKILL) is
+/// replaced at start.
+#[tokio::test]
+async fn a_stale_socket_is_replaced() {
+    let mut env = TestEnv::new(agent_bin!());
+    fs::create_dir_all(env.socket.parent().expect("parent")).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(&env.socket).expect("bind"));
+    assert!(std::os::unix::net::UnixStream::connect(&env.socket).is_err());
+    let csi = env.start().await;
+    assert_eq!(csi.probe().await.expect("Probe"), Some(true));
+
+    // And after a SIGKILL, the next start replaces what it left.
+    drop(csi);
+    env.kill();
+    assert!(env.socket.exists(), "SIGKILL leaves the socket file");
+    let csi = env.start().await;
+    assert_eq!(csi.probe().await.expect("Probe"), Some(true));
+}
+
+/// The first agent's socket disappears (a cleaned directory) and a newer
+/// agent binds the path: when the first one exits, it leaves the newer
+/// one's socket in place.
+#[tokio::test]
+async fn an_exiting_agent_leaves_a_newer_agents_socket() {
+    let mut first = TestEnv::new(agent_bin!());
+    let first_csi = first.start().await;
+    fs::remove_file(&first.socket).expect("remove the first socket");
+
+    let mut newer = TestEnv::new(agent_bin!());
+    newer.socket = first.socket.clone();
+    let newer_csi = newer.start().await;
+    let socket = inode(&newer.socket);
+
+    drop(first_csi);
+    assert!(first.stop().await.success());
+    assert_eq!(inode(&newer.socket), socket, "the first agent removed it");
+    assert_eq!(newer_csi.probe().await.expect("Probe"), Some(true));
+    let fresh = Csi::connect(&newer.socket).await.expect("connect anew");
+    assert_eq!(fresh.probe().await.expect("Probe"), Some(true));
+    drop((newer_csi, fresh));
+    assert!(newer.stop().await.success());
+    assert!(
+        !newer.socket.exists(),
+        "the newer agent removes its own socket"
+    );
+}

@@ -11,8 +11,11 @@ use credlet_tests::{agent_bin, free_port, http_get, metric_value};
 async fn health_readiness_and_metrics_follow_the_volumes() {
     let mut env = TestEnv::new(agent_bin!());
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    env.extra_args
-        .extend(["--health-listen".into(), addr.to_string()]);
+    env.extra_args.extend([
+        "--health-listen".into(),
+        addr.to_string(),
+        "--per-volume-metrics".into(),
+    ]);
     let csi = env.start().await;
 
     let (code, body) = http_get(addr, "/healthz").expect("healthz");
@@ -25,6 +28,32 @@ async fn health_readiness_and_metrics_follow_the_volumes() {
     let (code, metrics) = http_get(addr, "/metrics").expect("metrics");
     assert_eq!(code, 200);
     assert_eq!(metric_value(&metrics, "credlet_csi_volumes"), Some(0.0));
+    // Every family is there from the start, with its type.
+    for (family, kind) in [
+        ("credlet_build_info", "gauge"),
+        ("credlet_csi_volumes", "gauge"),
+        ("credlet_csi_issuances", "counter"),
+        ("credlet_csi_issuance_duration_seconds", "histogram"),
+        ("process_cpu_seconds", "counter"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_open_fds", "gauge"),
+        ("process_max_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {family} {kind}\n")),
+            "{family} ({kind}) missing:\n{metrics}"
+        );
+    }
+    let rss = metric_value(&metrics, "process_resident_memory_bytes").expect("RSS");
+    assert!((1e6..1e9).contains(&rss), "resident memory {rss}");
+    assert!(
+        metrics.contains(&format!(
+            "credlet_build_info{{version=\"{}\",mode=\"agent\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{metrics}"
+    );
     assert!(
         !metrics.contains("credlet_csi_certificate_expiry_seconds "),
         "no expiry without volumes:\n{metrics}"
@@ -52,6 +81,36 @@ async fn health_readiness_and_metrics_follow_the_volumes() {
         Some(2.0),
         "{metrics}"
     );
+    // Per volume, with the pod's labels: the two certificates' notAfter.
+    let per_volume: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("credlet_csi_certificate_expiration_timestamp_seconds{"))
+        .collect();
+    assert_eq!(per_volume.len(), 2, "{metrics}");
+    for volume in [&short, &long] {
+        let line = per_volume
+            .iter()
+            .find(|l| l.contains(&format!("volume=\"{}\"", volume.id)))
+            .unwrap_or_else(|| panic!("no series for {}:\n{metrics}", volume.id));
+        assert!(
+            line.contains(&format!(
+                "namespace=\"{}\",pod=\"{}\"",
+                volume.pod.namespace, volume.pod.name
+            )),
+            "{line}"
+        );
+        let not_after: f64 = line
+            .rsplit(' ')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .expect("value");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        assert!(not_after > now - 5.0 && not_after < now + 3700.0, "{line}");
+    }
     // The earliest expiry is the 4 s certificate's.
     let expiry =
         metric_value(&metrics, "credlet_csi_certificate_expiry_seconds").expect("expiry gauge");

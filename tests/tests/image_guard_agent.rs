@@ -60,11 +60,17 @@ impl GuardAgent {
     /// An agent in front of the runtime at `upstream`, watching `api`'s pods
     /// of [`NODE`] and trusting `registry`'s CA; not started yet.
     fn new(api: &FakeApiServer, upstream: &Path, registry: Option<&Registry>) -> Self {
+        Self::with_api_url(&api.url(), upstream, registry)
+    }
+
+    /// [`GuardAgent::new`] with the API server at `api_url` (which need not
+    /// be up).
+    fn with_api_url(api_url: &str, upstream: &Path, registry: Option<&Registry>) -> Self {
         let env = TestEnv::new(agent_bin!());
         let base = env.base().to_owned();
         let socket = base.join("cri.sock");
         let kubeconfig = base.join("kubeconfig");
-        fs::write(&kubeconfig, kubeconfig_yaml(&api.url())).expect("write kubeconfig");
+        fs::write(&kubeconfig, kubeconfig_yaml(api_url)).expect("write kubeconfig");
         let mut args: Vec<OsString> = vec![
             "agent".into(),
             "--node-id".into(),
@@ -97,6 +103,13 @@ impl GuardAgent {
     /// Starts the binary and waits until it serves its CRI socket with the
     /// pod list loaded; returns a kubelet connected to it.
     async fn start(&mut self) -> Kubelet {
+        self.start_waiting(true).await
+    }
+
+    /// Starts the binary and waits until it serves its CRI socket (and,
+    /// with `synced`, has loaded the pod list).
+    async fn start_waiting(&mut self, synced: bool) -> Kubelet {
+        let wait_for_index = synced;
         let offset = fs::metadata(&self.env.log_path).map_or(0, |m| m.len());
         let mut command = self.env.command();
         command.args(&self.args);
@@ -107,7 +120,7 @@ impl GuardAgent {
                 self.env.agent_running(),
                 "agent exited before serving its CRI socket"
             );
-            let synced = self.env.log_from(offset).0.contains(SYNCED);
+            let synced = !wait_for_index || self.env.log_from(offset).0.contains(SYNCED);
             if synced && self.socket.exists() {
                 break;
             }
@@ -444,7 +457,7 @@ async fn agent_binary_without_a_runtime_answers_unavailable() {
     agent.stop_cleanly().await;
 }
 
-// --- issue 14: attacks on the guard through the binary ---------------------
+// --- attacks on the guard through the binary ---------------------------------
 //
 // Each test below replays one finding of the adversarial review against the
 // real binary, in front of a real containerd 1.6 and a real registry, as a
@@ -515,11 +528,16 @@ impl GuardAgent {
         PathBuf::from(&self.args[i + 1])
     }
 
-    /// The image record files on disk.
+    /// The image records' head files on disk (one per image; each record's
+    /// grants are files of their own in a directory beside it).
     fn record_files(&self) -> Vec<PathBuf> {
         let dir = self.records_dir().join("imageguard/images");
         let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files
@@ -571,7 +589,7 @@ async fn create_with_image_volume(
     image_id: &str,
     user_image: &str,
 ) -> Result<String, Status> {
-    use k8s_cri::v1::{
+    use credlet_test_util::cri::v1::{
         ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, Mount,
     };
     Ok(kubelet
@@ -612,9 +630,9 @@ mod raw {
     #[derive(Clone, PartialEq, prost::Message)]
     pub(super) struct ContainerConfig {
         #[prost(message, optional, tag = "1")]
-        pub metadata: Option<k8s_cri::v1::ContainerMetadata>,
+        pub metadata: Option<credlet_test_util::cri::v1::ContainerMetadata>,
         #[prost(message, optional, tag = "2")]
-        pub image: Option<k8s_cri::v1::ImageSpec>,
+        pub image: Option<credlet_test_util::cri::v1::ImageSpec>,
         #[prost(bytes = "vec", repeated, tag = "7")]
         pub mounts: Vec<Vec<u8>>,
     }
@@ -626,7 +644,7 @@ mod raw {
         #[prost(message, optional, tag = "2")]
         pub config: Option<ContainerConfig>,
         #[prost(message, optional, tag = "3")]
-        pub sandbox_config: Option<k8s_cri::v1::PodSandboxConfig>,
+        pub sandbox_config: Option<credlet_test_util::cri::v1::PodSandboxConfig>,
     }
 
     /// containerd's own version service (not CRI).
@@ -709,7 +727,7 @@ async fn image_volume_of_a_pod_without_credentials_is_refused() {
     let garbled = raw::CreateContainerRequest {
         pod_sandbox_id: sandbox_c.clone(),
         config: Some(raw::ContainerConfig {
-            metadata: Some(k8s_cri::v1::ContainerMetadata {
+            metadata: Some(credlet_test_util::cri::v1::ContainerMetadata {
                 name: "garbled".into(),
                 attempt: 0,
             }),
@@ -721,7 +739,7 @@ async fn image_volume_of_a_pod_without_credentials_is_refused() {
         sandbox_config: Some(c.sandbox_config()),
     };
     assert_status(
-        raw_call::<_, k8s_cri::v1::CreateContainerResponse>(
+        raw_call::<_, credlet_test_util::cri::v1::CreateContainerResponse>(
             &agent.socket,
             "/runtime.v1.RuntimeService/CreateContainer",
             garbled,
@@ -973,7 +991,8 @@ async fn deleted_record_file_keeps_the_image_protected() {
 /// `Unimplemented`, so nothing reaches the runtime uninspected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_api_versions_than_cri_v1_are_refused() {
-    use k8s_cri::v1alpha2 as alpha;
+    // v1alpha2's messages are v1's on the wire: the same types, its paths.
+    use credlet_test_util::cri::v1 as alpha;
     let node = Node::start("team/alpha");
     let image = node.image();
     let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
@@ -986,13 +1005,10 @@ async fn other_api_versions_than_cri_v1_are_refused() {
     );
     let sandbox_c = kubelet.run_sandbox(&c).await;
 
-    let channel = credlet_test_util::unix_channel(&agent.socket)
-        .await
-        .expect("channel");
-    let mut runtime = alpha::runtime_service_client::RuntimeServiceClient::new(channel.clone());
-    let mut images = alpha::image_service_client::ImageServiceClient::new(channel);
-    let created = runtime
-        .create_container(alpha::CreateContainerRequest {
+    let created: Result<alpha::CreateContainerResponse, Status> = raw_call(
+        &agent.socket,
+        "/runtime.v1alpha2.RuntimeService/CreateContainer",
+        alpha::CreateContainerRequest {
             pod_sandbox_id: sandbox_c.clone(),
             config: Some(alpha::ContainerConfig {
                 metadata: Some(alpha::ContainerMetadata {
@@ -1014,8 +1030,9 @@ async fn other_api_versions_than_cri_v1_are_refused() {
                 }),
                 ..Default::default()
             }),
-        })
-        .await;
+        },
+    )
+    .await;
     assert!(
         created.is_err(),
         "pod C (no credentials) created a container from the private image through runtime.v1alpha2: {created:?}"
@@ -1026,24 +1043,30 @@ async fn other_api_versions_than_cri_v1_are_refused() {
         &["credlet", "runtime.v1alpha2"],
     );
     assert_status(
-        images
-            .image_status(alpha::ImageStatusRequest {
+        raw_call::<_, alpha::ImageStatusResponse>(
+            &agent.socket,
+            "/runtime.v1alpha2.ImageService/ImageStatus",
+            alpha::ImageStatusRequest {
                 image: Some(alpha::ImageSpec {
                     image: image.into(),
                     ..Default::default()
                 }),
                 verbose: false,
-            })
-            .await,
+            },
+        )
+        .await,
         Code::Unimplemented,
         &["credlet", "runtime.v1alpha2"],
     );
     assert_status(
-        runtime
-            .version(alpha::VersionRequest {
+        raw_call::<_, alpha::VersionResponse>(
+            &agent.socket,
+            "/runtime.v1alpha2.RuntimeService/Version",
+            alpha::VersionRequest {
                 version: "v1alpha2".into(),
-            })
-            .await,
+            },
+        )
+        .await,
         Code::Unimplemented,
         &["credlet"],
     );
@@ -1104,10 +1127,10 @@ async fn create_container_takes_the_pod_from_the_runtimes_sandbox() {
     );
 
     // Without a sandbox_config (containerd 1.6 fails on it): refused.
-    let unnamed = k8s_cri::v1::CreateContainerRequest {
+    let unnamed = credlet_test_util::cri::v1::CreateContainerRequest {
         pod_sandbox_id: sandbox_a.clone(),
-        config: Some(k8s_cri::v1::ContainerConfig {
-            metadata: Some(k8s_cri::v1::ContainerMetadata {
+        config: Some(credlet_test_util::cri::v1::ContainerConfig {
+            metadata: Some(credlet_test_util::cri::v1::ContainerMetadata {
                 name: "unnamed".into(),
                 attempt: 0,
             }),
@@ -1289,5 +1312,379 @@ async fn public_answer_is_checked_again_when_the_ttl_runs_out() {
     for sandbox in [&sandbox_p, &sandbox_c] {
         kubelet.remove_sandbox(sandbox).await;
     }
+    agent.stop_cleanly().await;
+}
+
+// --- the second review -------------------------------------------------------
+
+/// Issue 15 item 1 (review finding 5): the kubelet sets no deadline on
+/// PullImage, and neither may the guard. A pull that takes longer than the
+/// 30 s the guard used to impose (a registry served at 32 KiB/s through a
+/// throttling relay, about 33 s) completes, through the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_slower_than_thirty_seconds_completes() {
+    use credlet_test_util::{ImageFile, ImageSpec, ThrottledRelay, push_image};
+    const RATE: usize = 32 * 1024;
+    const LAYER: usize = 1_080_000;
+    let registry = blocking(|| Registry::start_basic_auth(&[ALICE])).expect("registry");
+    let mut spec = ImageSpec::runnable("slow").expect("spec");
+    let mut noise = vec![0u8; LAYER];
+    // Random bytes: gzip can not shrink the layer.
+    fastrand::fill(&mut noise);
+    spec.files.push(ImageFile {
+        path: "/noise".into(),
+        data: noise,
+        mode: 0o644,
+    });
+    blocking(|| push_image(&registry, "team/slow", "v1", ALICE, &spec)).expect("push");
+    let relay = ThrottledRelay::start(registry.addr(), RATE).expect("relay");
+    let containerd = blocking(|| Containerd::start_with(&[&registry])).expect("containerd");
+    containerd
+        .trust_host(&relay.host(), registry.ca_pem())
+        .expect("hosts.toml for the relay");
+    let image = format!("{}/team/slow:v1", relay.host());
+    let api = FakeApiServer::start().expect("fake API server");
+    let a = create_pod(&api, "team", "pod-a", &image, Some(ALICE));
+    let mut agent = GuardAgent::new(&api, containerd.cri_socket(), Some(&registry));
+    let mut kubelet = agent.start().await;
+    let sandbox = kubelet.run_sandbox(&a).await;
+
+    let started = Instant::now();
+    let pulled = kubelet.pull(&image, &a).await;
+    let took = started.elapsed();
+    eprintln!("pull through a {RATE} B/s relay: {took:?}: {pulled:?}");
+    let id = pulled.expect("a slow pull completes");
+    assert!(
+        took > Duration::from_secs(30),
+        "the pull was not slow enough to test anything: {took:?}"
+    );
+    kubelet
+        .create_container(&a, &sandbox, "app", &id, &image)
+        .await
+        .expect("created");
+    kubelet.remove_sandbox(&sandbox).await;
+    agent.stop_cleanly().await;
+}
+
+// --- limits, failures and an API server that is down ------------------------
+
+/// The agent's `/metrics` now.
+fn metrics(addr: std::net::SocketAddr) -> String {
+    let (code, body) = blocking(|| credlet_tests::http_get(addr, "/metrics")).expect("metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// `--health-listen` on a free loopback port; returns its address.
+fn with_health_port(agent: &mut GuardAgent) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], credlet_tests::free_port()).into();
+    agent.set("--health-listen", &addr.to_string());
+    addr
+}
+
+/// A `CreateContainerRequest` of the pause image carrying `size` bytes of
+/// annotation (a container with large environment or annotations, as the
+/// kubelet may send up to its 16 MiB limit).
+fn big_create_container(
+    pod: &TestPod,
+    sandbox_id: &str,
+    name: &str,
+    size: usize,
+) -> credlet_test_util::cri::v1::CreateContainerRequest {
+    use credlet_test_util::cri::v1::{ContainerConfig, ContainerMetadata, CreateContainerRequest};
+    CreateContainerRequest {
+        pod_sandbox_id: sandbox_id.into(),
+        config: Some(ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            image: Some(credlet_test_util::kubelet::spec(
+                credlet_test_util::PAUSE_IMAGE,
+            )),
+            annotations: [("example.com/big".to_owned(), "x".repeat(size))].into(),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod.sandbox_config()),
+    }
+}
+
+/// A `CreateContainer` of 5 MB — over the 4 MiB the guard once buffered,
+/// within the kubelet's 16 MiB — reaches containerd through the binary,
+/// with the caller's deadline: whatever containerd answers, the kubelet gets
+/// containerd's answer, not a refusal of the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_five_megabyte_create_container_reaches_the_runtime() {
+    let containerd = blocking(Containerd::start).expect("containerd");
+    let api = FakeApiServer::start().expect("fake API server");
+    let pod = create_pod(
+        &api,
+        "team",
+        "pod-big",
+        credlet_test_util::PAUSE_IMAGE,
+        None,
+    );
+    let mut agent = GuardAgent::new(&api, containerd.cri_socket(), None);
+    let mut kubelet = agent.start().await;
+    let mut direct = Kubelet::connect(containerd.cri_socket()).await;
+    let sandbox = kubelet.run_sandbox(&pod).await;
+    let size = 5_000_000;
+
+    let mut request = tonic::Request::new(big_create_container(&pod, &sandbox, "big", size));
+    request.set_timeout(Duration::from_secs(60));
+    let through = kubelet.rt.create_container(request).await;
+    let mut request = tonic::Request::new(big_create_container(&pod, &sandbox, "big-direct", size));
+    request.set_timeout(Duration::from_secs(60));
+    let from_containerd = direct.rt.create_container(request).await;
+    eprintln!(
+        "5 MB CreateContainer through credlet: {:?}; to containerd directly: {:?}",
+        through.as_ref().map(|r| r.get_ref().container_id.clone()),
+        from_containerd
+            .as_ref()
+            .map(|r| r.get_ref().container_id.clone()),
+    );
+    match (&through, &from_containerd) {
+        (Ok(_), Ok(_)) => {}
+        (Err(status), Err(runtime)) => {
+            assert_eq!(status.code(), runtime.code(), "{status:?} vs {runtime:?}");
+            assert!(
+                !status.message().starts_with("credlet"),
+                "refused by the proxy: {status:?}"
+            );
+        }
+        _ => panic!("through credlet {through:?}, containerd directly {from_containerd:?}"),
+    }
+    let log = agent.env.log();
+    assert!(
+        !log.contains("length limit") && !log.contains("larger than"),
+        "{log}"
+    );
+    agent.stop_cleanly().await;
+}
+
+/// A pull the runtime fails (a tag the loopback registry does not have;
+/// containerd 1.6 answers `Unknown`) passes containerd's own status to the
+/// kubelet unchanged, and the agent
+/// logs it once, with pod, image and call, and counts it in
+/// `credlet_imageguard_failures_total{rpc,reason}`, a family whose series
+/// are there from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_error_passes_unchanged_and_is_logged_and_counted() {
+    let node = Node::start("team/app");
+    let (registry, containerd, api) = (&node.registry, &node.containerd, &node.api);
+    // A tag the registry does not have, of a repository alice may pull.
+    let missing = registry.image_ref("team/app", "missing");
+    let pod = create_pod(api, "team", "pod-m", &missing, Some(ALICE));
+    let mut agent = node.agent();
+    let health = with_health_port(&mut agent);
+    let mut kubelet = agent.start().await;
+    let counted = r#"credlet_imageguard_failures_total{rpc="PullImage",reason="RuntimeError"}"#;
+    let before = metrics(health);
+    assert_eq!(
+        credlet_tests::metric_value(&before, counted),
+        Some(0.0),
+        "{before}"
+    );
+    for series in [
+        r#"credlet_imageguard_failures_total{rpc="CreateContainer",reason="Timeout"}"#,
+        r#"credlet_imageguard_failures_total{rpc="ImageStatus",reason="Oversized"}"#,
+        r#"credlet_imageguard_failures_total{rpc="PullImage",reason="Undecodable"}"#,
+    ] {
+        assert_eq!(
+            credlet_tests::metric_value(&before, series),
+            Some(0.0),
+            "{series}"
+        );
+    }
+
+    let offset = fs::metadata(&agent.env.log_path).map_or(0, |m| m.len());
+    let mut direct = Kubelet::connect(containerd.cri_socket()).await;
+    let runtime = direct
+        .pull(&missing, &pod)
+        .await
+        .expect_err("containerd cannot pull it");
+    let through = kubelet
+        .pull(&missing, &pod)
+        .await
+        .expect_err("nor through credlet");
+    eprintln!("containerd: {runtime:?}\nthrough credlet: {through:?}");
+    assert_eq!(through.code(), runtime.code(), "{through:?}");
+    assert!(
+        matches!(through.code(), Code::NotFound | Code::Unknown),
+        "{through:?}"
+    );
+    assert!(
+        !through.message().starts_with("credlet"),
+        "the runtime's own message: {through:?}"
+    );
+
+    let deadline = Instant::now() + WAIT;
+    let line = loop {
+        let (log, _) = agent.env.log_from(offset);
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("inspected CRI call failed"))
+            .collect();
+        if let [line] = lines[..] {
+            break line.to_owned();
+        }
+        assert!(lines.len() < 2, "logged more than once: {lines:#?}");
+        assert!(Instant::now() < deadline, "no failure logged: {log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for needle in [
+        "WARN",
+        "PullImage",
+        "team/pod-m",
+        missing.as_str(),
+        "RuntimeError",
+        code_name_of(&through),
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing in {line}");
+    }
+    assert_eq!(
+        credlet_tests::metric_value(&metrics(health), counted),
+        Some(1.0)
+    );
+    agent.stop_cleanly().await;
+}
+
+/// `NotFound` for `Code::NotFound`: how the agent's log names a code.
+fn code_name_of(status: &Status) -> &'static str {
+    match status.code() {
+        Code::NotFound => "NotFound",
+        Code::Unknown => "Unknown",
+        _ => "",
+    }
+}
+
+/// A TCP relay from `127.0.0.1:port` to `target`: the API server "comes
+/// up" on the port the agent's kubeconfig names, with the pods it had
+/// before it went away (same uids, as after a real outage).
+async fn relay(port: u16, target: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the API server's port");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    })
+}
+
+/// The agent with its kubeconfig naming a closed loopback port serves the
+/// CRI socket at once: `Version`, a pod of a preloaded image and a static
+/// pod of a private image start; a pod that relies on a verification of a
+/// private image is refused, saying why; readiness says the pod index is
+/// not synced. Once the API server answers on that port, the index and the
+/// Event of that refusal catch up, and the pod starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cri_socket_serves_while_the_api_server_is_down() {
+    let node = Node::start("team/outage");
+    let image = node.image();
+    // The pods the API server had before it went away.
+    let web = create_pod(
+        &node.api,
+        "team",
+        "web",
+        credlet_test_util::PAUSE_IMAGE,
+        None,
+    );
+    let a = create_pod(&node.api, "team", "pod-a", image, Some(ALICE));
+    let port = credlet_tests::free_port();
+    let mut agent = GuardAgent::with_api_url(
+        &format!("http://127.0.0.1:{port}"),
+        node.containerd.cri_socket(),
+        Some(&node.registry),
+    );
+    let health = with_health_port(&mut agent);
+
+    let started = Instant::now();
+    let mut kubelet = agent.start_waiting(false).await;
+    kubelet
+        .version()
+        .await
+        .expect("Version without the API server");
+    let sandbox = kubelet.run_sandbox(&web).await;
+    kubelet
+        .create_container(
+            &web,
+            &sandbox,
+            "app",
+            credlet_test_util::PAUSE_IMAGE,
+            credlet_test_util::PAUSE_IMAGE,
+        )
+        .await
+        .expect("a preloaded image starts without the API server");
+    let took = started.elapsed();
+    eprintln!("start to a preloaded pod's container, API server down: {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+
+    // A static pod (uid: its manifest's hash) pulls the private image with
+    // its credentials and starts it.
+    let static_pod = TestPod {
+        namespace: "kube-system".into(),
+        name: format!("etcd-{NODE}"),
+        uid: "0123456789abcdef0123456789abcdef".into(),
+        auth: Some(auth(ALICE.0, ALICE.1)),
+    };
+    let sandbox_static = kubelet.run_sandbox(&static_pod).await;
+    assert_eq!(
+        kubelet
+            .pull(image, &static_pod)
+            .await
+            .expect("the static pod pulls"),
+        node.app.config_digest
+    );
+    run_container(
+        &mut kubelet,
+        &static_pod,
+        &sandbox_static,
+        "etcd",
+        &node.app,
+    )
+    .await;
+
+    // Pod A's credentials are verified, but that the sandbox is pod A only
+    // the API server can say: refused, for this pod only, with the reason.
+    let sandbox_a = kubelet.run_sandbox(&a).await;
+    assert_eq!(
+        kubelet.pull(image, &a).await.expect("pod A's credentials"),
+        node.app.config_digest
+    );
+    let refused = assert_status(
+        kubelet
+            .create_container(&a, &sandbox_a, "app", &node.app.config_digest, image)
+            .await,
+        Code::Unavailable,
+        &[&named(&a), "pod list is not loaded yet"],
+    );
+    eprintln!("pod A while the API server is down: {}", refused.message());
+    let (code, body) = blocking(|| credlet_tests::http_get(health, "/readyz")).expect("readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("pod index is not synced"), "{body}");
+
+    // The API server comes back on its port.
+    let offset = fs::metadata(&agent.env.log_path).map_or(0, |m| m.len());
+    let _relay = relay(port, node.api.addr()).await;
+    let back = Instant::now();
+    let deadline = back + READY_TIMEOUT;
+    while !agent.env.log_from(offset).0.contains(SYNCED) {
+        assert!(Instant::now() < deadline, "the pod index did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "pod index synced {:?} after the API server came back",
+        back.elapsed()
+    );
+    run_container(&mut kubelet, &a, &sandbox_a, "app", &node.app).await;
+    let (code, body) = blocking(|| credlet_tests::http_get(health, "/readyz")).expect("readyz");
+    assert_eq!(code, 200, "{body}");
+    // The refusal's Event, which could not be written then, is written now.
+    denial_event(&node.api, &a, "pod list is not loaded yet").await;
     agent.stop_cleanly().await;
 }

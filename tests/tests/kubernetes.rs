@@ -944,7 +944,7 @@ fn image_guard_refuses_image_volumes_without_credentials(env: &Env) -> Result<()
 
 /// The id of the pod sandbox the kubelet ran for the pod with `uid`.
 async fn pod_sandbox(containerd: &std::path::Path, uid: &str) -> Result<String> {
-    use k8s_cri::v1::{ListPodSandboxRequest, PodSandboxFilter};
+    use credlet_test_util::cri::v1::{ListPodSandboxRequest, PodSandboxFilter};
     let deadline = Instant::now() + POD_TIMEOUT;
     loop {
         let mut direct = Kubelet::connect(containerd).await;
@@ -976,7 +976,7 @@ async fn create_with_image_volume(
     image_id: &str,
     user_image: &str,
 ) -> Result<String, tonic::Status> {
-    use k8s_cri::v1::{
+    use credlet_test_util::cri::v1::{
         ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, Mount,
     };
     Ok(cri

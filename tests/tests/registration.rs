@@ -280,3 +280,120 @@ async fn calls_with_the_socket_path_as_authority_are_answered() {
         .expect("GetPluginInfoResponse");
     assert_eq!(plugin.name, DRIVER);
 }
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).expect("stat socket").ino()
+}
+
+/// A registration socket nobody listens on any more is replaced at start;
+/// one a live agent serves is not: the second agent exits 64 naming
+/// --registration-dir, stops the CSI server it had started (removing that
+/// socket), and the first one still registers with the kubelet.
+#[tokio::test]
+async fn a_stale_registration_socket_is_replaced_and_a_live_one_is_not_taken() {
+    let mut env = TestEnv::new(agent_bin!());
+    let registry = env.base().join("kubelet/plugins_registry");
+    std::fs::create_dir_all(&registry).expect("create plugins_registry");
+    let socket = registry.join(format!("{DRIVER}-reg.sock"));
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_err());
+    env.extra_args
+        .extend(["--registration-dir".into(), registry.display().to_string()]);
+    let _csi = env.start().await;
+    let registered = async {
+        // The socket is bound right after the CSI socket.
+        for _ in 0..100 {
+            if register(&socket, &env, Ok(())).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(registered.await, "registration on the replaced socket");
+    let live = inode(&socket);
+
+    // Another agent (its own CSI socket and state) on the same registry.
+    let second = TestEnv::new(agent_bin!());
+    let mut command = second.command();
+    command
+        .args(second.agent_args())
+        .args(["--registration-dir", &registry.display().to_string()])
+        .args(["--log-level", "error"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::from(command).output(),
+    )
+    .await
+    .expect("the second agent exits")
+    .expect("run the second agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "credlet: --registration-dir (CREDLET_REGISTRATION_DIR): {} is served by another running process; stop it first or choose another path\n",
+            socket.display()
+        )
+    );
+    assert!(
+        !second.socket.exists(),
+        "the second agent left its CSI socket"
+    );
+    assert_eq!(inode(&socket), live, "the registration socket was replaced");
+    register(&socket, &env, Ok(()))
+        .await
+        .expect("the first agent still registers");
+}
+
+/// The registration socket replaced under the agent by another live
+/// process's (a newer agent): the agent does not take it back, and leaves
+/// it at exit.
+#[tokio::test]
+async fn an_exiting_agent_leaves_a_newer_registration_socket() {
+    let mut env = TestEnv::new(agent_bin!());
+    let registry = env.base().join("kubelet/plugins_registry");
+    std::fs::create_dir_all(&registry).expect("create plugins_registry");
+    env.extra_args
+        .extend(["--registration-dir".into(), registry.display().to_string()]);
+    let _csi = env.start().await;
+    let socket = registry.join(format!("{DRIVER}-reg.sock"));
+    wait_until("the registration socket", Duration::from_secs(10), || {
+        anyhow::ensure!(socket.exists(), "no socket yet");
+        Ok(())
+    })
+    .await;
+
+    std::fs::remove_file(&socket).expect("remove the socket");
+    let newer = std::os::unix::net::UnixListener::bind(&socket).expect("bind the newer socket");
+    let newer_inode = inode(&socket);
+    wait_until("the agent noticing", Duration::from_secs(10), || {
+        anyhow::ensure!(
+            env.log()
+                .contains("another process serves the registration socket now; not taking it")
+        );
+        Ok(())
+    })
+    .await;
+    // Another check interval or two: still not taken.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(inode(&socket), newer_inode, "the agent took the socket");
+
+    let status = env.stop().await;
+    assert!(status.success(), "agent exit: {status:?}");
+    assert_eq!(
+        inode(&socket),
+        newer_inode,
+        "the agent removed the newer socket"
+    );
+    // The path still leads to the newer listener: a connection arrives there.
+    let _client =
+        std::os::unix::net::UnixStream::connect(&socket).expect("the newer socket still answers");
+    newer.set_nonblocking(true).expect("nonblocking");
+    newer
+        .accept()
+        .expect("the connection reached the newer listener");
+}

@@ -155,6 +155,10 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     assert_eq!(code, 503, "{why}");
     assert!(why.contains("ca: no valid agent certificate"), "{why}");
     assert!(why.contains("csi:"), "{why}");
+    // The missing token file is counted.
+    let (_, metrics) = http_get(health, "/metrics")?;
+    let misses = metric_value(&metrics, "credlet_ca_client_token_read_errors_total");
+    assert!(misses.is_some_and(|n| n >= 1.0), "{misses:?}:\n{metrics}");
     let (early, _) = cluster.app(&agent, "early")?;
     expect_code(
         csi.publish(&early).await,
@@ -194,15 +198,15 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     let (_, metrics) = http_get(health, "/metrics")?;
     for (series, at_least) in [
         (
-            r#"credlet_ca_client_requests_total{rpc="IssueAgentCertificate",outcome="ok"}"#,
+            r#"credlet_ca_client_requests_total{rpc="IssueAgentCertificate",outcome="Ok"}"#,
             1.0,
         ),
         (
-            r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="ok"}"#,
+            r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="Ok"}"#,
             1.0,
         ),
         (
-            r#"credlet_ca_client_requests_total{rpc="WatchTrustBundle",outcome="ok"}"#,
+            r#"credlet_ca_client_requests_total{rpc="WatchTrustBundle",outcome="Ok"}"#,
             1.0,
         ),
         (
@@ -334,7 +338,7 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
     eprintln!("publish with the CA gone: {took:?}: {}", status.message());
     assert!(
         took <= CA_TIMEOUT + Duration::from_millis(500),
-        "the failed publish took {took:?} (--ca-timeout-ms {CA_TIMEOUT:?})"
+        "the failed publish took {took:?} (--ca-timeout {CA_TIMEOUT:?})"
     );
     assert_nothing_on_disk(&agent, &e);
     // The outage shows: not ready (CA unreachable), failed calls counted,
@@ -350,8 +354,8 @@ async fn pod_certificates_from_the_ca_process_through_rollover_bad_key_and_outag
         .lines()
         .filter(|l| {
             l.starts_with(r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate""#)
-                && !l.contains(r#"outcome="ok""#)
-                && !l.contains(r#"outcome="permission_denied""#)
+                && !l.contains(r#"outcome="Ok""#)
+                && !l.contains(r#"outcome="PermissionDenied""#)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
@@ -416,8 +420,7 @@ async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
     let cluster = Cluster::start()?;
     let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
     let ca_metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    ca.args.push("--metrics-listen".into());
-    ca.args.push(ca_metrics.to_string().into());
+    ca.set_arg("--metrics-listen", Some(&ca_metrics.to_string()));
     ca.start().await.expect("credlet ca listening");
     cluster.write_agent_token(&cluster.agent_pod()?)?;
     let mut agent = TestEnv::new(agent_bin!());
@@ -452,11 +455,11 @@ async fn concurrent_publishes_reach_the_ca_in_batches() -> Result<()> {
     let (_, agent_side) = http_get(health, "/metrics")?;
     let batches = counted(
         &agent_side,
-        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificates",outcome="ok"}"#,
+        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificates",outcome="Ok"}"#,
     );
     let singles = counted(
         &agent_side,
-        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="ok"}"#,
+        r#"credlet_ca_client_requests_total{rpc="IssuePodCertificate",outcome="Ok"}"#,
     );
     assert!(batches >= 1.0, "no batch call:\n{agent_side}");
     assert!(
@@ -511,6 +514,16 @@ async fn the_ca_expands_the_volume_templates_and_spiffe_id() -> Result<()> {
         ["spiffe://cluster.local/ns/shop/sa/web/web-tpl"]
     );
     verify_chain(&files.chain, &cluster.root_pem, SystemTime::now())?;
+
+    // A CSIDriver without tokenRequests: the kubelet sends no token.
+    let (mut tokenless, _) = cluster.app(&agent, "tokenless")?;
+    tokenless.tokens = None;
+    expect_code(
+        csi.publish(&tokenless).await,
+        Code::InvalidArgument,
+        r#"no service account token for audience "credlet-ca": the CSIDriver needs tokenRequests with that audience"#,
+    );
+    assert_nothing_on_disk(&agent, &tokenless);
 
     let (outside, _) = cluster.app(&agent, "outside")?;
     let outside = outside.with(
@@ -967,7 +980,19 @@ async fn a_trust_domain_mismatch_is_named() -> Result<()> {
 async fn the_ca_serves_metrics_on_loopback_unless_told_otherwise() -> Result<()> {
     let cluster = Cluster::start()?;
     let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
-    ca.start().await.expect("credlet ca listening");
+    ca.set_arg("--metrics-listen", None);
+    if ca.start().await.is_err() {
+        // Something else on this host has the port: the CA refuses to
+        // start, naming the default address.
+        let log = ca.env.log();
+        assert!(
+            log.contains(
+                "credlet: --metrics-listen (CREDLET_METRICS_LISTEN): 127.0.0.1:9090 is in use by another process"
+            ),
+            "{log}"
+        );
+        return Ok(());
+    }
     let line = wait_until("the CA's metrics address", WAIT, || {
         let log = ca.env.log();
         let line = log
@@ -981,6 +1006,74 @@ async fn the_ca_serves_metrics_on_loopback_unless_told_otherwise() -> Result<()>
         line.contains("addr=127.0.0.1:9090"),
         "metrics not on loopback by default: {line}"
     );
+    stop_cleanly(&mut ca.env, "credlet ca").await;
+    Ok(())
+}
+
+/// `credlet ca`'s `/readyz` means it: ready only while the API server
+/// answers (TokenReviews, pod checks and the issuer's keys come from it);
+/// a PodCertificateRequest signer that can not start (API discovery fails)
+/// is retried and reported as degraded while the CA stays ready for the
+/// agents, and starts once the API lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_readiness_follows_the_api_server_and_a_failing_signer_only_degrades() -> Result<()> {
+    let cluster = Cluster::start()?;
+    // API discovery fails (past the client's own retries) until cleared.
+    cluster
+        .api
+        .fail_requests("GET", "/apis/certificates.k8s.io/v1", usize::MAX, 503);
+    let mut ca = CaProcess::new(agent_bin!(), &cluster)?;
+    let probes: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    ca.set_arg("--metrics-listen", Some(&probes.to_string()));
+    ca.set_arg("--signer-name", Some("credlet.io/pods"));
+    ca.start().await?;
+    let readyz = || http_get(probes, "/readyz").map_err(anyhow::Error::from);
+
+    // A failing signer leaves the CA ready, saying what is wrong with it.
+    wait_until("ready with the signer reported degraded", WAIT, || {
+        let (code, body) = readyz()?;
+        ensure!(
+            code == 200
+                && body.starts_with("ok\n")
+                && body.contains(
+                    "signer: degraded: not started, retrying: discovering certificates.k8s.io"
+                ),
+            "{code} {body}"
+        );
+        Ok(())
+    })
+    .await;
+    cluster.api.clear_faults();
+    wait_until("the signer started on a retry", WAIT, || {
+        let (code, body) = readyz()?;
+        ensure!((code, body.as_str()) == (200, "ok\n"), "{code} {body}");
+        Ok(())
+    })
+    .await;
+    assert!(
+        ca.env
+            .log()
+            .contains("the PodCertificateRequest signer started")
+    );
+
+    // The API server stops answering: not ready, saying why; back: ready.
+    cluster
+        .api
+        .fail_requests("GET", "/version", usize::MAX, 503);
+    let (_, body) = wait_until("not ready without the API server", WAIT, || {
+        let (code, body) = readyz()?;
+        ensure!(code == 503, "{code} {body}");
+        Ok((code, body))
+    })
+    .await;
+    assert!(body.contains("api-server: the API server"), "{body}");
+    cluster.api.clear_faults();
+    wait_until("ready again with the API server", WAIT, || {
+        let (code, body) = readyz()?;
+        ensure!(code == 200, "{code} {body}");
+        Ok(())
+    })
+    .await;
     stop_cleanly(&mut ca.env, "credlet ca").await;
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! gRPC servers on Unix sockets, as the kubelet and other real clients
-//! reach them: [`Normalized`] makes a path-shaped `:authority` acceptable to
-//! h2 ([`authority`]), and [`incoming`] accepts connections wrapped in it
-//! for tonic's `serve_with_incoming`.
+//! reach them: [`socket::bind`] takes a socket path without stealing it
+//! from a live server, [`Normalized`] makes a path-shaped `:authority`
+//! acceptable to h2 ([`authority`]), and [`incoming`] accepts connections
+//! wrapped in it for tonic's `serve_with_incoming`.
 
 pub mod authority;
 mod io;
+pub mod socket;
 
 pub use authority::{Error, Rewriter};
 pub use io::Normalized;

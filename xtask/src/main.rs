@@ -8,6 +8,11 @@
 //! leaves it running and prints `KUBECONFIG=<path>` last.
 //! `cargo xtask cluster down` stops it and leaves nothing mounted or
 //! running. Both need root.
+//!
+//! `cargo xtask test` is the README's test command: it installs what the
+//! suite drives (Debian packages, and the cluster programs built from their
+//! Go modules; nothing when already there) and runs `cargo test
+//! --workspace`, so a fresh machine needs nothing else. Root.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,6 +36,13 @@ enum Top {
     /// A real one-node Kubernetes with credlet, on loopback.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Install what the tests need (test-util/install-deps.sh), then run
+    /// the whole suite: `cargo test --workspace` with these arguments.
+    Test {
+        /// Passed to `cargo test --workspace` (e.g. `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -74,6 +86,7 @@ fn main() -> ExitCode {
         Top::Cluster(ClusterCommand::Up { dir }) => up(&dir),
         Top::Cluster(ClusterCommand::Load { archive, dir }) => load(&dir, &archive),
         Top::Cluster(ClusterCommand::Down { dir }) => down(&dir),
+        Top::Test { args } => test(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,6 +184,29 @@ fn up(dir: &Path) -> Result<()> {
     println!("kubectl: {}", cluster.programs().kube("kubectl").display());
     cluster.detach();
     println!("KUBECONFIG={}", kubeconfig.display());
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root()?;
+    eprintln!("cargo xtask: installing the tests' components (test-util/install-deps.sh)");
+    let status = Command::new("bash")
+        .arg(workspace().join("test-util/install-deps.sh"))
+        .status()
+        .context("run test-util/install-deps.sh")?;
+    if !status.success() {
+        bail!("test-util/install-deps.sh failed ({status})");
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["test", "--workspace"])
+        .args(args)
+        .status()
+        .context("run cargo test")?;
+    if !status.success() {
+        bail!("cargo test --workspace failed ({status})");
+    }
     Ok(())
 }
 

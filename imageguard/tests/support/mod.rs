@@ -16,8 +16,8 @@ use credlet_imageguard::policy::GuardPolicy;
 use credlet_imageguard::proxy::{CriProxy, Inspector, Upstream};
 use credlet_imageguard::records::RecordStore;
 use credlet_imageguard::registry::{RegistryVerifier, RegistryVerifierConfig, Verifier};
+use credlet_test_util::cri::v1::AuthConfig;
 use credlet_test_util::{FakeApiServer, Registry};
-use k8s_cri::v1::AuthConfig;
 // Each test crate that includes this module uses some of these.
 #[allow(unused_imports)]
 pub use credlet_test_util::kubelet::{

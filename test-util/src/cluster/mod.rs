@@ -847,7 +847,7 @@ pub fn guard_unit_environment() -> Result<Vec<(String, String)>> {
 }
 
 /// containerd 2 (config version 3), everything below `c`.
-fn containerd_config(c: &Path, runc: &Path) -> String {
+pub(crate) fn containerd_config(c: &Path, runc: &Path) -> String {
     let c = c.display();
     let runc = runc.display();
     format!(

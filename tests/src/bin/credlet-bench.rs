@@ -36,6 +36,10 @@
 //! - `floors`: the crypto floor of DESIGN.md §6 measured again on this
 //!   machine now (keygen, CSR, CSR verify, leaf), so that every other
 //!   figure can be read against how fast the machine is today;
+//! - `guard-record-write`: the image guard writing one pod's verification
+//!   grant to its records (as it does behind a `PullImage` answer), with 10
+//!   and with 10,000 grants on the node, beside one plain atomic write of a
+//!   file of the same size measured in the same run;
 //! - `all`: every one of them.
 //!
 //! Both processes are the `credlet-under-test` next to this executable.
@@ -1421,9 +1425,142 @@ fn bench_floors() -> Result<()> {
     Ok(())
 }
 
+/// Writes of one verification grant measured per grant count.
+const GRANT_WRITES: u32 = 2000;
+
+/// `guard-record-write`: what writing one pod's verification grant costs
+/// the image guard's record store with 10 grants on the node and with
+/// 10,000 (all of one image, the worst case: one record holds them all),
+/// next to the floor measured now on the same filesystem: one plain
+/// atomic write (create, write, rename; no fsync, as the store's) of a file
+/// as large as one grant's. The two counts should cost the same.
+fn bench_guard_record_write() -> Result<()> {
+    use credlet_imageguard::credential::Credential;
+    use credlet_imageguard::policy::Provenance;
+    use credlet_imageguard::records::{Grant, RecordStore};
+    println!(
+        "== guard-record-write: one verification grant written (change + flush), {GRANT_WRITES} writes per grant count, on TMPDIR"
+    );
+    const IMAGE: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    let uid = |i: usize| format!("3f1c2a9e-0000-4000-8000-{i:012}");
+    // (mean cost of one grant write, bytes of one grant's file)
+    let per_grant = |grants: usize| -> Result<(Duration, u64)> {
+        let state = tempfile::tempdir()?;
+        let (records, _) = RecordStore::open(state.path())?;
+        let credential = records.credential_id(Some(&Credential::basic("alice", "secret")?));
+        let grant = |i: usize, verified_at: u64| {
+            records.change(IMAGE, Provenance::Credentials, |r| {
+                r.grants.insert(
+                    uid(i),
+                    Grant {
+                        credential: credential.clone(),
+                        verified_at,
+                    },
+                );
+                true
+            })
+        };
+        records.update(IMAGE, Provenance::Credentials, |_| true)?;
+        for i in 0..grants {
+            grant(i, 1);
+        }
+        records.flush()?;
+        // A new verification of one pod of the node, written as the guard
+        // writes it behind the answer; a tenth as many first, untimed.
+        let warm_up = GRANT_WRITES as usize / 10;
+        let write = |n: usize| -> Result<()> {
+            grant(n % grants, 2 + n as u64);
+            ensure!(records.flush()? == 1, "one record written");
+            Ok(())
+        };
+        for n in 0..warm_up {
+            write(n)?;
+        }
+        let started = Instant::now();
+        for n in warm_up..warm_up + GRANT_WRITES as usize {
+            write(n)?;
+        }
+        let each = started.elapsed() / GRANT_WRITES;
+        let size = std::fs::read_dir(state.path().join("imageguard/images"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten())
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("g-"))
+            .map(|e| e.metadata().map(|m| m.len()))
+            .transpose()?
+            .unwrap_or(0);
+        let written = records.get(IMAGE).map_or(0, |r| r.grants.len());
+        ensure!(written == grants, "{written} grants, not {grants}");
+        Ok((each, size))
+    };
+    let (few, size) = per_grant(10)?;
+    // The floor: the same bytes (one grant's file), written atomically the
+    // plain way; measured between and after the grant counts, the lower
+    // counts (the machine's speed drifts within a run).
+    let floor_dir = tempfile::tempdir()?;
+    let body = vec![b'x'; usize::try_from(size)?];
+    let target = floor_dir.path().join("grant.json");
+    let tmp = floor_dir.path().join("grant.tmp");
+    let atomic_write = |sync: bool| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&body)?;
+        if sync {
+            file.sync_all()?;
+        }
+        drop(file);
+        std::fs::rename(&tmp, &target)?;
+        Ok(())
+    };
+    let floor_between = time_each(GRANT_WRITES, || atomic_write(false))?;
+    let (many, _) = per_grant(10_000)?;
+    let floor = floor_between.min(time_each(GRANT_WRITES, || atomic_write(false))?);
+    // For reference only: what one fsync would add (grants are written
+    // behind the answer and a lost one is proved again, so the store does
+    // not sync them).
+    let synced = time_each(GRANT_WRITES / 10, || atomic_write(true))?;
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    let vs_floor = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
+    line(
+        "floor atomic write",
+        &us(floor),
+        &format!("create + write {size} B + rename, no fsync"),
+    );
+    line(
+        "(atomic write + fsync)",
+        &us(synced),
+        "reference only: the store does not sync grants",
+    );
+    line(
+        "grant write, 10 grants",
+        &us(few),
+        &format!("floor {} → {:.1}×", us(floor), vs_floor(few)),
+    );
+    line(
+        "grant write, 10,000 grants",
+        &us(many),
+        &format!("floor {} → {:.1}×", us(floor), vs_floor(many)),
+    );
+    let ratio = many.as_secs_f64() / few.as_secs_f64();
+    line(
+        "grant write 10,000 / 10",
+        &format!("{ratio:.2}×"),
+        &format!("goal ≈ 1× (one file per grant) {}", verdict(ratio < 1.5)),
+    );
+    Ok(())
+}
+
 async fn scenario(bin: &Path, name: &str) -> Result<()> {
     match name {
         "floors" => bench_floors(),
+        "guard-record-write" => bench_guard_record_write(),
         "csi-publish" | "csi-rotation" => local_scenario(bin, name).await,
         "ca-issue"
         | "ca-issue-jwks"
@@ -1476,8 +1613,9 @@ async fn local_scenario(bin: &Path, name: &str) -> Result<()> {
     result
 }
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "floors",
+    "guard-record-write",
     "csi-publish",
     "csi-rotation",
     "ca-issue",
