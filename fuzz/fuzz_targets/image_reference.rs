@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         image
     );
     let name = image.name();
-    assert!(name.len() <= MAX_NAME_LEN);
+    assert!(image.repository().len() <= MAX_NAME_LEN);
     let by_name = ImageRef::parse(&name).expect("name parses");
     assert_eq!(by_name.name(), name);
     assert_eq!((by_name.tag(), by_name.digest()), (None, None));
