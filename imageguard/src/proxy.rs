@@ -971,6 +971,10 @@ impl CriProxy {
                         let proxy = Arc::clone(&proxy);
                         async move { Ok::<_, Infallible>(proxy.handle(request).await) }
                     });
+                    // gRPC C-core clients (Python, C++) and grpc-go dialled
+                    // with a bare path send the socket path as `:authority`,
+                    // which the runtime accepts and h2 alone would reset.
+                    let stream = credlet_uds::Normalized::new(stream);
                     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service);
                     let connection = graceful.watch(connection);

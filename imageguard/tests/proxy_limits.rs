@@ -256,3 +256,30 @@ async fn the_proxy_answers_deadline_exceeded_only_for_its_own_work() {
     );
     proxy.stop().await;
 }
+
+/// gRPC C-core clients (Python, C++) and grpc-go dialled with a bare path
+/// send the percent-encoded socket path as `:authority`; the runtime takes
+/// it, so the proxy does too, on pass-through and inspected calls alike
+/// (h2 alone answered RST_STREAM PROTOCOL_ERROR).
+#[tokio::test]
+async fn a_socket_path_as_authority_is_served() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (upstream, runtime_saw) = runtime(dir.path(), Duration::ZERO);
+    let proxy = Proxy::start(&upstream, Arc::new(PassThrough)).await;
+    let authority = proxy.socket.display().to_string().replace('/', "%2F");
+    for (method, message) in [
+        ("/runtime.v1.RuntimeService/Version", Bytes::new()),
+        (IMAGE_STATUS, image_status(10).slice(5..)),
+    ] {
+        let (status, _) =
+            credlet_test_util::raw_unary_call(&proxy.socket, &authority, method, &message)
+                .await
+                .unwrap_or_else(|e| panic!("{method} with a path :authority: {e:#}"));
+        assert_eq!(status, "0", "{method}");
+        assert_eq!(
+            runtime_saw.lock().expect("seen").body_len,
+            message.len() + 5
+        );
+    }
+    proxy.stop().await;
+}

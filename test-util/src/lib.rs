@@ -33,6 +33,7 @@ mod containerd;
 pub mod cri;
 pub mod critest;
 mod fake_apiserver;
+mod h2raw;
 mod image;
 pub mod kubelet;
 mod mirror;
@@ -51,6 +52,7 @@ pub use cri::{cri_image_id, unix_channel};
 pub use fake_apiserver::{
     FakeApiError, FakeApiServer, RecordedRequest, ResourceType, TokenReviewer,
 };
+pub use h2raw::raw_unary_call;
 pub use image::{
     BuiltImage, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageFile, ImageSpec, OCI_INDEX,
     OCI_MANIFEST, PAUSE_IMAGE, PAUSE_PATH, PushedImage, build_and_push_image, delete_manifest,
