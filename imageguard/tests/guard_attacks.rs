@@ -18,45 +18,14 @@ use credlet_test_util::{
     push_image,
 };
 use support::{
-    Cluster, Kubelet, KubeletError, NODE, Proxy, TestPod, auth, blocking, eventually, guard,
-    open_records, verifier,
+    Cluster, Kubelet, NODE, Proxy, TestPod, assert_status, auth, blocking, eventually, guard,
+    kubelet_status, open_records, verifier,
 };
 use tonic::Code;
 
 const ALICE: (&str, &str) = ("alice", "alice-secret");
 const BOB: (&str, &str) = ("bob", "bob-secret");
 const EVE: (&str, &str) = ("eve", "eve-secret");
-
-/// Asserts a gRPC error's code and that its message contains every needle.
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) -> tonic::Status {
-    let status = result.expect_err("expected a gRPC error");
-    assert_eq!(status.code(), code, "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "message lacks {needle:?}: {}",
-            status.message()
-        );
-    }
-    status
-}
-
-/// The CRI error that stopped the kubelet.
-#[track_caller]
-fn kubelet_status(result: Result<String, KubeletError>) -> tonic::Status {
-    match result {
-        Ok(id) => panic!("expected the kubelet to fail, got container {id}"),
-        Err(e) => e
-            .status()
-            .cloned()
-            .unwrap_or_else(|| panic!("expected a CRI error, got {e:?}")),
-    }
-}
 
 /// The repositories recorded for an image.
 fn repositories(records: &credlet_imageguard::records::RecordStore, id: &str) -> BTreeSet<String> {

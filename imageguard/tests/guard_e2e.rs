@@ -29,8 +29,8 @@ use credlet_test_util::cri::v1::{
 };
 use credlet_test_util::{ANYONE, Containerd, Grant, Registry, build_and_push_image};
 use support::{
-    Cluster, Kubelet, KubeletError, NODE, Proxy, auth, blocking, guard, open_records, traffic,
-    verifier,
+    Cluster, Kubelet, KubeletError, NODE, Proxy, assert_status, auth, blocking, guard,
+    kubelet_status, open_records, traffic, verifier,
 };
 use tonic::Code;
 
@@ -38,36 +38,6 @@ const ALICE: (&str, &str) = ("alice", "alice-secret");
 const BOB: (&str, &str) = ("bob", "bob-secret");
 const CAROL: (&str, &str) = ("carol", "carol-secret");
 const DAVE: (&str, &str) = ("dave", "dave-secret");
-
-/// Asserts a gRPC error's code and that its message contains every needle.
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    result: Result<T, tonic::Status>,
-    code: Code,
-    needles: &[&str],
-) -> tonic::Status {
-    let status = result.expect_err("expected a gRPC error");
-    assert_eq!(status.code(), code, "{status:?}");
-    for needle in needles {
-        assert!(
-            status.message().contains(needle),
-            "message lacks {needle:?}: {}",
-            status.message()
-        );
-    }
-    status
-}
-
-#[track_caller]
-fn kubelet_status(result: Result<String, KubeletError>) -> tonic::Status {
-    match result {
-        Ok(id) => panic!("expected the kubelet to fail, got container {id}"),
-        Err(e) => e
-            .status()
-            .cloned()
-            .unwrap_or_else(|| panic!("expected a CRI error, got {e:?}")),
-    }
-}
 
 /// The decision counters as a map, zeros left out: compared whole, so an
 /// unexpected decision fails the test.

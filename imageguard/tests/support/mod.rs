@@ -277,3 +277,34 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Asserts a gRPC error's code and that its message contains every needle.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    needles: &[&str],
+) -> tonic::Status {
+    let status = result.expect_err("expected a gRPC error");
+    assert_eq!(status.code(), code, "{status:?}");
+    for needle in needles {
+        assert!(
+            status.message().contains(needle),
+            "message lacks {needle:?}: {}",
+            status.message()
+        );
+    }
+    status
+}
+
+/// The CRI error that stopped the kubelet.
+#[track_caller]
+pub fn kubelet_status(result: Result<String, KubeletError>) -> tonic::Status {
+    match result {
+        Ok(id) => panic!("expected the kubelet to fail, got container {id}"),
+        Err(e) => e
+            .status()
+            .cloned()
+            .unwrap_or_else(|| panic!("expected a CRI error, got {e:?}")),
+    }
+}
